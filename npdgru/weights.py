@@ -1,0 +1,231 @@
+"""The npdgru weight file: safetensors tensors plus versioned metadata.
+
+Layout (DESIGN.md section 4)::
+
+    tensors   float32, C order, PyTorch names and layouts: fc1.weight (out, in), fc1.bias (out,),
+              gru1.weight_ih (3H, I), gru1.weight_hh (3H, H), gru1.bias_ih (3H,), gru1.bias_hh
+              (3H,), gate order r, z, n
+    metadata  format="npdgru", format_version="1", architecture=<JSON>, sample_rate="16000",
+              trained_update_percent, source, license (+ optional converted_from, source_sha256,
+              notes, mask_floor_db)
+
+The architecture is a list of layers run in order on log-power features::
+
+    {"name": "nsnet2", "n_features": 161, "layers": [
+        {"kind": "linear", "name": "fc1", "in": 161, "out": 400, "activation": "relu"},
+        {"kind": "gru", "name": "gru1", "in": 400, "hidden": 400}, ...]}
+
+Loading validates everything before anything runs: a newer ``format_version`` is refused, and a
+missing, unexpected, mis-shaped, non-float32 or non-finite tensor is named with its file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import WeightsError
+
+FORMAT = "npdgru"
+FORMAT_VERSION = 1
+LAYER_KINDS = ("linear", "gru")
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "none")
+
+__all__ = ["Weights", "load_weights", "save_weights", "expected_shapes", "validate_architecture", "default_weights_path", "FORMAT_VERSION"]
+
+
+@dataclass
+class Weights:
+    """A loaded, validated weight file."""
+
+    architecture: dict
+    tensors: dict[str, np.ndarray]
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: str | None = None
+
+    @property
+    def trained_update_percent(self) -> float:
+        try:
+            return float(self.metadata.get("trained_update_percent", "100"))
+        except ValueError:
+            return 100.0
+
+    def describe(self) -> str:
+        """Human-readable summary (what ``npdgru info`` prints)."""
+        lines = [f"file: {self.path}"] if self.path else []
+        arch = self.architecture
+        lines.append(f"architecture: {arch.get('name', '?')} ({arch['n_features']} features)")
+        n_params = 0
+        for layer in arch["layers"]:
+            if layer["kind"] == "gru":
+                desc = f"GRU {layer['in']} -> {layer['hidden']}"
+            else:
+                desc = f"Linear {layer['in']} -> {layer['out']} + {layer.get('activation', 'none')}"
+            lines.append(f"  {layer['name']:<8} {desc}")
+        for a in self.tensors.values():
+            n_params += a.size
+        lines.append(f"parameters: {n_params:,} float32 ({n_params * 4 / 2**20:.1f} MiB)")
+        for key in ("format_version", "sample_rate", "trained_update_percent", "source", "license", "converted_from", "source_sha256", "notes"):
+            if key in self.metadata:
+                lines.append(f"{key}: {self.metadata[key]}")
+        return "\n".join(lines)
+
+
+def _fail(path, msg):
+    raise WeightsError(f"{path}: {msg}" if path else msg)
+
+
+def validate_architecture(arch, path=None) -> dict:
+    """Check an architecture dict; return it. Raises WeightsError naming the problem."""
+    if not isinstance(arch, dict) or not isinstance(arch.get("layers"), list) or not arch["layers"]:
+        _fail(path, "architecture must be a dict with a non-empty 'layers' list")
+    nf = arch.get("n_features")
+    if not isinstance(nf, int) or nf < 1:
+        _fail(path, f"architecture n_features={nf!r} must be a positive integer")
+    width = nf
+    names = set()
+    for i, layer in enumerate(arch["layers"]):
+        if not isinstance(layer, dict):
+            _fail(path, f"architecture layer {i} is not a dict")
+        kind, name = layer.get("kind"), layer.get("name")
+        if kind not in LAYER_KINDS:
+            _fail(path, f"architecture layer {i} ({name}): kind {kind!r} is not one of {LAYER_KINDS}")
+        if not isinstance(name, str) or not name or "." in name or name in names:
+            _fail(path, f"architecture layer {i}: name {name!r} must be a unique non-empty string without dots")
+        names.add(name)
+        keys = ("in", "hidden") if kind == "gru" else ("in", "out")
+        for k in keys:
+            if not isinstance(layer.get(k), int) or layer[k] < 1:
+                _fail(path, f"architecture layer {name}: '{k}'={layer.get(k)!r} must be a positive integer")
+        if layer["in"] != width:
+            _fail(path, f"architecture layer {name}: input size {layer['in']} does not match the previous width {width}")
+        if kind == "linear" and layer.get("activation", "none") not in ACTIVATIONS:
+            _fail(path, f"architecture layer {name}: activation {layer.get('activation')!r} is not one of {ACTIVATIONS}")
+        width = layer["hidden"] if kind == "gru" else layer["out"]
+    if width != nf:
+        _fail(path, f"architecture output width {width} must equal n_features={nf} (a mask per bin)")
+    return arch
+
+
+def expected_shapes(arch) -> dict[str, tuple[int, ...]]:
+    """Every tensor the architecture needs, with its shape."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in arch["layers"]:
+        n = layer["name"]
+        if layer["kind"] == "gru":
+            H, I = layer["hidden"], layer["in"]
+            shapes.update({f"{n}.weight_ih": (3 * H, I), f"{n}.weight_hh": (3 * H, H), f"{n}.bias_ih": (3 * H,), f"{n}.bias_hh": (3 * H,)})
+        else:
+            shapes.update({f"{n}.weight": (layer["out"], layer["in"]), f"{n}.bias": (layer["out"],)})
+    return shapes
+
+
+def check_tensors(arch, tensors, path=None) -> None:
+    """All problems at once: missing, unexpected, mis-shaped, wrong dtype, non-finite."""
+    want = expected_shapes(arch)
+    problems = []
+    for name in sorted(set(want) - set(tensors)):
+        problems.append(f"missing tensor {name} (expected shape {want[name]})")
+    for name in sorted(set(tensors) - set(want)):
+        problems.append(f"unexpected tensor {name} {tuple(np.shape(tensors[name]))}")
+    for name in sorted(set(want) & set(tensors)):
+        a = tensors[name]
+        if a.dtype != np.float32:
+            problems.append(f"tensor {name} has dtype {a.dtype}, expected float32")
+        elif tuple(a.shape) != want[name]:
+            problems.append(f"tensor {name} has shape {tuple(a.shape)}, expected {want[name]}")
+        elif not np.isfinite(a).all():
+            problems.append(f"tensor {name} contains NaN or Inf")
+    if problems:
+        _fail(path, "weights do not fit the architecture:\n  " + "\n  ".join(problems))
+
+
+def save_weights(path, tensors: dict, *, architecture: dict, trained_update_percent: float = 100.0, source: str = "", license: str = "", extra: dict | None = None) -> None:
+    """Write a weight file atomically (temporary file in the same folder, then rename)."""
+    from safetensors.numpy import save
+
+    validate_architecture(architecture, path)
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+    check_tensors(architecture, tensors, path)
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "architecture": json.dumps(architecture, sort_keys=False),
+        "sample_rate": "16000",
+        "trained_update_percent": str(trained_update_percent),
+        "source": source,
+        "license": license,
+    }
+    for k, v in (extra or {}).items():
+        meta[str(k)] = str(v)
+    data = save(tensors, metadata=meta)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_weights(path) -> Weights:
+    """Read and validate a weight file. Raises WeightsError naming the file and the problem."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        _fail(path, "no such weight file")
+    if os.path.isdir(path):
+        _fail(path, "is a folder, not a weight file")
+    try:
+        with safe_open(path, framework="np") as f:
+            meta = dict(f.metadata() or {})
+            fmt, version = meta.get("format"), meta.get("format_version")
+            if fmt != FORMAT:
+                _fail(path, f"not an npdgru weight file (metadata format={fmt!r}); convert checkpoints with 'npdgru convert'")
+            try:
+                v = int(version)
+            except (TypeError, ValueError):
+                _fail(path, f"format_version={version!r} is not an integer")
+            if v > FORMAT_VERSION:
+                _fail(path, f"format_version {v} is newer than this npdgru reads ({FORMAT_VERSION}); upgrade npdgru")
+            if v < 1:
+                _fail(path, f"format_version {v} is not valid")
+            try:
+                arch = json.loads(meta.get("architecture", ""))
+            except json.JSONDecodeError as e:
+                _fail(path, f"architecture metadata is not valid JSON ({e})")
+            validate_architecture(arch, path)
+            if meta.get("sample_rate", "16000") != "16000":
+                _fail(path, f"sample_rate={meta.get('sample_rate')!r}: only 16000 Hz models are supported")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except WeightsError:
+        raise
+    except (SafetensorError, OSError, ValueError, MemoryError) as e:
+        _fail(path, f"cannot read as safetensors ({e})")
+    check_tensors(arch, tensors, path)
+    return Weights(architecture=arch, tensors=tensors, metadata=meta, path=path)
+
+
+def default_weights_path() -> Path:
+    """The shipped default model (``weights/nsnet2.safetensors``, packaged as npdgru._shipped)."""
+    from importlib.resources import files
+
+    try:
+        p = files("npdgru._shipped") / "nsnet2.safetensors"
+        if p.is_file():
+            return Path(str(p))
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "weights" / "nsnet2.safetensors"
