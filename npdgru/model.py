@@ -6,9 +6,12 @@ features, e.g. NSNet2 (DESIGN.md section 3)::
     log-power (161) -> FC 400 + ReLU -> GRU 400 -> GRU 400 -> FC 600 + ReLU -> FC 600 + ReLU
                     -> FC 161 + sigmoid = mask on the noisy STFT
 
-Every GRU layer runs as a D-GRU at the chosen update percentage P. A GRU layer whose input is the
-state of a previous D-GRU layer keeps an input accumulator fed by the changed entries only
-(``sparse_input``), so its input product costs 3H·A_in instead of 3H·I.
+Every GRU layer runs as a D-GRU at the chosen update percentage P. With ``sparse_inputs=True`` a
+GRU layer whose input is the state of a previous D-GRU layer keeps an input accumulator fed by
+the changed entries only, so its input product costs 3H·A_in instead of 3H·I MACs. It is off by
+default because on the 2-core AMD EPYC we measure on it is not faster in wall-clock time: the
+dense input product of a block of frames reuses each weight column for 8 frames, while the
+accumulator reads a different set of columns for every frame (benchmarks/bench_enhance.py).
 
 The model never knows which backend runs it: it asks the backend module for ``Linear`` and
 ``GRULayer`` classes with one interface (``reference``, ``cpu``, later ``cuda``).
@@ -57,7 +60,7 @@ class MaskModel:
     backend : "cpu" or "reference"
     """
 
-    def __init__(self, weights: Weights, *, update_percent: float = 100.0, backend: str = "cpu", refresh_every: int | None = None):
+    def __init__(self, weights: Weights, *, update_percent: float = 100.0, backend: str = "cpu", refresh_every: int | None = None, sparse_inputs: bool = False):
         self.weights = weights
         self.architecture = weights.architecture
         self.n_features = self.architecture["n_features"]
@@ -72,7 +75,7 @@ class MaskModel:
             n, t = spec["name"], weights.tensors
             if spec["kind"] == "gru":
                 layer = B.GRULayer(t[f"{n}.weight_ih"], t[f"{n}.weight_hh"], t[f"{n}.bias_ih"], t[f"{n}.bias_hh"], update_percent=self.update_percent, sparse_input=prev_sparse, name=n, **extra)
-                prev_sparse = self.update_percent < 100.0
+                prev_sparse = bool(sparse_inputs) and self.update_percent < 100.0
             else:
                 layer = B.Linear(t[f"{n}.weight"], t[f"{n}.bias"], activation=spec.get("activation", "none"), name=n)
                 prev_sparse = False
@@ -100,14 +103,17 @@ class MaskModel:
         x = np.asarray(features)
         if x.ndim != 3 or x.shape[2] != self.n_features or x.shape[1] != state.batch:
             raise ParameterError(f"features must have shape (T, {state.batch}, {self.n_features}), got {x.shape}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise ParameterError("features contain NaN or Inf")
         T, Bn = x.shape[:2]
         k = 0
-        for layer in self.layers:
+        for layer in self.layers:  # inputs are validated once, here; layers run unchecked
             if hasattr(layer, "hidden_size"):
-                x = layer.forward(x, state.layers[k])
+                x = layer._run(x, state.layers[k])
                 k += 1
             else:
-                x = layer.forward(x.reshape(T * Bn, -1)).reshape(T, Bn, -1)
+                x = layer._run(x.reshape(T * Bn, -1)).reshape(T, Bn, -1)
         return np.asarray(x, np.float32)
 
     def fraction_updated(self) -> float:

@@ -243,6 +243,9 @@ class GRULayer:
         h = np.zeros((batch, self.hidden_size)) if h0 is None else np.array(h0, np.float64)
         return GRUState(h)
 
+    def _run(self, x, state: GRUState):
+        return self.forward(x, state)
+
     def forward(self, x, state: GRUState, *, selected=None):
         """x (T, B, I) -> (T, B, H); ``state`` updated in place."""
         x = np.asarray(x, np.float64)
@@ -271,6 +274,9 @@ class Linear:
         self.name = name
         self.weight, self.bias = np.asarray(weight, np.float64), np.asarray(bias, np.float64)
         self.activation = activation
+
+    def _run(self, x):
+        return self.forward(x)
 
     def forward(self, x):
         """x (N, in) -> (N, out)."""

@@ -28,3 +28,121 @@ def convert_nsnet2_onnx(onnx_path, out_path) -> None:
         out_path, tensors, architecture=arch, trained_update_percent=100.0, source=NSNET2_SOURCE, license=NSNET2_LICENSE,
         extra={"converted_from": os.path.basename(os.fspath(onnx_path)), "source_sha256": sha256_of(onnx_path), "mask_floor_db": "-80"},
     )
+
+
+# Default names of a PyTorch NSNet2 module (the module the public ONNX file was exported from:
+# fc_in = Sequential(Linear(161, 400), ReLU), rnn = GRU(400, 400, num_layers=2),
+# fc_out = Sequential(Linear(400, 600), ReLU, Linear(600, 600), ReLU, Linear(600, 161), Sigmoid)).
+# Checkpoint name -> npdgru name; no tensor is transposed or reordered: torch.nn.GRU already uses
+# our layout (weight_ih (3H, I), gate order r, z, n) and nn.Linear our (out, in).
+NSNET2_TORCH_NAMES = {
+    "fc_in.0.weight": "fc1.weight", "fc_in.0.bias": "fc1.bias",
+    "rnn.weight_ih_l0": "gru1.weight_ih", "rnn.weight_hh_l0": "gru1.weight_hh",
+    "rnn.bias_ih_l0": "gru1.bias_ih", "rnn.bias_hh_l0": "gru1.bias_hh",
+    "rnn.weight_ih_l1": "gru2.weight_ih", "rnn.weight_hh_l1": "gru2.weight_hh",
+    "rnn.bias_ih_l1": "gru2.bias_ih", "rnn.bias_hh_l1": "gru2.bias_hh",
+    "fc_out.0.weight": "fc2.weight", "fc_out.0.bias": "fc2.bias",
+    "fc_out.2.weight": "fc3.weight", "fc_out.2.bias": "fc3.bias",
+    "fc_out.4.weight": "fc4.weight", "fc_out.4.bias": "fc4.bias",
+}
+
+
+def _architecture(arch):
+    """--arch: 'nsnet2' or a JSON file holding an architecture dict."""
+    import json
+
+    from ..errors import CheckpointError
+    from ..weights import WeightsError, validate_architecture
+
+    if arch == "nsnet2":
+        from .onnx_nsnet2 import NSNET2_ARCHITECTURE
+
+        return json.loads(json.dumps(NSNET2_ARCHITECTURE))
+    if os.path.isfile(str(arch)):
+        try:
+            with open(arch) as f:
+                spec = json.load(f)
+            return validate_architecture(spec, arch)
+        except (OSError, json.JSONDecodeError, WeightsError) as e:
+            raise CheckpointError(f"{arch}: not a usable architecture file ({e})") from None
+    raise CheckpointError(f"--arch {arch!r}: use 'nsnet2' or a JSON file with an architecture")
+
+
+def _load_mapping(mapping):
+    import json
+
+    from ..errors import CheckpointError
+
+    if mapping is None:
+        return dict(NSNET2_TORCH_NAMES)
+    if isinstance(mapping, dict):
+        return dict(mapping)
+    try:
+        with open(mapping) as f:
+            m = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{mapping}: cannot read the name map ({e})") from None
+    if not isinstance(m, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in m.items()):
+        raise CheckpointError(f"{mapping}: the name map must be a JSON object of strings {{\"checkpoint.name\": \"npdgru.name\"}}")
+    return m
+
+
+def map_state_dict(state: dict, arch: dict, mapping: dict, path) -> dict:
+    """Rename checkpoint tensors to npdgru names; refuse layer kinds we cannot run, by name.
+
+    A name already in npdgru form passes unchanged. Missing, unexpected and mis-shaped tensors
+    are all listed in one CheckpointError.
+    """
+    from ..errors import CheckpointError
+    from ..weights import WeightsError, check_tensors, expected_shapes
+
+    refused = []
+    for k, a in state.items():
+        low = k.lower()
+        if "_reverse" in low:
+            refused.append(f"{k}: bidirectional GRU/LSTM (reverse direction) cannot run causally")
+        elif "lstm" in low or ("weight_hh" in low and a.ndim == 2 and a.shape[0] == 4 * a.shape[1]):
+            refused.append(f"{k}: looks like an LSTM (4 gate blocks); only GRU layers are supported")
+    if refused:
+        raise CheckpointError(f"{path}: unsupported layers:\n  " + "\n  ".join(refused))
+    want = expected_shapes(arch)
+    out = {}
+    for k, a in state.items():
+        name = mapping.get(k, k)
+        if name in out:
+            raise CheckpointError(f"{path}: two checkpoint tensors map to {name}")
+        out[name] = a
+    try:
+        check_tensors(arch, out, path)
+    except WeightsError as e:
+        raise CheckpointError(str(e)) from None
+    return {k: out[k] for k in want}
+
+
+def convert_checkpoint(checkpoint, out_path, *, arch="nsnet2", mapping=None, trained_update_percent=100.0) -> list[str]:
+    """Convert a checkpoint file into an npdgru weight file; returns the reader's notes.
+
+    ``.onnx`` files go through the NSNet2 ONNX reader; everything else (PyTorch zip or legacy
+    pickles, safetensors) through the allow-list reader of :mod:`.torch_checkpoint`, which never
+    imports torch nor runs pickled code.
+    """
+    from ..errors import CheckpointError
+    from ..weights import save_weights
+
+    checkpoint = os.fspath(checkpoint)
+    if not os.path.isfile(checkpoint):
+        raise CheckpointError(f"{checkpoint}: no such checkpoint file")
+    if checkpoint.lower().endswith(".onnx"):
+        convert_nsnet2_onnx(checkpoint, out_path)
+        return ["read the NSNet2 ONNX graph (gate order z,r,h -> r,z,n; MatMul weights transposed)"]
+    from .torch_checkpoint import read_checkpoint
+
+    spec = _architecture(arch)
+    state, notes = read_checkpoint(checkpoint)
+    tensors = map_state_dict(state, spec, _load_mapping(mapping), checkpoint)
+    save_weights(
+        out_path, tensors, architecture=spec, trained_update_percent=trained_update_percent,
+        source=f"converted from {os.path.basename(checkpoint)} by npdgru convert", license="as the source checkpoint",
+        extra={"converted_from": os.path.basename(checkpoint), "source_sha256": sha256_of(checkpoint), "notes": "; ".join(notes)},
+    )
+    return notes

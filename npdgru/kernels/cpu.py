@@ -352,6 +352,13 @@ def _dgru_forward_sparse_input(x, wih_t, b_ih, whh_t, b_hh, A, refresh_every, h,
 # --------------------------------------------------------------------------------------------
 
 
+def _positive_int(name, v):
+    """``v`` as an int >= 1; anything else (None, str, bool, 1.5, NaN, inf) -> ParameterError."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer, float, np.floating)) or not float(v).is_integer() or v < 1:
+        raise ParameterError(f"{name}={v!r} must be a positive integer")
+    return int(v)
+
+
 def _as_f32(name, a, shape):
     a = np.asarray(a)
     if not np.issubdtype(a.dtype, np.floating):
@@ -426,19 +433,15 @@ class GRULayer:
         self.bias_hh = _as_f32(f"{name}.bias_hh", bias_hh, (3 * H,))
         self.wih_t = np.ascontiguousarray(self.weight_ih.T)  # (I, 3H) column-contiguous
         self.whh_t = np.ascontiguousarray(self.weight_hh.T)  # (H, 3H)
+        self.A = num_selected(update_percent, H)  # validates P before float() can raise TypeError
         self.update_percent = float(update_percent)
-        self.A = num_selected(update_percent, H)
         self.sparse_input = bool(sparse_input)
-        if int(refresh_every) != refresh_every or refresh_every < 1:
-            raise ParameterError(f"refresh_every={refresh_every!r} must be a positive integer")
-        self.refresh_every = int(refresh_every)
+        self.refresh_every = _positive_int("refresh_every", refresh_every)
         self.dense = self.update_percent == 100.0
 
     def init_state(self, batch: int = 1, h0=None) -> GRUState:
         """Zero (or ``h0``) state for ``batch`` independent streams."""
-        if int(batch) != batch or batch < 1:
-            raise ParameterError(f"batch={batch!r} must be a positive integer")
-        B, H, I = int(batch), self.hidden_size, self.input_size
+        B, H, I = _positive_int("batch", batch), self.hidden_size, self.input_size
         h = np.zeros((B, H), np.float32) if h0 is None else _as_f32("h0", h0, (B, H)).copy()
         f = np.float32
         return GRUState(
@@ -455,6 +458,9 @@ class GRULayer:
         if not isinstance(state, GRUState) or state.h.shape != (x.shape[1], self.hidden_size):
             got = getattr(getattr(state, "h", None), "shape", type(state).__name__)
             raise ParameterError(f"{self.name}: state is for {got}, x has batch {x.shape[1]} (use layer.init_state(B))")
+        if state.xprev.shape != (x.shape[1], self.input_size) or state.idx.shape != (self.hidden_size,):
+            # the sparse-input kernel indexes xprev/idx_in by input entry, without bounds checks
+            raise ParameterError(f"{self.name}: state was made by a layer of another input size (use layer.init_state(B))")
         return _as_f32(f"{self.name} input x", x, x.shape)
 
     def forward(self, x, state: GRUState, *, selected=None):
@@ -473,12 +479,20 @@ class GRULayer:
         x = self._check_call(x, state)
         T, B = x.shape[:2]
         H = self.hidden_size
-        out = np.empty((T, B, H), np.float32)
         if selected is not None:
-            if selected.shape != (T, B, H) or selected.dtype != np.bool_:
-                raise ParameterError(f"selected must be a bool array of shape {(T, B, H)}")
+            if not isinstance(selected, np.ndarray) or selected.shape != (T, B, H) or selected.dtype != np.bool_ or not selected.flags.writeable:
+                raise ParameterError(f"selected must be a writeable bool array of shape {(T, B, H)}")
             selected[...] = self.dense
-        sel = selected if (selected is not None and not self.dense) else np.zeros((0, 1, 1), np.bool_)
+        return self._run(x, state, selected)
+
+    _NO_SEL = np.zeros((0, 1, 1), np.bool_)
+
+    def _run(self, x, state: GRUState, selected=None):
+        """forward() without validation: x float32 C-contiguous (T, B, I), state from init_state."""
+        T, B = x.shape[:2]
+        H = self.hidden_size
+        out = np.empty((T, B, H), np.float32)
+        sel = selected if (selected is not None and not self.dense) else self._NO_SEL
         if T == 0:
             return out
         if self.sparse_input and not self.dense:
@@ -492,7 +506,6 @@ class GRULayer:
             _gru_forward(gi, self.whh_t, self.bias_hh, state.h, state.m, out)
         else:
             _dgru_forward(gi, self.whh_t, self.bias_hh, self.A, self.refresh_every, state.h, state.m, state.step, out, sel, state.ubuf, state.qbuf, state.idx, state.dh)
-        state.step  # dense path keeps no accumulators; nothing to refresh
         return out
 
 
@@ -510,7 +523,7 @@ def dgru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, A, *, sparse_in
     Same arguments and results as :func:`npdgru.reference.dgru_sequence`: (out, S).
     """
     H = np.asarray(weight_hh).shape[-1]
-    if int(A) != A or not 1 <= A <= H:
+    if isinstance(A, (bool, np.bool_)) or not isinstance(A, (int, np.integer, float, np.floating)) or not float(A).is_integer() or not 1 <= A <= H:
         raise ParameterError(f"A={A!r} must be an integer in [1, H={H}]")
     layer = GRULayer(weight_ih, weight_hh, bias_ih, bias_hh, update_percent=50.0, sparse_input=sparse_input, refresh_every=refresh_every)
     layer.A, layer.dense = int(A), False
@@ -571,7 +584,10 @@ class Linear:
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ParameterError(f"{self.name}: x must have shape (N, {self.in_features}), got {x.shape}")
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        return self._run(np.ascontiguousarray(x, dtype=np.float32))
+
+    def _run(self, x):
+        """forward() without validation: x float32 C-contiguous (N, in)."""
         y = np.empty((x.shape[0], self.out_features), np.float32)
         if x.shape[0]:
             _affine_columns(x, self.wt, self.bias, y)

@@ -1,0 +1,1 @@
+"""Shipped weight files (installed from the top-level weights/ folder)."""
