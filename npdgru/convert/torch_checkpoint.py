@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import _compat_pickle
 import io
-import json
 import lzma
 import math
 import os
@@ -71,7 +70,7 @@ GiB = 1 << 30
 
 #: Largest single zip member / storage / tensor (declared, uncompressed) that is read.
 DEFAULT_MAX_RECORD_BYTES = 2 * GiB
-#: Largest total of storage bytes read plus float32 bytes produced, per checkpoint.
+#: Per checkpoint: cap on storage bytes read, and separately on float32 bytes returned.
 DEFAULT_MAX_TOTAL_BYTES = 8 * GiB
 #: Largest pickle stream (``data.pkl``, or the pickles at the head of a legacy file).
 DEFAULT_MAX_PICKLE_BYTES = 64 * MiB
@@ -298,7 +297,8 @@ class _Tensor:
         view = np.lib.stride_tricks.as_strided(
             base[self.offset :],
             shape=self.size,
-            strides=tuple(s * itemsize for s in self.stride),
+            # a size-1 dimension never moves, so its (possibly huge) stride is irrelevant
+            strides=tuple(0 if d == 1 else s * itemsize for d, s in zip(self.size, self.stride)),
             writeable=False,
         )
         return np.array(view, dtype=native, order="C", copy=True)
@@ -680,7 +680,8 @@ class _LegacySource(_Source):
 # --------------------------------------------------------------------------------------------
 
 
-_Entries = dict[str, tuple[str, Callable[[], "np.ndarray | None"]]]
+# name -> (canonical dtype name, element count, function returning the array in that dtype)
+_Entries = dict[str, tuple[str, int, Callable[[], "np.ndarray | None"]]]
 
 
 def _read_zip(path: str, limits: _Limits, notes: list[str], stack: ExitStack) -> _Entries:
@@ -760,7 +761,9 @@ def _read_safetensors(path: str, limits: _Limits, notes: list[str]) -> _Entries:
         path, max_tensor_bytes=limits.max_record_bytes, max_total_bytes=limits.max_total_bytes
     )
     notes.insert(0, "read safetensors file")
-    return {k: (dt, _constant(arr)) for k, (dt, arr) in tensors.items()}
+    return {
+        k: (dt, 0 if arr is None else arr.size, _constant(arr)) for k, (dt, arr) in tensors.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -844,7 +847,7 @@ def _select_tensors(obj: object, path: str, notes: list[str]) -> _Entries:
     if skipped:
         notes.append(f"ignored {len(skipped)} non-tensor entries ({_names(skipped)})")
 
-    return {k: (t.dtype_name, t.materialize) for k, t in flat.items()}
+    return {k: (t.dtype_name, t.numel, t.materialize) for k, t in flat.items()}
 
 
 def _strip_prefixes(flat: dict[str, Any], notes: list[str]) -> dict[str, Any]:
@@ -859,24 +862,27 @@ def _strip_prefixes(flat: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     return flat
 
 
-def _finish(path: str, entries: _Entries, notes: list[str], limits: _Limits) -> dict[str, np.ndarray]:
+def _finish(
+    path: str, entries: _Entries, notes: list[str], limits: _Limits
+) -> dict[str, np.ndarray]:
     entries = _strip_prefixes(entries, notes)
     out: dict[str, np.ndarray] = {}
     cast: dict[str, int] = {}
     overflow = 0
     dropped: list[str] = []
     total = 0
-    for name, (dtype_name, get) in entries.items():
+    for name, (dtype_name, numel, get) in entries.items():
         if dtype_name not in _FLOAT_DTYPES:
             dropped.append(f"{name} ({dtype_name})")
             continue
-        arr = get()
-        assert arr is not None
-        total += arr.size * 4
+        total += numel * 4  # checked before anything is allocated
         if total > limits.max_total_bytes:
             raise CheckpointError(
                 f"{path}: tensors exceed the total limit of {limits.max_total_bytes} bytes"
             )
+        arr = get()
+        if arr is None or arr.size != numel:  # pragma: no cover - internal invariant
+            raise CheckpointError(f"{path}: internal error materialising {name!r}")
         if dtype_name == "float32":
             res = np.asarray(arr, dtype=np.float32)
         elif dtype_name == "bfloat16":
@@ -917,7 +923,7 @@ def _sniff(head: bytes, file_size: int) -> str:
         return "safetensors"
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "torch-legacy"
-    if len(head) >= _TAR_MAGIC_OFFSET + 5 and head[_TAR_MAGIC_OFFSET:_TAR_MAGIC_OFFSET + 5] == b"ustar":
+    if head[_TAR_MAGIC_OFFSET : _TAR_MAGIC_OFFSET + 5] == b"ustar":
         return "tar"
     return "unknown"
 
@@ -972,10 +978,16 @@ def read_checkpoint(
     Never imports torch and never runs code from the file (see the module docstring for the
     allow-list and limits). Returns ``(state, notes)``: ``state`` maps dotted parameter names to
     C-contiguous float32 arrays (fresh copies sharing no memory with one another), in file
-    order; ``notes`` are human-readable lines about what was done (format, unwrapping ``state_dict``/``model``/
-    ``model_state_dict``, stripping a ``model.``/``module.``/``_orig_mod.`` prefix shared by all
-    keys, float16/bfloat16/float64 -> float32 casts, dropped integer/bool tensors such as
-    ``num_batches_tracked``, ignored non-tensor entries).
+    order; ``notes`` are human-readable lines about what was done (format, unwrapping
+    ``state_dict``/``model``/``model_state_dict``, stripping a ``model.``/``module.``/
+    ``_orig_mod.`` prefix shared by all keys, float16/bfloat16/float64 -> float32 casts,
+    dropped integer/bool tensors such as ``num_batches_tracked``, ignored non-tensor entries).
+
+    Integer and bool tensors are validated but left out of ``state`` (with a note naming them).
+    Limits (keyword-only): ``max_record_bytes`` caps any single zip member, storage or tensor;
+    ``max_total_bytes`` caps the storage bytes read and, separately, the float32 bytes returned;
+    ``max_pickle_bytes`` caps the pickle stream; ``max_compression_ratio`` caps the expansion
+    of compressed zip members of 1 MiB or more.
 
     Raises :class:`~npdgru.errors.CheckpointError` for every refused or malformed input.
     """
