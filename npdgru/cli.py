@@ -15,8 +15,14 @@ from pathlib import Path
 from .errors import AudioError, NpdgruError, ParameterError
 
 
+def _one_line(msg: str) -> str:
+    """Fold a multi-line message (e.g. every problem of a weight file) into one line."""
+    head, *rest = [line.strip() for line in str(msg).splitlines() if line.strip()] or [""]
+    return " ".join([head, "; ".join(rest)]) if rest else head
+
+
 def _error(msg: str) -> int:
-    print(f"npdgru: error: {msg}", file=sys.stderr)
+    print(f"npdgru: error: {_one_line(msg)}", file=sys.stderr)
     return 2
 
 
@@ -84,7 +90,7 @@ def cmd_enhance(args) -> int:
             write_audio(dst, y, sr, subtype=info.subtype if same_format else None)
         except NpdgruError as e:
             failures += 1
-            tqdm.write(f"npdgru: error: {e}", file=sys.stderr)
+            tqdm.write(f"npdgru: error: {_one_line(e)}", file=sys.stderr)
             continue
         dur = len(x) / sr
         if not args.quiet:

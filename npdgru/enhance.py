@@ -22,6 +22,7 @@ from .model import MaskModel
 from .weights import Weights, default_weights_path, load_weights
 
 ALGORITHMIC_LATENCY = stft.ALGORITHMIC_LATENCY  # samples at 16 kHz
+_BLOCK_FRAMES = 1000  # frames (10 s) per model call of the offline path: bounded memory
 DEFAULT_MASK_FLOOR_DB = -80.0  # NSNet2's minimum gain: the mask is clipped to [10^(-80/20), 1]
 
 __all__ = ["Enhancer", "Stream", "ALGORITHMIC_LATENCY", "DEFAULT_MASK_FLOOR_DB"]
@@ -98,7 +99,7 @@ class Enhancer:
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate < 1000:
             raise AudioError(f"sample_rate={sample_rate!r} must be an integer number of Hz (>= 1000)")
         mono = a.ndim == 1
-        x = (a[:, None] if mono else a).astype(np.float32)
+        x = (a[:, None] if mono else a).astype(np.float32, copy=False)  # never written to
         n, C = x.shape
         x16 = _resample(x, sample_rate, self.sample_rate)
         y16 = self._enhance16(x16)
@@ -107,11 +108,29 @@ class Enhancer:
         return y[:, 0] if mono else y
 
     def _enhance16(self, x: np.ndarray) -> np.ndarray:
-        """x (n, C) at 16 kHz -> (n, C): the channels run as a batch of independent streams."""
+        """x (n, C) at 16 kHz -> (n, C): the channels run as a batch of independent streams.
+
+        The frames of ``stft.stft`` run through the model in blocks of ``_BLOCK_FRAMES`` with the
+        state carried, and are overlap-added as ``stft.istft`` does, so that memory beyond the
+        input and output does not grow with the length; the result is that of one block, bit for
+        bit (the model is causal; analysis and synthesis are per frame).
+        """
         n, C = x.shape
-        X = np.stack([stft.stft(x[:, c]) for c in range(C)], axis=1)  # (T, C, 161)
-        Y = self._apply(X, self.model.init_state(C))
-        return np.stack([stft.istft(Y[:, c], n) for c in range(C)], axis=1)
+        H, T = stft.HOP, stft.num_frames(n)
+        xp = np.zeros(((T + 1) * H, C), np.float32)  # HOP front zeros, x, tail zeros (stft.py)
+        xp[H : H + n] = x
+        yp = np.zeros((T + 1, H, C), np.float32)
+        state = self.model.init_state(C)
+        for t0 in range(0, T, _BLOCK_FRAMES):
+            t1 = min(T, t0 + _BLOCK_FRAMES)
+            hops = xp[t0 * H : (t1 + 1) * H]
+            X = np.stack([stft._analyse(np.ascontiguousarray(hops[:, c]).reshape(-1, H)) for c in range(C)], axis=1)
+            Y = self._apply(X, state)  # (t1 - t0, C, 161)
+            for c in range(C):
+                frames = stft._synthesise(Y[:, c])
+                yp[t0:t1, :, c] += frames[:, :H]  # first half of frame t -> hop t
+                yp[t0 + 1 : t1 + 1, :, c] += frames[:, H:]  # second half -> hop t + 1
+        return yp.reshape(-1, C)[H : H + n]
 
     def stream(self) -> "Stream":
         """A streaming enhancer (16 kHz mono) with its own state; see :class:`Stream`."""
@@ -142,12 +161,17 @@ class Stream:
         # makes the output y delayed by exactly N_FFT samples, for any chunk sizes.
         self._out = np.zeros(stft.HOP, np.float32)
         self._n_in = 0
+        self._lead = True  # the synthesis stream's first hop is still to come
 
     def _run(self, samples: np.ndarray) -> None:
         frames = self._stft.push(samples)
         if len(frames):
             Y = self.enhancer._apply(frames[:, None, :], self._state)[:, 0]
-            self._out = np.concatenate([self._out, self._istft.push(Y)])
+            y = self._istft.push(Y)
+            if self._lead:  # yp[:HOP] is the (masked) front padding, not x: silence, as documented
+                y[: stft.HOP] = 0.0
+                self._lead = False
+            self._out = np.concatenate([self._out, y])
 
     def process(self, chunk) -> np.ndarray:
         """Feed samples (any count, float, 16 kHz mono); get as many enhanced samples back."""

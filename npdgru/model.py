@@ -64,8 +64,8 @@ class MaskModel:
         self.weights = weights
         self.architecture = weights.architecture
         self.n_features = self.architecture["n_features"]
+        num_selected(update_percent, 1)  # validates P first: "50", None, True are refused, not cast
         self.update_percent = float(update_percent)
-        num_selected(self.update_percent, 1)  # validates P
         self.backend_name = backend
         B = get_backend(backend)
         extra = {} if refresh_every is None else {"refresh_every": refresh_every}
@@ -113,7 +113,8 @@ class MaskModel:
                 x = layer._run(x, state.layers[k])
                 k += 1
             else:
-                x = layer._run(x.reshape(T * Bn, -1)).reshape(T, Bn, -1)
+                y = layer._run(x.reshape(T * Bn, x.shape[2]))  # explicit sizes: T = 0 frames is allowed
+                x = y.reshape(T, Bn, y.shape[1])
         return np.asarray(x, np.float32)
 
     def fraction_updated(self) -> float:

@@ -365,7 +365,8 @@ def _as_f32(name, a, shape):
         raise ParameterError(f"{name} must be a float array, got dtype {a.dtype}")
     if a.shape != shape:
         raise ParameterError(f"{name} must have shape {shape}, got {a.shape}")
-    a = np.ascontiguousarray(a, dtype=np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused just below
+        a = np.ascontiguousarray(a, dtype=np.float32)
     if not np.isfinite(a).all():
         raise ParameterError(f"{name} contains NaN or Inf")
     return a
