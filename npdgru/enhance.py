@@ -250,9 +250,15 @@ def write_audio(path, y: np.ndarray, sample_rate: int, *, subtype: str | None = 
 
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise AudioError(f"{path}: cannot create the output folder ({e.strerror or e})") from None
     ext = os.path.splitext(path)[1] or ".wav"
-    fd, tmp = tempfile.mkstemp(prefix=".npdgru-", suffix=ext, dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".npdgru-", suffix=ext, dir=folder)
+    except OSError as e:
+        raise AudioError(f"{path}: cannot write there ({e.strerror or e})") from None
     os.close(fd)
     try:
         fmt = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".aiff": "AIFF", ".aif": "AIFF"}.get(ext.lower())
@@ -263,6 +269,8 @@ def write_audio(path, y: np.ndarray, sample_rate: int, *, subtype: str | None = 
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as e:
+        raise AudioError(f"{path}: cannot write the output ({e.strerror or e})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -70,7 +70,7 @@ def _run_cpu(weights, x, P, refresh_every, *, sparse_input=False):
     w_ih, w_hh, b_ih, b_hh = (w.astype(np.float64) for w in weights)
     layer = cpu.GRULayer(*weights, update_percent=P, refresh_every=refresh_every, sparse_input=sparse_input)
     state = layer.init_state(1)
-    T, _, H = x.shape[0], 1, layer.hidden_size
+    T, H = x.shape[0], layer.hidden_size
     out = np.empty((T, 1, H), np.float32)
     sel = np.zeros((T, 1, H), bool)
     m_err, g_err = [], []
@@ -110,7 +110,7 @@ def _free_running(weights, x, out, sel, A):
     return agree, float(np.abs(out[:agree] - want[:agree]).max()) if agree else 0.0
 
 
-def _check_drift(H, P, capsys_or_none=None):
+def _check_drift(H, P):
     weights, x = _problem(H, H)
     A = ref.num_selected(P, H)
     acc_bound, state_bound = BOUNDS[H]
