@@ -111,30 +111,11 @@ def _accumulate(acc, wt, idx, d, count):
 
 @njit(**JIT)
 def _dense_columns(acc, wt, b, v):
-    """acc = b + Σ_j wt[j, :] · v[j] over all j (the full product, same order as _accumulate)."""
-    K = acc.shape[0]
-    for q in range(K):
-        acc[q] = b[q]
-    J = v.shape[0]
-    j = 0
-    while j + 4 <= J:
-        w0 = wt[j]
-        w1 = wt[j + 1]
-        w2 = wt[j + 2]
-        w3 = wt[j + 3]
-        v0 = v[j]
-        v1 = v[j + 1]
-        v2 = v[j + 2]
-        v3 = v[j + 3]
-        for q in range(K):
-            acc[q] = acc[q] + w0[q] * v0 + w1[q] * v1 + w2[q] * v2 + w3[q] * v3
-        j += 4
-    while j < J:
-        w0 = wt[j]
-        v0 = v[j]
-        for q in range(K):
-            acc[q] = acc[q] + w0[q] * v0
-        j += 1
+    """acc = b + Σ_j wt[j, :] · v[j] over all j: the full product of one vector.
+
+    The one-frame case of _affine_columns (same code, so the same bits as any frame of a block).
+    """
+    _affine_columns(v.reshape(1, v.shape[0]), wt, b, acc.reshape(1, acc.shape[0]))
 
 
 @njit(**JIT)
