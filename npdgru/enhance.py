@@ -110,27 +110,26 @@ class Enhancer:
     def _enhance16(self, x: np.ndarray) -> np.ndarray:
         """x (n, C) at 16 kHz -> (n, C): the channels run as a batch of independent streams.
 
-        The frames of ``stft.stft`` run through the model in blocks of ``_BLOCK_FRAMES`` with the
-        state carried, and are overlap-added as ``stft.istft`` does, so that memory beyond the
-        input and output does not grow with the length; the result is that of one block, bit for
-        bit (the model is causal; analysis and synthesis are per frame).
+        The signal goes through the streaming analysis/synthesis of ``stft.py`` in blocks of
+        ``_BLOCK_FRAMES`` frames with the model state carried, so memory beyond the input and
+        output does not grow with the length. The frames are those of ``stft.stft`` and the
+        result is ``stft.istft``'s, bit for bit (tests/test_enhance.py).
         """
         n, C = x.shape
         H, T = stft.HOP, stft.num_frames(n)
-        xp = np.zeros(((T + 1) * H, C), np.float32)  # HOP front zeros, x, tail zeros (stft.py)
-        xp[H : H + n] = x
-        yp = np.zeros((T + 1, H, C), np.float32)
+        xp = np.zeros((T * H, C), np.float32)  # x and the tail padding that completes frame T-1
+        xp[:n] = x
+        ana = [stft.StftStream() for _ in range(C)]
+        syn = [stft.IstftStream() for _ in range(C)]
+        yp = np.empty((T * H, C), np.float32)  # the synthesis streams emit yp from index 0
         state = self.model.init_state(C)
-        for t0 in range(0, T, _BLOCK_FRAMES):
-            t1 = min(T, t0 + _BLOCK_FRAMES)
-            hops = xp[t0 * H : (t1 + 1) * H]
-            X = np.stack([stft._analyse(np.ascontiguousarray(hops[:, c]).reshape(-1, H)) for c in range(C)], axis=1)
-            Y = self._apply(X, state)  # (t1 - t0, C, 161)
+        step = _BLOCK_FRAMES * H
+        for s0 in range(0, T * H, step):
+            X = np.stack([ana[c].push(xp[s0 : s0 + step, c]) for c in range(C)], axis=1)
+            Y = self._apply(X, state)
             for c in range(C):
-                frames = stft._synthesise(Y[:, c])
-                yp[t0:t1, :, c] += frames[:, :H]  # first half of frame t -> hop t
-                yp[t0 + 1 : t1 + 1, :, c] += frames[:, H:]  # second half -> hop t + 1
-        return yp.reshape(-1, C)[H : H + n]
+                yp[s0 : s0 + len(Y) * H, c] = syn[c].push(Y[:, c])
+        return yp[H : H + n]
 
     def stream(self) -> "Stream":
         """A streaming enhancer (16 kHz mono) with its own state; see :class:`Stream`."""

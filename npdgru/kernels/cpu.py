@@ -505,7 +505,8 @@ def dgru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, A, *, sparse_in
     Same arguments and results as :func:`npdgru.reference.dgru_sequence`: (out, S).
     """
     H = np.asarray(weight_hh).shape[-1]
-    if isinstance(A, (bool, np.bool_)) or not isinstance(A, (int, np.integer, float, np.floating)) or not float(A).is_integer() or not 1 <= A <= H:
+    A = _positive_int("A", A)
+    if A > H:
         raise ParameterError(f"A={A!r} must be an integer in [1, H={H}]")
     layer = GRULayer(weight_ih, weight_hh, bias_ih, bias_hh, update_percent=50.0, sparse_input=sparse_input, refresh_every=refresh_every)
     layer.A, layer.dense = int(A), False
