@@ -1,0 +1,276 @@
+"""The D-GRU and the mask models in PyTorch, for training (extra ``torch``).
+
+The forward pass is the one of :mod:`npdgru.reference`, written with torch tensors so that
+autograd can train through it:
+
+    u   = 1 − z                        the paper's update gate, all H neurons
+    S   = A largest u (ties → lower index), A = ceil(P·H/100)
+    h_i ← h_i + u_i (n_i − h_i)        i in S   (gradients flow through u, n and h)
+    h_i ← h_i                          i not in S (identity, gradient passes unchanged)
+
+The select gate S itself is a hard, non-differentiable choice, as in the paper. At P = 100 the
+layer calls PyTorch's fused GRU (the same parameters, the same maths), which is much faster to
+train; ``tests/test_train.py`` checks both paths against the NumPy reference.
+
+Parameter names follow ``torch.nn.GRU`` (``weight_ih_l0`` ...) and the model's names follow the
+PyTorch NSNet2 layout that ``npdgru convert`` maps by default (``fc_in.0``, ``rnn``,
+``fc_out.0/2/4``), so a checkpoint saved with ``torch.save(model.state_dict())`` converts with
+the real user path: ``npdgru convert ckpt.pt -o model.safetensors``.
+
+Features mirror :mod:`npdgru.stft` exactly (periodic sqrt-Hann, 320-point frames, hop 160, one hop
+of front padding, ``log10(max(|X|², 1e-12))``); the test compares them with the NumPy ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..reference import num_selected
+from ..stft import HOP, N_BINS, N_FFT, num_frames
+
+__all__ = ["DGRU", "MaskNet", "stft", "istft", "log_power", "window"]
+
+
+def window(device=None, dtype=torch.float32) -> torch.Tensor:
+    """The periodic sqrt-Hann window of :data:`npdgru.stft.WINDOW`."""
+    return torch.hann_window(N_FFT, periodic=True, dtype=torch.float64, device=device).sqrt().to(dtype)
+
+
+def stft(x: torch.Tensor) -> torch.Tensor:
+    """(B, n) float → (B, T, 161) complex, T = ceil(n/160) + 1, frames as :func:`npdgru.stft.stft`."""
+    n = x.shape[-1]
+    T = num_frames(n)
+    xp = nn.functional.pad(x, (HOP, HOP * (T + 1) - HOP - n))
+    frames = xp.unfold(-1, N_FFT, HOP)  # (B, T, 320)
+    return torch.fft.rfft(frames * window(x.device, x.dtype), n=N_FFT, dim=-1)
+
+
+def istft(X: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of :func:`stft` by overlap-add (the squared window sums to one): (B, T, 161) → (B, length)."""
+    frames = torch.fft.irfft(X, n=N_FFT, dim=-1) * window(X.device)  # (B, T, 320)
+    B, T, _ = frames.shape
+    yp = nn.functional.fold(
+        frames.transpose(1, 2), output_size=(1, HOP * (T + 1)), kernel_size=(1, N_FFT), stride=(1, HOP)
+    ).reshape(B, -1)
+    return yp[:, HOP : HOP + length]
+
+
+def log_power(X: torch.Tensor) -> torch.Tensor:
+    """log10(max(|X|², 1e-12)), the NSNet2 input feature."""
+    return torch.log10(torch.clamp(X.real.square() + X.imag.square(), min=1e-12))
+
+
+def _select(u: torch.Tensor, A: int) -> torch.Tensor:
+    """Select gate as a 0/1 float mask: the A largest u per row, ties → lower index.
+
+    ``torch.topk`` does not promise an order among equal values, so exact ties at the
+    boundary are settled like :func:`npdgru.reference.top_a`: every u above the A-th largest
+    value is taken, then the lowest-index ones equal to it fill the rest.
+    """
+    H = u.shape[-1]
+    if A >= H:
+        return torch.ones_like(u)
+    kth = torch.topk(u, A, dim=-1, sorted=False).values.min(dim=-1, keepdim=True).values
+    above = u > kth
+    equal = u == kth
+    need = A - above.sum(-1, keepdim=True)  # how many of the equal ones to take, >= 1
+    take_equal = equal & (torch.cumsum(equal.to(torch.int32), -1) <= need)
+    return (above | take_equal).to(u.dtype)
+
+
+def dgru_layer_autograd(gi: torch.Tensor, h: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor, A: int) -> torch.Tensor:
+    """D-GRU over time with plain autograd, the readable twin of :class:`_DGRUFunction`.
+
+    ``gi = W_ih x + b_ih`` for all steps, (B, T, 3H); returns the outputs (B, T, H).
+    """
+    H = h.shape[-1]
+    outs = []
+    for t in range(gi.shape[1]):
+        gh = nn.functional.linear(h, w_hh, b_hh)
+        i_r, i_z, i_n = gi[:, t].split(H, dim=-1)
+        h_r, h_z, h_n = gh.split(H, dim=-1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        u = 1.0 - z
+        sel = _select(u.detach(), A)  # the choice itself is not differentiated
+        h = h + sel * (u * (n - h))
+        outs.append(h)
+    return torch.stack(outs, 1)
+
+
+class _DGRUFunction(torch.autograd.Function):
+    """The same recurrence with a hand-written backward pass through time.
+
+    Autograd records ~20 nodes per step; over 400 steps that bookkeeping costs more than the
+    arithmetic. Here the forward stores r, z, n, the recurrent candidate product and the select
+    mask per step, and the backward runs the chain rule of the equations above step by step
+    (``tests/test_train.py`` checks it against :func:`dgru_layer_autograd`)::
+
+        dn = dh·s·u        du = dh·s·(n − h)        dh_prev = dh·(1 − s·u) + dgh W_hh
+        dpre_n = dn (1 − n²)      dr = dpre_n · gh_n      dgh_n = dpre_n · r
+        dpre_r = dr r (1 − r)     dpre_z = −du z (1 − z)
+    """
+
+    @staticmethod
+    def forward(ctx, gi, h0, w_hh, b_hh, A):
+        B, T, H3 = gi.shape
+        H = H3 // 3
+        hs = gi.new_empty(B, T + 1, H)  # hs[:, t] is the state before step t
+        r_all, z_all, n_all, ghn_all, s_all = (gi.new_empty(B, T, H) for _ in range(5))
+        hs[:, 0] = h0
+        h = h0
+        for t in range(T):
+            gh = torch.addmm(b_hh, h, w_hh.t())
+            r = torch.sigmoid(gi[:, t, :H] + gh[:, :H])
+            z = torch.sigmoid(gi[:, t, H : 2 * H] + gh[:, H : 2 * H])
+            ghn = gh[:, 2 * H :]
+            n = torch.tanh(gi[:, t, 2 * H :] + r * ghn)
+            u = 1.0 - z
+            s = _select(u, A)
+            h = h + s * (u * (n - h))
+            hs[:, t + 1] = h
+            r_all[:, t], z_all[:, t], n_all[:, t], ghn_all[:, t], s_all[:, t] = r, z, n, ghn, s
+        ctx.save_for_backward(hs, r_all, z_all, n_all, ghn_all, s_all, w_hh)
+        return hs[:, 1:].clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hs, r_all, z_all, n_all, ghn_all, s_all, w_hh = ctx.saved_tensors
+        B, T, H = r_all.shape
+        dgi = grad_out.new_empty(B, T, 3 * H)
+        dgh = grad_out.new_empty(B, T, 3 * H)
+        dh = grad_out.new_zeros(B, H)
+        for t in range(T - 1, -1, -1):
+            dh = dh + grad_out[:, t]
+            r, z, n, ghn, s = r_all[:, t], z_all[:, t], n_all[:, t], ghn_all[:, t], s_all[:, t]
+            h_prev = hs[:, t]
+            u = 1.0 - z
+            su = s * u
+            dn = dh * su
+            du = dh * s * (n - h_prev)
+            dpre_n = dn * (1.0 - n * n)
+            dpre_r = dpre_n * ghn * r * (1.0 - r)
+            dpre_z = -du * z * (1.0 - z)
+            dgi[:, t, :H] = dpre_r
+            dgi[:, t, H : 2 * H] = dpre_z
+            dgi[:, t, 2 * H :] = dpre_n
+            dgh[:, t, :H] = dpre_r
+            dgh[:, t, H : 2 * H] = dpre_z
+            dgh[:, t, 2 * H :] = dpre_n * r
+            dh = dh * (1.0 - su) + dgh[:, t] @ w_hh
+        flat_dgh = dgh.reshape(B * T, 3 * H)
+        d_w_hh = flat_dgh.t() @ hs[:, :-1].reshape(B * T, H)
+        d_b_hh = flat_dgh.sum(0)
+        return dgi, dh, d_w_hh, d_b_hh, None
+
+
+def dgru_layer(gi: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor, A: int) -> torch.Tensor:
+    """D-GRU over time (fast path for training): ``gi`` (B, T, 3H), ``h0`` (B, H) → (B, T, H)."""
+    return _DGRUFunction.apply(gi, h0, w_hh, b_hh, A)
+
+
+class DGRU(nn.Module):
+    """A stack of unidirectional D-GRU layers with the parameters of ``torch.nn.GRU``.
+
+    ``forward(x, h0=None, update_percent=100)`` with ``x`` (B, T, I) (batch first) returns
+    ``(y, h_n)`` like ``nn.GRU(batch_first=True)``. ``update_percent`` can change per call (the
+    any-P training draws it per batch).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1):
+        super().__init__()
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        k = 1.0 / math.sqrt(hidden_size)
+        for layer in range(num_layers):
+            i = input_size if layer == 0 else hidden_size
+            for name, shape in (("weight_ih", (3 * hidden_size, i)), ("weight_hh", (3 * hidden_size, hidden_size)), ("bias_ih", (3 * hidden_size,)), ("bias_hh", (3 * hidden_size,))):
+                self.register_parameter(f"{name}_l{layer}", nn.Parameter(torch.empty(shape).uniform_(-k, k)))
+
+    def _params(self, layer):
+        return [getattr(self, f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None, update_percent: float = 100.0):
+        B = x.shape[0]
+        H = self.hidden_size
+        if h0 is None:
+            h0 = x.new_zeros(self.num_layers, B, H)
+        A = num_selected(update_percent, H)
+        if A == H:  # exactly a GRU: PyTorch's fused implementation, same parameters
+            weights = [p for layer in range(self.num_layers) for p in self._params(layer)]
+            y, h_n = torch._VF.gru(x, h0, weights, True, self.num_layers, 0.0, self.training, False, True)
+            return y, h_n
+        y = x
+        finals = []
+        for layer in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh = self._params(layer)
+            gi = nn.functional.linear(y, w_ih, b_ih)  # all time steps at once
+            y = dgru_layer(gi, h0[layer], w_hh, b_hh, A)
+            finals.append(y[:, -1])
+        return y, torch.stack(finals, 0)
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "none": nn.Identity}
+
+
+class MaskNet(nn.Module):
+    """The NSNet2-shaped mask model: Linear+act, a D-GRU stack, Linear+act layers, a mask.
+
+    Built from an npdgru architecture dict (``Weights.architecture``) of the form
+    ``linear*, gru+, linear*`` with equal GRU sizes; module names are those of the PyTorch NSNet2
+    layout (``fc_in``, ``rnn``, ``fc_out``) so that ``npdgru convert`` maps them by default.
+    """
+
+    def __init__(self, architecture: dict):
+        super().__init__()
+        layers = architecture["layers"]
+        kinds = [layer["kind"] for layer in layers]
+        first_gru = kinds.index("gru")
+        n_gru = kinds.count("gru")
+        if kinds[first_gru : first_gru + n_gru] != ["gru"] * n_gru:
+            raise ValueError("MaskNet needs the GRU layers to be consecutive")
+        grus = layers[first_gru : first_gru + n_gru]
+        if len({g["hidden"] for g in grus}) != 1:
+            raise ValueError("MaskNet needs GRU layers of one hidden size")
+
+        def stack(specs):
+            mods = []
+            for s in specs:
+                mods += [nn.Linear(s["in"], s["out"]), _ACTIVATIONS[s.get("activation", "none")]()]
+            return nn.Sequential(*mods)
+
+        self.architecture = architecture
+        self.layer_names = [layer["name"] for layer in layers]
+        self.fc_in = stack(layers[:first_gru])
+        self.rnn = DGRU(grus[0]["in"], grus[0]["hidden"], n_gru)
+        self.fc_out = stack(layers[first_gru + n_gru :])
+
+    def forward(self, features: torch.Tensor, update_percent: float = 100.0) -> torch.Tensor:
+        """(B, T, 161) log-power features → (B, T, 161) mask."""
+        y, _ = self.rnn(self.fc_in(features), update_percent=update_percent)
+        return self.fc_out(y)
+
+    def enhance(self, noisy: torch.Tensor, update_percent: float = 100.0, mask_floor: float = 0.0) -> torch.Tensor:
+        """(B, n) waveform → (B, n) enhanced waveform (mask on the noisy STFT)."""
+        X = stft(noisy)
+        mask = self(log_power(X), update_percent)
+        if mask_floor > 0:
+            mask = mask.clamp(min=mask_floor)
+        return istft(X * mask, noisy.shape[-1])
+
+    @classmethod
+    def from_weights(cls, weights) -> "MaskNet":
+        """A MaskNet holding the tensors of an npdgru :class:`~npdgru.weights.Weights`."""
+        from ..convert import NSNET2_TORCH_NAMES
+
+        model = cls(weights.architecture)
+        inverse = {npd: tor for tor, npd in NSNET2_TORCH_NAMES.items()}
+        state = {inverse[k]: torch.from_numpy(v.copy()) for k, v in weights.tensors.items()}
+        model.load_state_dict(state, strict=True)
+        return model
+
+
+assert N_BINS == N_FFT // 2 + 1

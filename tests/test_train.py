@@ -1,0 +1,247 @@
+"""The training code (extra ``torch``): the PyTorch D-GRU against the NumPy reference.
+
+The reference (``npdgru.reference``, float64) is the independent side of every check here:
+the torch layer runs in float64 too, so selected sets must agree exactly and values to ~1e-12.
+The hand-written backward pass is checked against the plain-autograd twin and by gradcheck.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from npdgru import reference, stft  # noqa: E402
+from npdgru.model import MaskModel  # noqa: E402
+from npdgru.train import torch_model as tm  # noqa: E402
+from npdgru.train.data import MixtureSampler  # noqa: E402
+from npdgru.weights import Weights, expected_shapes, load_weights  # noqa: E402
+
+pytestmark = pytest.mark.torch
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _layer_inputs(H, I, T, B, seed):
+    rng = np.random.default_rng(seed)
+    k = 1 / np.sqrt(H)
+    w = [rng.uniform(-k, k, s) for s in ((3 * H, I), (3 * H, H), (3 * H,), (3 * H,))]
+    x = rng.standard_normal((T, B, I))
+    h0 = rng.uniform(-0.5, 0.5, (B, H))
+    return w, x, h0
+
+
+def _torch_dgru(w, x, h0, P):
+    H = w[1].shape[1]
+    g = tm.DGRU(w[0].shape[1], H, 1).double()
+    with torch.no_grad():
+        for name, a in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"), w):
+            getattr(g, name).copy_(torch.from_numpy(a))
+    y, h_n = g(torch.from_numpy(x).transpose(0, 1), torch.from_numpy(h0)[None], update_percent=P)
+    return y.detach().transpose(0, 1).numpy(), h_n.detach()[0].numpy()
+
+
+@pytest.mark.parametrize("H, P", [(7, 100), (16, 50), (16, 25), (9, 10), (1, 30), (12, 99)])
+def test_dgru_forward_matches_reference(H, P):
+    w, x, h0 = _layer_inputs(H, 5, T=12, B=3, seed=H * 100 + int(P))
+    A = reference.num_selected(P, H)
+    expected, S = reference.dgru_sequence(x, h0, *w, A)
+    got, h_n = _torch_dgru(w, x, h0, P)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(h_n, got[-1])
+    changed = got != np.concatenate([h0[None], got[:-1]])
+    assert np.all(changed <= S)  # only selected neurons may change ...
+    if A < H:  # ... and unselected ones are carried bit for bit
+        prev = np.concatenate([h0[None], got[:-1]])
+        np.testing.assert_array_equal(got[~S], prev[~S])
+
+
+def test_p100_is_torch_gru():
+    w, x, h0 = _layer_inputs(10, 4, T=9, B=2, seed=5)
+    ref = torch.nn.GRU(4, 10, batch_first=True).double()
+    with torch.no_grad():
+        for name, a in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"), w):
+            getattr(ref, name).copy_(torch.from_numpy(a))
+    expected, _ = ref(torch.from_numpy(x).transpose(0, 1), torch.from_numpy(h0)[None])
+    got, _ = _torch_dgru(w, x, h0, 100)
+    np.testing.assert_allclose(got, expected.detach().transpose(0, 1).numpy(), atol=1e-12)
+    np.testing.assert_allclose(got, reference.gru_sequence(x, h0, *w), atol=1e-12)
+
+
+def test_select_ties_go_to_lower_index():
+    u = torch.tensor([[0.5, 0.9, 0.5, 0.5, 0.1, 0.5], [0.2, 0.2, 0.2, 0.2, 0.2, 0.2]], dtype=torch.float64)
+    for A in range(1, 7):
+        expected = reference.top_a(u.numpy(), A)
+        np.testing.assert_array_equal(tm._select(u, A).numpy().astype(bool), expected)
+
+
+def test_dgru_layer_with_exact_ties_matches_reference():
+    """Zero weights_hh and equal z pre-activations in some rows: u ties exactly every step."""
+    H, I = 8, 3
+    w, x, h0 = _layer_inputs(H, I, T=6, B=2, seed=3)
+    w[0][H : 2 * H] = 0.0  # W_iz = 0
+    w[1][H : 2 * H] = 0.0  # W_hz = 0
+    w[2][H : 2 * H] = 0.0
+    w[3][H : 2 * H] = np.array([0.3, 0.1, 0.1, 0.1, 0.3, 0.1, -1.0, 0.1])  # z bias: ties among 0.1s
+    for P in (25, 50, 75):
+        A = reference.num_selected(P, H)
+        expected, S = reference.dgru_sequence(x, h0, *w, A)
+        got, _ = _torch_dgru(w, x, h0, P)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("A", [1, 3, 5])
+def test_handwritten_backward_matches_autograd(A):
+    g = torch.Generator().manual_seed(A)
+    B, T, H = 3, 7, 5
+    args = [torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True) for s in ((B, T, 3 * H), (B, H), (3 * H, H), (3 * H,))]
+    y1 = tm.dgru_layer(*args, A)
+    y2 = tm.dgru_layer_autograd(*args, A)
+    assert torch.equal(y1, y2)
+    grad = torch.randn(y1.shape, dtype=torch.float64, generator=g)
+    g1 = torch.autograd.grad(y1, args, grad)
+    g2 = torch.autograd.grad(y2, args, grad)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *a: tm.dgru_layer(*a, A), tuple(args))
+
+
+def test_features_match_numpy_stft():
+    rng = np.random.default_rng(0)
+    for n in (1, 159, 160, 161, 3217):
+        x = (rng.standard_normal(n) * 0.1).astype(np.float32)
+        X_np = stft.stft(x)
+        X_t = tm.stft(torch.from_numpy(x)[None].double())[0].numpy()
+        np.testing.assert_allclose(X_t, X_np, atol=2e-6)
+        np.testing.assert_allclose(tm.log_power(torch.from_numpy(X_np)).numpy(), stft.log_power(X_np), atol=2e-6)
+        y = tm.istft(torch.from_numpy(X_np)[None].to(torch.complex128), n)[0].numpy()
+        np.testing.assert_allclose(y, stft.istft(X_np, n), atol=1e-6)
+        np.testing.assert_allclose(y, x, atol=1e-6)  # perfect reconstruction
+
+
+def _tiny_nsnet2(seed=0, hidden=12, mid=10):
+    """NSNet2-shaped architecture (its layer names, so the default name map applies), tiny sizes."""
+    arch = {"name": "nsnet2", "n_features": 161, "layers": [
+        {"kind": "linear", "name": "fc1", "in": 161, "out": hidden, "activation": "relu"},
+        {"kind": "gru", "name": "gru1", "in": hidden, "hidden": hidden},
+        {"kind": "gru", "name": "gru2", "in": hidden, "hidden": hidden},
+        {"kind": "linear", "name": "fc2", "in": hidden, "out": mid, "activation": "relu"},
+        {"kind": "linear", "name": "fc3", "in": mid, "out": mid, "activation": "relu"},
+        {"kind": "linear", "name": "fc4", "in": mid, "out": 161, "activation": "sigmoid"},
+    ]}
+    rng = np.random.default_rng(seed)
+    tensors = {k: (rng.standard_normal(s) * 0.3).astype(np.float32) for k, s in expected_shapes(arch).items()}
+    return Weights(architecture=arch, tensors=tensors, metadata={})
+
+
+@pytest.mark.parametrize("P", [100, 50, 25])
+def test_masknet_matches_npdgru_reference_backend(P):
+    w = _tiny_nsnet2()
+    model = tm.MaskNet.from_weights(w).double()
+    rng = np.random.default_rng(1)
+    F = rng.uniform(-8, 0, (1, 30, 161))
+    with torch.no_grad():
+        got = model(torch.from_numpy(F), update_percent=P).numpy()[0]
+    m = MaskModel(w, update_percent=P, backend="reference")
+    expected = m.forward(F.transpose(1, 0, 2), m.init_state(1))[:, 0]
+    np.testing.assert_allclose(got, expected, atol=1e-10)
+
+
+def test_saved_state_dict_converts_with_npdgru_convert(tmp_path):
+    """The user path: torch.save(state_dict) -> npdgru convert -> cpu backend = torch model."""
+    from npdgru.cli import main as cli
+
+    model = tm.MaskNet.from_weights(_tiny_nsnet2(seed=4))
+    arch_file = tmp_path / "arch.json"
+    arch_file.write_text(json.dumps(model.architecture))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    assert cli(["convert", str(tmp_path / "m.pt"), "-o", str(tmp_path / "m.safetensors"), "--arch", str(arch_file)]) == 0
+    w = load_weights(tmp_path / "m.safetensors")
+    F = np.random.default_rng(2).uniform(-8, 0, (40, 1, 161)).astype(np.float32)
+    for P in (100, 50):
+        with torch.no_grad():
+            expected = model(torch.from_numpy(F.transpose(1, 0, 2)), update_percent=P).numpy()[0]
+        m = MaskModel(w, update_percent=P, backend="cpu")
+        np.testing.assert_allclose(m.forward(F, m.init_state(1))[:, 0], expected, atol=2e-5)
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def _fake_corpus(root: Path):
+    """A tiny corpus with the layout of ../shared/data (noise/test exists and must never be read)."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    for split, speakers in (("train", 3), ("val", 2)):
+        d = root / "speech" / split
+        d.mkdir(parents=True)
+        for s in range(speakers):
+            for u in range(2):
+                n = int(rng.integers(8000, 30000))
+                sf.write(d / f"SPEAKER{s + 10 * (split == 'val'):04d}_{u:09d}.flac", (rng.standard_normal(n) * 0.1).clip(-1, 1), 16000)
+    for split in ("train", "test"):
+        d = root / "noise" / split
+        d.mkdir(parents=True)
+        for k in range(2):
+            x = rng.standard_normal(40000) * 0.05 if split == "train" else np.full(40000, 0.5)
+            sf.write(d / f"noise{k}.flac", x, 16000)
+
+
+def test_mixtures_follow_the_recipe(tmp_path):
+    _fake_corpus(tmp_path)
+    s = MixtureSampler(tmp_path, seconds=1.0, seed=3)
+    for _ in range(30):
+        noisy, clean, snr = s.example()
+        assert noisy.shape == clean.shape == (16000,) and noisy.dtype == np.float32
+        assert -5 <= snr <= 15 and np.max(np.abs(noisy)) <= 0.99 + 1e-6
+        noise = noisy.astype(np.float64) - clean
+        measured = 10 * np.log10(np.sum(clean.astype(np.float64) ** 2) / np.sum(noise**2))
+        assert abs(measured - snr) < 0.05
+    # reproducible from the seed
+    a = MixtureSampler(tmp_path, seconds=1.0, seed=9).batch(3)
+    b = MixtureSampler(tmp_path, seconds=1.0, seed=9).batch(3)
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_sampler_never_reads_test_noise(tmp_path, monkeypatch):
+    import soundfile as sf
+
+    _fake_corpus(tmp_path)
+    opened = []
+    real_read = sf.read
+    monkeypatch.setattr(sf, "read", lambda f, *a, **k: (opened.append(Path(f)), real_read(f, *a, **k))[1])
+    MixtureSampler(tmp_path, split="train", seconds=1.0).batch(4)
+    MixtureSampler(tmp_path, split="val", seconds=1.0).fixed_set(4)
+    assert opened and not any("test" in p.parts for p in opened)
+
+
+def test_training_loop_runs_resumes_and_converts(tmp_path):
+    """Smoke test of the whole recipe on the tiny corpus: 3 steps, resume to 5, convert."""
+    from npdgru.cli import main as cli
+    from npdgru.train.loop import main as train_main
+    from npdgru.weights import save_weights
+
+    _fake_corpus(tmp_path / "data")
+    w = _tiny_nsnet2()
+    save_weights(tmp_path / "init.safetensors", w.tensors, architecture=w.architecture)
+    common = ["--data", str(tmp_path / "data"), "--init", str(tmp_path / "init.safetensors"), "--out", str(tmp_path / "run"),
+              "--batch", "2", "--seconds", "0.5", "--val-count", "2", "--val-every", "2", "--log-every", "1"]
+    assert train_main(common + ["--any-p", "25", "100", "--steps", "3"]) == 0
+    first = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert first["step"] == 3
+    assert train_main(common + ["--any-p", "25", "100", "--steps", "5"]) == 0
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 5
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,seconds,train_loss") and "val_sisnr_P50" in rows[0]
+    steps = [int(r.split(",")[0]) for r in rows[1:]]
+    assert steps == sorted(steps) and set(steps) == {0, 1, 2, 3, 4, 5}  # one log across the resume
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(w.architecture))
+    out = tmp_path / "trained.safetensors"
+    assert cli(["convert", str(tmp_path / "run" / "last.pt"), "-o", str(out), "--arch", str(arch)]) == 0
+    trained = load_weights(out)
+    assert any(not np.array_equal(trained.tensors[k], w.tensors[k]) for k in w.tensors)  # it learned something
