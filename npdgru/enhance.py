@@ -6,6 +6,12 @@
 Offline and streaming run the same code on the same frames (``stft.py``) and the model is
 causal, so a :class:`Stream` returns exactly the offline output delayed by
 ``ALGORITHMIC_LATENCY = 320`` samples (20 ms at 16 kHz), bit for bit.
+
+Many signals at once: :meth:`Enhancer.enhance_batch` runs a list of signals as one batch of
+independent streams (zero padding after each signal's end, which a causal model never sees);
+:class:`StreamBatch` serves N concurrent streams, one 10 ms hop per stream per call, with
+streams joining and leaving at any call. On ``backend="cuda"`` both run every layer of every
+stream on the GPU in one batch; each stream's output is the one it would get alone.
 """
 
 from __future__ import annotations
@@ -18,14 +24,14 @@ import numpy as np
 
 from . import stft
 from .errors import AudioError, ParameterError
-from .model import MaskModel
+from .model import MaskModel, ModelState
 from .weights import Weights, default_weights_path, load_weights
 
 ALGORITHMIC_LATENCY = stft.ALGORITHMIC_LATENCY  # samples at 16 kHz
 _BLOCK_FRAMES = 1000  # frames (10 s) per model call of the offline path: bounded memory
 DEFAULT_MASK_FLOOR_DB = -80.0  # NSNet2's minimum gain: the mask is clipped to [10^(-80/20), 1]
 
-__all__ = ["Enhancer", "Stream", "ALGORITHMIC_LATENCY", "DEFAULT_MASK_FLOOR_DB"]
+__all__ = ["Enhancer", "Stream", "StreamBatch", "ALGORITHMIC_LATENCY", "DEFAULT_MASK_FLOOR_DB"]
 
 
 def _check_audio(audio, name="audio") -> np.ndarray:
@@ -51,7 +57,8 @@ class Enhancer:
     weights : path to an npdgru weight file, a loaded :class:`Weights`, or None for the shipped
         default (``weights/nsnet2.safetensors``).
     update_percent : P in (0, 100]; each GRU layer updates ceil(P·H/100) neurons per frame.
-    backend : "cpu" (Numba, float32) or "reference" (NumPy, float64, slow).
+    backend : "cpu" (Numba, float32), "cuda" (numba.cuda, float32; model state on the GPU) or
+        "reference" (NumPy, float64, slow).
     mask_floor_db : lowest gain the mask may apply, in dB (NSNet2: -80 dB).
 
     Examples
@@ -96,8 +103,7 @@ class Enhancer:
         float32 array of the same shape as ``audio``.
         """
         a = _check_audio(audio)
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate < 1000:
-            raise AudioError(f"sample_rate={sample_rate!r} must be an integer number of Hz (>= 1000)")
+        _check_rate(sample_rate)
         mono = a.ndim == 1
         x = (a[:, None] if mono else a).astype(np.float32, copy=False)  # never written to
         n, C = x.shape
@@ -131,9 +137,60 @@ class Enhancer:
                 yp[s0 : s0 + len(Y) * H, c] = syn[c].push(Y[:, c])
         return yp[H : H + n]
 
+    def enhance_batch(self, audios, sample_rate) -> list:
+        """Enhance several signals as one batch of independent streams.
+
+        Every channel of every signal is one stream of one model batch (on ``backend="cuda"``,
+        one GPU batch). Shorter signals are zero-padded after their end; the model is causal, so
+        the padding never reaches their output: ``enhance_batch(xs, sr)[i]`` equals
+        ``enhance(xs[i], sr)`` bit for bit.
+
+        Parameters
+        ----------
+        audios : list (or tuple) of (samples,) or (samples, channels) float arrays; lengths and
+            channel counts may differ.
+        sample_rate : one rate in Hz for all signals, or a list with one rate per signal.
+
+        Returns
+        -------
+        list of float32 arrays, each of the shape of its input.
+        """
+        if isinstance(audios, np.ndarray) or not isinstance(audios, (list, tuple)):
+            raise ParameterError(f"audios must be a list of arrays (one per signal), got {type(audios).__name__}")
+        if not audios:
+            return []
+        rates = list(sample_rate) if isinstance(sample_rate, (list, tuple)) else [sample_rate] * len(audios)
+        if len(rates) != len(audios):
+            raise ParameterError(f"sample_rate: {len(rates)} rates for {len(audios)} signals")
+        signals = []  # (mono, n, x16 (n16, C)) per signal
+        for i, (audio, sr) in enumerate(zip(audios, rates)):
+            a = _check_audio(audio, f"audios[{i}]")
+            _check_rate(sr, f"sample_rate[{i}]" if isinstance(sample_rate, (list, tuple)) else "sample_rate")
+            x = (a[:, None] if a.ndim == 1 else a).astype(np.float32, copy=False)
+            signals.append((a.ndim == 1, x.shape[0], _resample(x, sr, self.sample_rate)))
+        n_max = max(x16.shape[0] for _, _, x16 in signals)
+        cols = sum(x16.shape[1] for _, _, x16 in signals)
+        xs = np.zeros((n_max, cols), np.float32)  # the streams side by side, zero-padded to n_max
+        c = 0
+        for _, _, x16 in signals:
+            xs[: x16.shape[0], c : c + x16.shape[1]] = x16
+            c += x16.shape[1]
+        ys = self._enhance16(xs)
+        out, c = [], 0
+        for (mono, n, x16), sr in zip(signals, rates):
+            y16 = ys[: x16.shape[0], c : c + x16.shape[1]]
+            c += x16.shape[1]
+            y = _fit_length(_resample(np.ascontiguousarray(y16), self.sample_rate, sr), n)
+            out.append(y[:, 0] if mono else y)
+        return out
+
     def stream(self) -> "Stream":
         """A streaming enhancer (16 kHz mono) with its own state; see :class:`Stream`."""
         return Stream(self)
+
+    def stream_batch(self) -> "StreamBatch":
+        """An empty batch of concurrent streams (16 kHz mono, 10 ms hops); see :class:`StreamBatch`."""
+        return StreamBatch(self)
 
 
 class Stream:
@@ -197,6 +254,175 @@ class Stream:
             out = np.concatenate([out, np.zeros(self.latency - len(out), np.float32)])
         self.reset()
         return out
+
+
+class StreamBatch:
+    """N concurrent streams (16 kHz mono) through one model batch, one 10 ms hop per call.
+
+    ``add()`` returns a stream id; ``process({id: chunk})`` takes exactly ``hop`` = 160 samples
+    for each stream named and returns ``{id: 160 enhanced samples}``; ``remove(id)`` ends a
+    stream. Streams may join and leave at any call, and a call may name any subset of the
+    streams: the others keep their state untouched. Each stream's output is bit for bit what a
+    :class:`Stream` fed the same 160-sample chunks returns (the offline output delayed by
+    ``latency`` = 320 samples); ``remove(id, flush=True)`` returns what ``Stream.flush()`` would.
+
+    The STFT of all streams of a call is one batched FFT on the host and the model runs once
+    for the whole batch (on ``backend="cuda"``, on the GPU with the state kept there). Joining
+    and leaving copy the batch state once (``O(N)``, on the device for cuda).
+
+    Examples
+    --------
+    >>> sb = Enhancer(backend="cuda").stream_batch()            # doctest: +SKIP
+    >>> a, b = sb.add(), sb.add()                               # doctest: +SKIP
+    >>> out = sb.process({a: x[:160], b: y[:160]})              # doctest: +SKIP
+    """
+
+    latency = ALGORITHMIC_LATENCY
+    hop = stft.HOP
+
+    def __init__(self, enhancer: Enhancer):
+        if not isinstance(enhancer, Enhancer):
+            raise ParameterError(f"StreamBatch needs an Enhancer, got {type(enhancer).__name__}")
+        self.enhancer = enhancer
+        self._model = enhancer.model
+        self._ids: list[int] = []  # stream id of each batch row, in row order
+        self._next_id = 0
+        self._state = None  # ModelState of len(self._ids) streams; None while empty
+        H = stft.HOP
+        self._prev = np.zeros((0, H), np.float32)  # last input hop per stream (analysis history)
+        self._tail = np.zeros((0, H), np.float32)  # second half of the last synthesis frame
+        self._pending = np.zeros((0, H), np.float32)  # what the next call returns (yp one hop back)
+        self._frames = np.zeros(0, np.int64)  # hops processed per stream
+
+    @property
+    def ids(self) -> list:
+        """Ids of the open streams, in the order they joined."""
+        return list(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, stream_id) -> bool:
+        return stream_id in self._ids
+
+    def _row(self, stream_id) -> int:
+        try:
+            return self._ids.index(stream_id)
+        except ValueError:
+            raise ParameterError(f"stream id {stream_id!r} is not open (open ids: {self._ids})") from None
+
+    def _reshape(self, rows: np.ndarray, ids: list) -> None:
+        """Keep batch rows ``rows`` (-1: a new stream) in that order, under ``ids``."""
+        self._state = _take_state(self._model, self._state, rows) if len(rows) else None
+        keep = rows >= 0
+        for name in ("_prev", "_tail", "_pending", "_frames"):
+            old = getattr(self, name)
+            new = np.zeros((len(rows),) + old.shape[1:], old.dtype)
+            new[keep] = old[rows[keep]]
+            setattr(self, name, new)
+        self._ids = ids
+
+    def add(self) -> int:
+        """Open a new stream (silence before its first sample); returns its id."""
+        sid = self._next_id
+        self._next_id += 1
+        self._reshape(np.append(np.arange(len(self._ids)), -1), self._ids + [sid])
+        return sid
+
+    def remove(self, stream_id, *, flush: bool = False):
+        """Close a stream. With ``flush=True`` return its last ``latency`` samples (``Stream.flush``)."""
+        r = self._row(stream_id)
+        tail = None
+        if flush:
+            if self._frames[r]:  # the zero hop that completes the last frame, as Stream.flush
+                first = self._tick(np.array([r]), np.zeros((1, stft.HOP), np.float32))[0]
+                tail = np.concatenate([first, self._pending[r]])
+            else:
+                tail = np.zeros(self.latency, np.float32)
+        rows = np.array([i for i in range(len(self._ids)) if i != r], np.int64)
+        self._reshape(rows, [sid for sid in self._ids if sid != stream_id])
+        return tail
+
+    def process(self, chunks: dict) -> dict:
+        """One hop for each stream named: ``{id: (160,) float samples}`` -> ``{id: (160,) float32}``."""
+        if not isinstance(chunks, dict):
+            raise ParameterError(f"chunks must be a dict {{stream id: (160,) samples}}, got {type(chunks).__name__}")
+        if not chunks:
+            return {}
+        ids = sorted(chunks, key=self._row)  # batch row order: all streams -> no state copies
+        rows = np.array([self._row(sid) for sid in ids], np.int64)
+        x = np.empty((len(ids), stft.HOP), np.float32)
+        for k, sid in enumerate(ids):
+            c = _check_audio(chunks[sid], f"stream {sid!r}")
+            if c.shape != (stft.HOP,):
+                raise AudioError(f"stream {sid!r}: a chunk must be one hop of {stft.HOP} samples (16 kHz mono), got shape {c.shape}")
+            x[k] = c
+        out = self._tick(rows, x)
+        return {sid: out[k] for k, sid in enumerate(ids)}
+
+    def _tick(self, rows: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Advance batch rows ``rows`` by the hops x (n, 160); return their outputs (n, 160)."""
+        H = stft.HOP
+        # analysis: frame = (previous hop, this hop) windowed, as StftStream / stft._analyse
+        frames = np.concatenate((self._prev[rows], x), axis=1)
+        frames *= stft.WINDOW
+        X = np.fft.rfft(frames, n=stft.N_FFT, axis=1).astype(np.complex64, copy=False)
+        self._prev[rows] = x
+        full = len(rows) == len(self._ids) and (rows == np.arange(len(rows))).all()
+        if full:
+            Y = self.enhancer._apply(X[None], self._state)[0]
+        else:  # a subset of the streams: run them as a batch of their own, write their state back
+            sub = _take_state(self._model, self._state, rows)
+            Y = self.enhancer._apply(X[None], sub)[0]
+            _put_state(self._state, rows, sub)
+        # synthesis: overlap-add with the carried tail, as IstftStream
+        y = stft._synthesise(Y)
+        yp = y[:, :H].copy()
+        yp += self._tail[rows]
+        self._tail[rows] = y[:, H:]
+        yp[self._frames[rows] == 0] = 0.0  # the first hop is the (masked) front padding: silence
+        self._frames[rows] += 1
+        out = self._pending[rows]
+        self._pending[rows] = yp
+        return out
+
+
+_STATE_FIELDS = ("h", "m", "g", "xprev", "step")  # per-stream rows of a layer state (cpu, reference)
+
+
+def _take_state(model: MaskModel, state, rows: np.ndarray):
+    """A model state of ``len(rows)`` streams: stream k copies stream ``rows[k]`` (< 0: a new one)."""
+    rows = np.asarray(rows, np.int64)
+    layers = []
+    for i, layer in enumerate(model.gru_layers):
+        st = None if state is None else state.layers[i]
+        if st is not None and hasattr(st, "take"):  # cuda: gathered on the device
+            layers.append(st.take(rows))
+            continue
+        new = layer.init_state(len(rows))
+        keep = rows >= 0
+        if st is not None and keep.any():
+            for f in _STATE_FIELDS:
+                if hasattr(st, f):
+                    getattr(new, f)[keep] = getattr(st, f)[rows[keep]]
+        layers.append(new)
+    return ModelState(layers=layers, batch=len(rows))
+
+
+def _put_state(state, rows: np.ndarray, sub) -> None:
+    """Write the streams of ``sub`` back into rows ``rows`` of ``state``."""
+    for st, s2 in zip(state.layers, sub.layers):
+        if hasattr(st, "put"):
+            st.put(rows, s2)
+            continue
+        for f in _STATE_FIELDS:
+            if hasattr(st, f):
+                getattr(st, f)[rows] = getattr(s2, f)
+
+
+def _check_rate(sample_rate, name="sample_rate") -> None:
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate < 1000:
+        raise AudioError(f"{name}={sample_rate!r} must be an integer number of Hz (>= 1000)")
 
 
 def _resample(x: np.ndarray, sr_from: int, sr_to: int) -> np.ndarray:

@@ -14,7 +14,9 @@ dense input product of a block of frames reuses each weight column for 8 frames,
 accumulator reads a different set of columns for every frame (benchmarks/bench_enhance.py).
 
 The model never knows which backend runs it: it asks the backend module for ``Linear`` and
-``GRULayer`` classes with one interface (``reference``, ``cpu``, later ``cuda``).
+``GRULayer`` classes with one interface (``reference``, ``cpu``, ``cuda``). On ``cuda`` the
+features are uploaded once per call and the layers pass device arrays to each other; only the
+mask comes back.
 """
 
 from __future__ import annotations
@@ -28,17 +30,33 @@ from .errors import ParameterError
 from .reference import count_macs, num_selected
 from .weights import Weights
 
-BACKENDS = ("cpu", "reference")
+BACKENDS = ("cpu", "reference", "cuda")
+
+CUDA_INSTALL = 'pip install -e ".[cuda]"'
 
 
 def get_backend(name: str):
-    """The backend module: ``reference`` (NumPy, float64) or ``cpu`` (Numba, float32)."""
+    """The backend module: ``reference`` (NumPy, float64), ``cpu`` (Numba, float32) or ``cuda``
+    (numba.cuda, float32; imported only here, on first use).
+
+    ``cuda`` needs numba.cuda (the ``cuda`` extra, numba-cuda) and a CUDA GPU, or numba's CUDA
+    simulator (``NUMBA_ENABLE_CUDASIM=1`` set before Python starts). Without them a
+    ParameterError says how to install them.
+    """
     if name == "reference":
         return importlib.import_module("npdgru.reference")
     if name == "cpu":
         return importlib.import_module("npdgru.kernels.cpu")
     if name == "cuda":
-        raise ParameterError("backend 'cuda' is not available yet; use 'cpu' or 'reference'")
+        try:
+            mod = importlib.import_module("npdgru.kernels.cuda")
+        except Exception as e:  # numba.cuda missing or broken (driver/bindings): no deep traceback
+            raise ParameterError(
+                f"backend 'cuda' needs numba.cuda, which cannot be imported ({type(e).__name__}: {e}); "
+                f"install it with  {CUDA_INSTALL}  or use backend 'cpu'"
+            ) from None
+        mod.require_device()
+        return mod
     raise ParameterError(f"backend={name!r} must be one of {BACKENDS}")
 
 
@@ -57,7 +75,7 @@ class MaskModel:
     ----------
     weights : a loaded :class:`npdgru.weights.Weights`
     update_percent : P in (0, 100]; every GRU layer updates A = ceil(P·H/100) neurons per step.
-    backend : "cpu" or "reference"
+    backend : "cpu", "reference" or "cuda" (layers and state on the GPU; see :meth:`forward`)
     """
 
     def __init__(self, weights: Weights, *, update_percent: float = 100.0, backend: str = "cpu", refresh_every: int | None = None, sparse_inputs: bool = False):
@@ -68,6 +86,8 @@ class MaskModel:
         self.update_percent = float(update_percent)
         self.backend_name = backend
         B = get_backend(backend)
+        self._backend = B
+        self._upload = B.Workspace() if backend == "cuda" else None  # device copy of the features
         extra = {} if refresh_every is None else {"refresh_every": refresh_every}
         self.layers = []
         prev_sparse = False  # is the input of the next layer the state of a D-GRU layer?
@@ -93,19 +113,32 @@ class MaskModel:
 
         Parameters
         ----------
-        features : (T, B, n_features) log-power features
-        state : from :meth:`init_state`, updated in place (streaming: call again with more frames)
+        features : (T, B, n_features) log-power features. On the cuda backend it may also be a
+            float32 device array (trusted to be finite), and the mask then stays on the device.
+        state : from :meth:`init_state`, updated in place (streaming: call again with more frames).
+            On the cuda backend the state lives on the GPU between calls.
 
         Returns
         -------
-        (T, B, n_features) float32 mask in [0, 1].
+        (T, B, n_features) float32 mask in [0, 1]: a NumPy array, or a new device array for
+        device features (cuda).
         """
-        x = np.asarray(features)
+        cuda = self.backend_name == "cuda"
+        on_device = cuda and self._backend.is_device_array(features)
+        x = features if on_device else np.asarray(features)
         if x.ndim != 3 or x.shape[2] != self.n_features or x.shape[1] != state.batch:
-            raise ParameterError(f"features must have shape (T, {state.batch}, {self.n_features}), got {x.shape}")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if not np.isfinite(x).all():
-            raise ParameterError("features contain NaN or Inf")
+            raise ParameterError(f"features must have shape (T, {state.batch}, {self.n_features}), got {tuple(x.shape)}")
+        if cuda and any(not isinstance(s, self._backend.GRUState) for s in getattr(state, "layers", [None])):
+            raise ParameterError("state was not made by a cuda model's init_state (states do not move between backends)")
+        if on_device:
+            if np.dtype(x.dtype) != np.float32:
+                raise ParameterError(f"device features must be float32, got {x.dtype}")
+        else:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            if not np.isfinite(x).all():
+                raise ParameterError("features contain NaN or Inf")
+            if cuda:  # one upload; every layer runs on the device (a frame never leaves it)
+                x = self._backend.to_device(x, self._upload)
         T, Bn = x.shape[:2]
         k = 0
         for layer in self.layers:  # inputs are validated once, here; layers run unchecked
@@ -115,6 +148,10 @@ class MaskModel:
             else:
                 y = layer._run(x.reshape(T * Bn, x.shape[2]))  # explicit sizes: T = 0 frames is allowed
                 x = y.reshape(T, Bn, y.shape[1])
+        if cuda:  # x is a view of a layer's workspace: hand out a copy
+            if on_device:
+                return self._backend.copy_device(x)
+            return x.copy_to_host()
         return np.asarray(x, np.float32)
 
     def fraction_updated(self) -> float:

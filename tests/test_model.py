@@ -20,7 +20,7 @@ import pytest
 
 from npdgru import stft
 from npdgru.errors import ParameterError
-from npdgru.model import MaskModel, get_backend
+from npdgru.model import MaskModel
 from npdgru.weights import load_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,8 +152,6 @@ def test_bad_arguments(weights, features):
         MaskModel(weights, update_percent=0)
     with pytest.raises(ParameterError):
         MaskModel(weights, update_percent=100.5)
-    with pytest.raises(ParameterError, match="cuda"):
-        get_backend("cuda")
     with pytest.raises(ParameterError, match="tpu"):
         MaskModel(weights, backend="tpu")
     m = MaskModel(weights, update_percent=50)
