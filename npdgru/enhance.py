@@ -55,7 +55,7 @@ class Enhancer:
     Parameters
     ----------
     weights : path to an npdgru weight file, a loaded :class:`Weights`, or None for the shipped
-        default (``weights/nsnet2.safetensors``).
+        default (``weights/nsnet2-ft-anyp.safetensors``, NSNet2 fine-tuned for any P).
     update_percent : P in (0, 100]; each GRU layer updates ceil(P·H/100) neurons per frame.
     backend : "cpu" (Numba, float32), "cuda" (numba.cuda, float32; model state on the GPU) or
         "reference" (NumPy, float64, slow).

@@ -84,6 +84,7 @@ class MaskModel:
         self.n_features = self.architecture["n_features"]
         num_selected(update_percent, 1)  # validates P first: "50", None, True are refused, not cast
         self.update_percent = float(update_percent)
+        self.sparse_inputs = bool(sparse_inputs)
         self.backend_name = backend
         B = get_backend(backend)
         self._backend = B
@@ -160,14 +161,18 @@ class MaskModel:
         return sum(layer.A for layer in g) / max(1, sum(layer.hidden_size for layer in g))
 
     def macs_per_frame(self) -> dict:
-        """MACs per frame: GRU layers (dense / paper / ours) and the rest of the model."""
+        """MACs per frame as this model runs: GRU layers (dense / paper / ours) and the rest.
+
+        *ours* counts a layer's input product from A columns only when it really runs that way
+        (``sparse_inputs=True`` and fed by a D-GRU layer); otherwise it is dense, 3H·I.
+        """
         dense = paper = ours = other = 0
         prev_A = None
         for layer in self.layers:
             if hasattr(layer, "hidden_size"):
                 m = count_macs(layer.input_size, layer.hidden_size, self.update_percent, input_changed=prev_A)
                 dense, paper, ours = dense + m.dense, paper + m.paper, ours + m.sparse
-                prev_A = layer.A if self.update_percent < 100.0 else None
+                prev_A = layer.A if (self.sparse_inputs and self.update_percent < 100.0) else None
             else:
                 other += layer.weight.size
                 prev_A = None

@@ -50,8 +50,12 @@ class Weights:
 
     @property
     def trained_update_percent(self) -> float:
+        """P the model was trained at; NaN for a model trained at any P ("any" in the metadata)."""
+        value = self.metadata.get("trained_update_percent", "100")
+        if value.strip().lower() == "any":
+            return float("nan")
         try:
-            return float(self.metadata.get("trained_update_percent", "100"))
+            return float(value)
         except ValueError:
             return 100.0
 
@@ -145,7 +149,20 @@ def check_tensors(arch, tensors, path=None) -> None:
         _fail(path, "weights do not fit the architecture:\n  " + "\n  ".join(problems))
 
 
-def save_weights(path, tensors: dict, *, architecture: dict, trained_update_percent: float = 100.0, source: str = "", license: str = "", extra: dict | None = None) -> None:
+def _trained_percent(value, path) -> str:
+    """The metadata string of trained_update_percent: a P in (0, 100] or "any"."""
+    if isinstance(value, str) and value.strip().lower() == "any":
+        return "any"
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        p = float("nan")
+    if not 0.0 < p <= 100.0:
+        _fail(path, f"trained_update_percent={value!r} must be a number in (0, 100] or 'any'")
+    return str(p)
+
+
+def save_weights(path, tensors: dict, *, architecture: dict, trained_update_percent: float | str = 100.0, source: str = "", license: str = "", extra: dict | None = None) -> None:
     """Write a weight file atomically (temporary file in the same folder, then rename)."""
     from safetensors.numpy import save
 
@@ -157,7 +174,7 @@ def save_weights(path, tensors: dict, *, architecture: dict, trained_update_perc
         "format_version": str(FORMAT_VERSION),
         "architecture": json.dumps(architecture, sort_keys=False),
         "sample_rate": "16000",
-        "trained_update_percent": str(trained_update_percent),
+        "trained_update_percent": _trained_percent(trained_update_percent, path),
         "source": source,
         "license": license,
     }
@@ -218,14 +235,21 @@ def load_weights(path) -> Weights:
     return Weights(architecture=arch, tensors=tensors, metadata=meta, path=path)
 
 
+DEFAULT_MODEL = "nsnet2-ft-anyp.safetensors"  # NSNet2 fine-tuned with the select gate at any P
+
+
 def default_weights_path() -> Path:
-    """The shipped default model (``weights/nsnet2.safetensors``, packaged as npdgru._shipped)."""
+    """The shipped default model (``weights/nsnet2-ft-anyp.safetensors``, packaged as npdgru._shipped).
+
+    The any-P fine-tune: one file that keeps its quality at whatever P the user picks (the
+    evaluation table in the README); ``weights/nsnet2.safetensors`` is the original NSNet2.
+    """
     from importlib.resources import files
 
     try:
-        p = files("npdgru._shipped") / "nsnet2.safetensors"
+        p = files("npdgru._shipped") / DEFAULT_MODEL
         if p.is_file():
             return Path(str(p))
     except ModuleNotFoundError:
         pass
-    return Path(__file__).resolve().parent.parent / "weights" / "nsnet2.safetensors"
+    return Path(__file__).resolve().parent.parent / "weights" / DEFAULT_MODEL

@@ -94,6 +94,32 @@ def test_cli_convert_and_info(tmp_path, net_and_features, capsys):
     assert "source_sha256" in capsys.readouterr().out
 
 
+def test_cli_convert_records_training_metadata(tmp_path, net_and_features, capsys):
+    import math
+
+    from npdgru.weights import load_weights
+
+    net, _, _ = net_and_features
+    src = tmp_path / "net.pt"
+    torch.save({"model": net.state_dict(), "step": 7}, src)
+    out = tmp_path / "any.safetensors"
+    args = ["convert", str(src), "-o", str(out), "--trained-update-percent", "any", "--source", "fine-tuned here",
+            "--license", "CC BY 4.0", "--meta", "trained_update_range=25-100", "--meta", "steps=7"]
+    assert main(args) == 0
+    w = load_weights(out)
+    assert math.isnan(w.trained_update_percent) and w.metadata["trained_update_percent"] == "any"
+    assert (w.metadata["source"], w.metadata["license"]) == ("fine-tuned here", "CC BY 4.0")
+    assert (w.metadata["trained_update_range"], w.metadata["steps"]) == ("25-100", "7")
+    assert main(["convert", str(src), "-o", str(tmp_path / "p50.safetensors"), "--trained-update-percent", "50"]) == 0
+    assert load_weights(tmp_path / "p50.safetensors").trained_update_percent == 50.0
+    capsys.readouterr()
+    assert main(["convert", str(src), "-o", str(tmp_path / "x.safetensors"), "--trained-update-percent", "150"]) == 2
+    assert "trained_update_percent" in capsys.readouterr().err
+    assert main(["convert", str(src), "-o", str(tmp_path / "y.safetensors"), "--meta", "novalue"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
 def test_custom_names_with_map_file(tmp_path, net_and_features):
     net, feats, golden = net_and_features
     renamed = {k.replace("fc_in", "encoder").replace("rnn", "core"): v for k, v in net.state_dict().items()}

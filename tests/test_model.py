@@ -109,10 +109,13 @@ def test_work_counters_p50(weights):
     H, I, A = 400, 400, 200
     dense = 2 * 3 * H * (I + H)  # 1_920_000
     paper = 2 * (H + 2 * A) * (I + H)  # (1 + 2P)/3 of dense: 1_280_000
-    ours = (3 * H * I + 3 * H * A) + (3 * H * A + 3 * H * A)  # gru1 dense input, gru2 sparse input
+    ours = 2 * (3 * H * I + 3 * H * A)  # as run by default: dense input products, A recurrent columns
     other = 161 * 400 + 400 * 600 + 600 * 600 + 600 * 161
-    assert (dense, paper, ours, other) == (1_920_000, 1_280_000, 1_200_000, 761_000)
+    assert (dense, paper, ours, other) == (1_920_000, 1_280_000, 1_440_000, 761_000)
     assert m.macs_per_frame() == {"gru_dense": dense, "gru_paper": paper, "gru_ours": ours, "other": other}
+    sparse = MaskModel(weights, update_percent=50, backend="cpu", sparse_inputs=True)
+    ours_sparse = (3 * H * I + 3 * H * A) + (3 * H * A + 3 * H * A)  # gru2's input from A columns too
+    assert sparse.macs_per_frame()["gru_ours"] == ours_sparse == 1_200_000
 
 
 def test_work_counters_p100_and_odd_p(weights):

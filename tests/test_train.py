@@ -233,7 +233,7 @@ def test_training_loop_runs_resumes_and_converts(tmp_path):
     assert train_main(common + ["--any-p", "25", "100", "--steps", "3"]) == 0
     first = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert first["step"] == 3
-    assert train_main(common + ["--any-p", "25", "100", "--steps", "5"]) == 0
+    assert cli(["train"] + common + ["--any-p", "25", "100", "--steps", "5"]) == 0  # resumed via the CLI
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 5
     rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
     assert rows[0].startswith("step,seconds,train_loss") and "val_sisnr_P50" in rows[0]

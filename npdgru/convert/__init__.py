@@ -119,9 +119,11 @@ def map_state_dict(state: dict, arch: dict, mapping: dict, path) -> dict:
     return {k: out[k] for k in want}
 
 
-def convert_checkpoint(checkpoint, out_path, *, arch="nsnet2", mapping=None, trained_update_percent=100.0) -> list[str]:
+def convert_checkpoint(checkpoint, out_path, *, arch="nsnet2", mapping=None, trained_update_percent=100.0, source=None, license=None, metadata=None) -> list[str]:
     """Convert a checkpoint file into an npdgru weight file; returns the reader's notes.
 
+    ``trained_update_percent`` (a number, or ``"any"`` for a model trained at P drawn per batch),
+    ``source``, ``license`` and ``metadata`` (more string pairs) go into the file's metadata.
     ``.onnx`` files go through the NSNet2 ONNX reader; everything else (PyTorch zip or legacy
     pickles, safetensors) through the allow-list reader of :mod:`.torch_checkpoint`, which never
     imports torch nor runs pickled code.
@@ -140,9 +142,11 @@ def convert_checkpoint(checkpoint, out_path, *, arch="nsnet2", mapping=None, tra
     spec = _architecture(arch)
     state, notes = read_checkpoint(checkpoint)
     tensors = map_state_dict(state, spec, _load_mapping(mapping), checkpoint)
+    extra = {"converted_from": os.path.basename(checkpoint), "source_sha256": sha256_of(checkpoint), "notes": "; ".join(notes)}
+    extra.update({str(k): str(v) for k, v in (metadata or {}).items()})
     save_weights(
         out_path, tensors, architecture=spec, trained_update_percent=trained_update_percent,
-        source=f"converted from {os.path.basename(checkpoint)} by npdgru convert", license="as the source checkpoint",
-        extra={"converted_from": os.path.basename(checkpoint), "source_sha256": sha256_of(checkpoint), "notes": "; ".join(notes)},
+        source=source or f"converted from {os.path.basename(checkpoint)} by npdgru convert",
+        license=license or "as the source checkpoint", extra=extra,
     )
     return notes

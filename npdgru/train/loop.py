@@ -2,11 +2,14 @@
 
 A run lives in one folder (``--out``): ``config.json`` (the arguments), ``log.csv`` (one line per
 logging interval: step, wall seconds, train loss, and at validation steps the validation loss
-and SI-SNR at each validation P), ``last.pt`` (model state + step + data-sampler state; small
-enough to commit), ``optim.pt`` (Adam moments; not committed). ``npdgru convert last.pt -o model.safetensors``
-turns the model into npdgru weights (the converter takes the ``model`` entry and ignores the
-step counters; it never unpickles anything but tensors and plain values). Starting a run whose folder holds ``last.pt`` resumes it (without ``optim.pt`` the Adam
-moments restart; the log says so).
+and SI-SNR at each validation P), ``last.pt`` (model state + step) and ``optim.pt`` (Adam
+moments). Starting a run whose folder holds ``last.pt`` resumes it. ``npdgru convert last.pt -o
+model.safetensors`` turns the model into npdgru weights (the converter takes the ``model`` entry,
+ignores the step counters and never unpickles anything but tensors and plain values).
+
+The .pt files are not committed: the shipped weights are the checkpoint. ``--init
+weights/<model>.safetensors --continue`` continues a shipped run from its recorded step count
+(metadata ``training_steps``), with fresh Adam moments; config.json and log.csv are committed.
 
 Loss (see :func:`loss_fn`): the compressed spectral loss of Braun & Tashev (2021, arXiv:2008.06412),
 the loss NSNet2 itself was trained with, so fine-tuning keeps the objective the starting point
@@ -99,6 +102,8 @@ def build_parser(p=None):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--update-percent", type=float, default=100.0, help="P of the select gate during training")
     g.add_argument("--any-p", type=float, nargs=2, metavar=("LO", "HI"), help="draw P per batch uniformly from [LO, HI]")
+    p.add_argument("--continue", dest="continue_run", action="store_true",
+                   help="with --init a shipped fine-tune and no last.pt in --out: continue its step count (metadata training_steps)")
     p.add_argument("--steps", type=int, default=1000, help="stop after this many optimiser steps in total")
     p.add_argument("--minutes", type=float, default=None, help="stop (checkpointed) after this many minutes of this session")
     p.add_argument("--batch", type=int, default=16)
@@ -126,7 +131,8 @@ def train(args) -> pathlib.Path:
         from ..weights import default_weights_path
 
         init = default_weights_path()
-    model = MaskNet.from_weights(load_weights(init))
+    init_weights = load_weights(init)
+    model = MaskNet.from_weights(init_weights)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sampler = MixtureSampler(args.data, split="train", seconds=args.seconds, seed=args.seed)
     step = 0
@@ -140,6 +146,10 @@ def train(args) -> pathlib.Path:
             opt.load_state_dict(torch.load(out / "optim.pt", weights_only=True))
         else:
             note = "resumed without optim.pt: Adam moments restarted"
+    elif args.continue_run:  # a shipped model carries its step count: continue its run
+        step = int(init_weights.metadata.get("training_steps", "0"))
+        sampler.rng = np.random.default_rng(args.seed + step)
+        note = f"continuing from {init} at step {step}: Adam moments restarted"
     percent_rng = np.random.default_rng(args.seed + 7919 * (step + 1))
     val_sampler = MixtureSampler(args.data, split="val", seconds=args.seconds, seed=0)
     val = val_sampler.fixed_set(args.val_count)
@@ -173,7 +183,7 @@ def train(args) -> pathlib.Path:
         if len(rows) > 1:
             elapsed = float(rows[-1][1])
     t0 = time.time()
-    if step == 0:
+    if step == 0 or (args.continue_run and not resumed):
         validation_row(float("nan"))
     running = []
     model.train()

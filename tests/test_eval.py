@@ -1,0 +1,251 @@
+"""``npdgru eval`` end to end, through ``npdgru.cli.main([...])``.
+
+The smoke test evaluates the first 3 pairs of ../shared/data/testset at P = 100 and 50 and
+checks the outputs against facts that do not come from the evaluation code: the manifest's SNRs
+against the SNR measured from the audio, npdgru at P = 100 against onnxruntime running the
+original NSNet2 (the same network: the same scores), the MAC counts of NSNet2 worked out by hand,
+and the file formats (CSV columns, markdown table, PNG signature and size). A second run with two
+worker processes and no ONNX file must reproduce the first run's numbers exactly.
+
+Skips when the eval extra or the test set is absent. The full test-set run is ``slow``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+for _mod in ("pesq", "pystoi", "onnxruntime", "matplotlib", "speechmos"):
+    pytest.importorskip(_mod, reason=f"eval extra missing ({_mod}): pip install -e '.[eval]'")
+
+from npdgru.cli import main  # noqa: E402
+from npdgru.evaluate.runner import default_onnx_path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TESTSET = REPO.parent / "shared" / "data" / "testset"
+SHIPPED = REPO / "weights" / "nsnet2.safetensors"
+COLUMNS = ["file", "snr_db", "snr_measured_db", "row", "engine", "model", "P", "pesq", "estoi", "si_snr", "sig", "bak", "ovrl", "p808", "clipped"]
+METRICS = ["pesq", "estoi", "si_snr", "sig", "bak", "ovrl", "p808"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+needs_testset = pytest.mark.skipif(not (TESTSET / "clean").is_dir(), reason=f"test set not found at {TESTSET}")
+pytestmark = pytest.mark.skipif(not SHIPPED.is_file(), reason="weights/nsnet2.safetensors missing")
+
+
+def _run(capsys, *argv):
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        r = csv.DictReader(f)
+        return list(r.fieldnames), list(r)
+
+
+def _assert_one_line_error(status, err, *needles):
+    assert status == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("npdgru: error: "), err
+    for n in needles:
+        assert n in lines[0], (n, err)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One evaluation of 3 pairs at P = 100, 50 (with the ORT row when the ONNX file is here)."""
+    if not (TESTSET / "clean").is_dir():
+        pytest.skip(f"test set not found at {TESTSET}")
+    out = tmp_path_factory.mktemp("eval")
+    status = main(["eval", "--data", str(TESTSET), "--out", str(out), "--limit", "3", "--percents", "100", "50",
+                   "--weights", str(SHIPPED), "--timing-frames", "300", "--timing-repeats", "2", "--quiet"])
+    assert status == 0
+    return out
+
+
+@needs_testset
+def test_smoke_csv(smoke):
+    cols, rows = _read_csv(smoke / "per_file.csv")
+    assert cols == COLUMNS
+    have_onnx = default_onnx_path().is_file()
+    names = ["clean", "noisy"] + (["NSNet2 ONNX (onnxruntime)"] if have_onnx else []) + ["nsnet2 P=100", "nsnet2 P=50"]
+    files = sorted(p.name for p in (TESTSET / "noisy").iterdir())[:3]
+    assert len(rows) == 3 * len(names)
+    assert [(r["file"], r["row"]) for r in rows] == [(f, n) for f in files for n in names]
+
+    manifest = {r["id"]: float(r["snr_db"]) for r in csv.DictReader(open(TESTSET / "manifest.csv"))}
+    for r in rows:
+        assert float(r["snr_db"]) == manifest[Path(r["file"]).stem]
+        # The SNR from the audio (noisy - clean is the scaled noise) agrees with the manifest.
+        assert float(r["snr_measured_db"]) == pytest.approx(float(r["snr_db"]), abs=0.1), r["file"]
+        for m in ("sig", "bak", "ovrl", "p808"):
+            assert 1.0 <= float(r[m]) <= 5.0, (r["row"], m, r[m])
+        if r["row"] == "clean":
+            assert r["pesq"] == r["estoi"] == r["si_snr"] == ""
+            continue
+        assert 1.0 <= float(r["pesq"]) <= 4.65 and 0.0 <= float(r["estoi"]) <= 1.0
+        if r["row"] == "noisy":  # noise independent of speech: SI-SNR of the mixture ~ its SNR
+            assert float(r["si_snr"]) == pytest.approx(float(r["snr_db"]), abs=1.0), r["file"]
+
+    by = {(r["file"], r["row"]): r for r in rows}
+    for f in files:
+        # NSNet2 improves on the noisy input at P = 100 in BAK (it removes noise).
+        assert float(by[f, "nsnet2 P=100"]["bak"]) > float(by[f, "noisy"]["bak"])
+        if have_onnx:  # the same network through onnxruntime: the same scores
+            for m in METRICS:
+                a, b = float(by[f, "nsnet2 P=100"][m]), float(by[f, "NSNet2 ONNX (onnxruntime)"][m])
+                assert a == pytest.approx(b, abs=2e-3, rel=1e-3), (f, m, a, b)
+
+
+@needs_testset
+def test_smoke_summary(smoke):
+    s = json.loads((smoke / "summary.json").read_text())
+    rows = {r["name"]: r for r in s["rows"]}
+    _, per_file = _read_csv(smoke / "per_file.csv")
+    for name, r in rows.items():
+        assert r["files"] == 3
+        for m in METRICS:
+            vals = [float(x[m]) for x in per_file if x["row"] == name and x[m] != ""]
+            if vals:
+                assert r["mean"][m] == pytest.approx(np.mean(vals), abs=1e-5), (name, m)
+    # NSNet2 (H = 400, I = 400, two GRU layers; fc 161-400, 400-600, 600-600, 600-161), by hand:
+    dense = 2 * 3 * 400 * (400 + 400)  # 1,920,000
+    other = 161 * 400 + 400 * 600 + 600 * 600 + 600 * 161  # 761,000
+    p100, p50 = rows["nsnet2 P=100"], rows["nsnet2 P=50"]
+    assert p100["macs"]["gru_dense"] == p100["macs"]["gru_paper"] == p100["macs"]["gru_ours"] == dense
+    assert p50["macs"]["gru_dense"] == dense and p50["macs"]["other"] == other
+    assert p50["macs"]["gru_paper"] == 2 * (400 + 2 * 200) * (400 + 400)  # (1 + 2P)/3 of dense
+    assert p50["macs"]["gru_ours"] == 2 * (3 * 400 * 400 + 3 * 400 * 200)  # dense input + A columns
+    assert p50["fraction_updated"] == 0.5 and p100["fraction_updated"] == 1.0
+    for name in ("nsnet2 P=100", "nsnet2 P=50"):
+        assert 1.0 < rows[name]["us_per_frame"] < 10_000.0
+    assert rows["noisy"]["us_per_frame"] is None
+    assert set(s["snr_groups_db"]) == {"-5", "0", "5"}  # the first 3 pairs: -5, 0, 5 dB
+
+
+@needs_testset
+def test_smoke_markdown_and_png(smoke):
+    md = (smoke / "summary.md").read_text()
+    lines = md.splitlines()
+    header = [l for l in lines if l.startswith("| row | P |")]
+    assert len(header) == 1
+    cells = [c.strip() for c in header[0].strip("|").split("|")]
+    assert cells[:2] == ["row", "P"] and {"PESQ", "ESTOI", "SI-SNR (dB)", "SIG", "BAK", "OVRL", "P.808", "model us/frame best (median)"} <= set(cells)
+    i = lines.index(header[0])
+    table = []
+    for l in lines[i + 2 :]:
+        if not l.startswith("|"):
+            break
+        table.append(l)
+    assert [l.split("|")[1].strip() for l in table][:2] == ["clean", "noisy"]
+    assert any(l.startswith("| nsnet2 P=50 |") for l in table)
+    assert all(l.count("|") == header[0].count("|") for l in table)
+    assert "## By input SNR" in md and "delta PESQ" in md and "-5 dB" in md
+
+    png = (smoke / "quality_vs_compute.png").read_bytes()
+    assert png[:8] == PNG_SIGNATURE and png[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", png[16:24])
+    assert width > 600 and height > 400
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(smoke / "quality_vs_compute.png"))
+    assert img.shape[:2] == (height, width) and img.std() > 0.01  # decodes, not blank
+
+
+@needs_testset
+def test_jobs_and_missing_onnx(smoke, tmp_path, capsys, monkeypatch):
+    """Two workers, and the ONNX row left out with a note: the same numbers as the first run."""
+    monkeypatch.setenv("NPDGRU_NSNET2_ONNX", str(tmp_path / "absent.onnx"))
+    status, out, err = _run(capsys, "eval", "--data", TESTSET, "--out", tmp_path / "j2", "--limit", "2", "--percents", "50",
+                            "--weights", SHIPPED, "--jobs", "2", "--timing-frames", "100", "--timing-repeats", "1", "--quiet")
+    assert status == 0, err
+    assert "absent.onnx not found" in out and "left out" in out
+    _, rows = _read_csv(tmp_path / "j2" / "per_file.csv")
+    assert [r["row"] for r in rows] == ["clean", "noisy", "nsnet2 P=50"] * 2
+    _, first = _read_csv(smoke / "per_file.csv")
+    first = {(r["file"], r["row"]): r for r in first}
+    for r in rows:
+        assert r == first[r["file"], r["row"]], r
+
+
+def test_without_manifest_the_snr_is_measured(tmp_path, capsys):
+    """No manifest.csv: the SNR comes from the audio and groups to the nearest 5 dB."""
+    data = tmp_path / "d"
+    for sub, src in (("clean", "clean_dishes_5db.flac"), ("noisy", "noisy_dishes_5db.flac")):
+        (data / sub).mkdir(parents=True)
+        (data / sub / "dishes.flac").write_bytes((REPO / "examples" / src).read_bytes())
+    status, out, err = _run(capsys, "eval", "--data", data, "--out", tmp_path / "o", "--percents", "25", "--weights", SHIPPED,
+                            "--timing-frames", "50", "--timing-repeats", "1", "--quiet")
+    assert status == 0, err
+    _, rows = _read_csv(tmp_path / "o" / "per_file.csv")
+    assert {r["file"] for r in rows} == {"dishes.flac"} and rows[-1]["row"] == "nsnet2 P=25"
+    assert float(rows[0]["snr_db"]) == pytest.approx(5.0, abs=0.1)  # the example is a 5 dB mixture
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["snr_groups_db"] == ["5"] and s["meta"]["snr_source"].startswith("measured")
+
+
+def _pair_folder(root: Path, names, *, sr=16000, seconds=1.0, clean_names=None):
+    rng = np.random.default_rng(1)
+    for sub, ns in (("clean", clean_names if clean_names is not None else names), ("noisy", names)):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for n in ns:
+            sf.write(root / sub / n, 0.1 * rng.standard_normal(int(sr * seconds)), sr, subtype="PCM_16")
+    return root
+
+
+def test_missing_pair_is_named(tmp_path, capsys):
+    data = _pair_folder(tmp_path / "d", ["a.wav", "b.wav"], clean_names=["a.wav"])
+    status, _, err = _run(capsys, "eval", "--data", data, "--out", tmp_path / "o", "--quiet")
+    _assert_one_line_error(status, err, "b.wav", "no clean file")
+
+
+def test_wrong_rate_is_named(tmp_path, capsys):
+    data = _pair_folder(tmp_path / "d", ["a.wav"], sr=8000)
+    status, _, err = _run(capsys, "eval", "--data", data, "--out", tmp_path / "o", "--quiet")
+    _assert_one_line_error(status, err, "a.wav", "8000 Hz", "16000")
+
+
+def test_bad_folders_and_options(tmp_path, capsys):
+    status, _, err = _run(capsys, "eval", "--data", tmp_path / "nothing", "--out", tmp_path / "o")
+    _assert_one_line_error(status, err, "nothing", "no such folder")
+    (tmp_path / "half" / "noisy").mkdir(parents=True)
+    status, _, err = _run(capsys, "eval", "--data", tmp_path / "half", "--out", tmp_path / "o")
+    _assert_one_line_error(status, err, "half", "clean/")
+    data = _pair_folder(tmp_path / "d", ["a.wav"])
+    status, _, err = _run(capsys, "eval", "--data", data, "--out", tmp_path / "o", "--onnx", tmp_path / "no.onnx")
+    _assert_one_line_error(status, err, "no.onnx")
+    status, _, err = _run(capsys, "eval", "--data", data, "--out", tmp_path / "o", "--percents", "0")
+    _assert_one_line_error(status, err, "update_percent")
+    with pytest.raises(SystemExit):  # argparse: --jobs must be a positive integer
+        main(["eval", "--data", str(data), "--out", str(tmp_path / "o"), "--jobs", "0"])
+    capsys.readouterr()
+
+
+def test_missing_eval_extra_is_one_line(tmp_path, capsys, monkeypatch):
+    import npdgru.evaluate
+
+    monkeypatch.setattr(npdgru.evaluate, "missing_dependencies", lambda: ["pesq", "speechmos"])
+    status, out, err = _run(capsys, "eval", "--data", tmp_path, "--out", tmp_path / "o")
+    _assert_one_line_error(status, err, "pesq, speechmos", 'pip install -e ".[eval]"')
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@needs_testset
+def test_full_testset(tmp_path):
+    """The whole test set (250 pairs) at the default percentages: 20-40 min on 2 cores."""
+    assert main(["eval", "--data", str(TESTSET), "--out", str(tmp_path), "--quiet"]) == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["meta"]["pairs"] == 250
+    rows = {r["name"]: r for r in s["rows"]}
+    assert rows["nsnet2 P=100"]["mean"]["pesq"] > rows["noisy"]["mean"]["pesq"]
+    assert all(math.isfinite(v) for r in s["rows"] for v in r["mean"].values() if v is not None)

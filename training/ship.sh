@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Convert the fine-tuned runs into shipped npdgru weights with `npdgru convert` (the user path).
+# Usage: bash training/ship.sh      (after the runs of training/lanes.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LICENSE="CC BY 4.0. Fine-tuned from NSNet2 (c) Microsoft Corporation, CC BY 4.0 (https://github.com/microsoft/DNS-Challenge); trained on speechocean762 (Junbo Zhang et al., OpenSLR SLR101, CC BY 4.0) and Speech Commands v0.02 background noise (Pete Warden, Google, CC BY 4.0)"
+ship() {  # run name, trained P ("any" for the any-P run), output stem
+  local run=training/runs/$1
+  local steps
+  steps=$(python3 -c "import torch; print(torch.load('$run/last.pt', weights_only=True)['step'])")
+  npdgru convert "$run/last.pt" -o "weights/$3.safetensors" --overwrite --arch nsnet2 \
+    --trained-update-percent "$2" --license "$LICENSE" \
+    --source "NSNet2 fine-tuned by npdgru with the D-GRU select gate in place ($1: $steps steps of 16 x 4 s; recipe in weights/README.md; training/lanes.sh)" \
+    --meta "training_run=$1" --meta "training_steps=$steps" "${@:4}"
+}
+ship p100 100 nsnet2-ft-p100
+ship p75 75 nsnet2-ft-p75
+ship p50 50 nsnet2-ft-p50
+ship p25 25 nsnet2-ft-p25
+ship anyp any nsnet2-ft-anyp --meta "trained_update_range=25-100"
