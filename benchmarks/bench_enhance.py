@@ -42,23 +42,15 @@ import npdgru  # noqa: E402
 from npdgru import stft  # noqa: E402
 from npdgru.enhance import Enhancer  # noqa: E402
 from npdgru.model import MaskModel  # noqa: E402
-from npdgru.weights import default_weights_path, load_weights  # noqa: E402
+from npdgru.evaluate.runner import cpu_model  # noqa: E402
+from npdgru.weights import load_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+NSNET2 = REPO / "weights" / "nsnet2.safetensors"
 NOISY_DIR = REPO.parent / "shared" / "data" / "testset" / "noisy"
 SR = 16000
 PARITY_ATOL = 1e-4
 PERCENTS = (100, 75, 50, 25)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> str:
@@ -115,7 +107,7 @@ def onnx_session():
 
 
 def bench_offline(x: np.ndarray, repeats: int, use_onnx: bool) -> int:
-    weights = load_weights(default_weights_path())
+    weights = load_weights(NSNET2)  # the original NSNet2: its ONNX twin is the comparison
     n = len(x)
     seconds = n / SR
     X = stft.stft(x)

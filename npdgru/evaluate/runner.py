@@ -429,7 +429,8 @@ def _evaluate_pair(pair: Pair) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (for the record of a measurement)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -534,7 +535,7 @@ def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx
         "percents": percents,
         "onnx": str(onnx_path) if onnx_path else None,
         "jobs": jobs,
-        "machine": f"{_cpu_model()} ({os.cpu_count()} logical CPUs), {platform.system()} {platform.release()}",
+        "machine": f"{cpu_model()} ({os.cpu_count()} logical CPUs), {platform.system()} {platform.release()}",
         "versions": _versions(),
         "timing": f"model only (features -> mask), {features.shape[0]} frames of real features in one call, one thread, best of {timing_repeats} interleaved rounds after a warm-up",
         "load_average_at_timing": load,

@@ -383,6 +383,28 @@ class GRUState:
         return self.h.shape[0]
 
 
+def _check_gru_weights(weight_ih, weight_hh, bias_ih, bias_hh, name):
+    """The four GRU tensors as float32 arrays of consistent shapes (3H, I), (3H, H), (3H,), (3H,).
+
+    Shared by every backend's ``GRULayer``; a wrong shape or dtype is a ParameterError naming
+    the tensor.
+    """
+    w_hh = np.asarray(weight_hh)
+    w_ih = np.asarray(weight_ih)
+    if w_hh.ndim != 2 or w_hh.shape[0] != 3 * w_hh.shape[1] or w_hh.shape[1] < 1:
+        raise ParameterError(f"{name}.weight_hh must have shape (3H, H), got {w_hh.shape}")
+    H = w_hh.shape[1]
+    if w_ih.ndim != 2 or w_ih.shape[0] != 3 * H or w_ih.shape[1] < 1:
+        raise ParameterError(f"{name}.weight_ih must have shape (3H, I) = ({3 * H}, I), got {w_ih.shape}")
+    I = w_ih.shape[1]
+    return (
+        _as_f32(f"{name}.weight_ih", w_ih, (3 * H, I)),
+        _as_f32(f"{name}.weight_hh", w_hh, (3 * H, H)),
+        _as_f32(f"{name}.bias_ih", bias_ih, (3 * H,)),
+        _as_f32(f"{name}.bias_hh", bias_hh, (3 * H,)),
+    )
+
+
 class GRULayer:
     """A (D-)GRU layer on the cpu backend, from PyTorch-layout weights.
 
@@ -399,20 +421,9 @@ class GRULayer:
     backend = "cpu"
 
     def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, *, update_percent=100.0, sparse_input=False, refresh_every=DEFAULT_REFRESH, name="gru"):
-        w_hh = np.asarray(weight_hh)
-        w_ih = np.asarray(weight_ih)
-        if w_hh.ndim != 2 or w_hh.shape[0] != 3 * w_hh.shape[1] or w_hh.shape[1] < 1:
-            raise ParameterError(f"{name}.weight_hh must have shape (3H, H), got {w_hh.shape}")
-        H = w_hh.shape[1]
-        if w_ih.ndim != 2 or w_ih.shape[0] != 3 * H or w_ih.shape[1] < 1:
-            raise ParameterError(f"{name}.weight_ih must have shape (3H, I) = ({3 * H}, I), got {w_ih.shape}")
-        I = w_ih.shape[1]
         self.name = name
-        self.input_size, self.hidden_size = I, H
-        self.weight_ih = _as_f32(f"{name}.weight_ih", w_ih, (3 * H, I))
-        self.weight_hh = _as_f32(f"{name}.weight_hh", w_hh, (3 * H, H))
-        self.bias_ih = _as_f32(f"{name}.bias_ih", bias_ih, (3 * H,))
-        self.bias_hh = _as_f32(f"{name}.bias_hh", bias_hh, (3 * H,))
+        self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = _check_gru_weights(weight_ih, weight_hh, bias_ih, bias_hh, name)
+        I, H = self.input_size, self.hidden_size = self.weight_ih.shape[1], self.weight_hh.shape[1]
         self.wih_t = np.ascontiguousarray(self.weight_ih.T)  # (I, 3H) column-contiguous
         self.whh_t = np.ascontiguousarray(self.weight_hh.T)  # (H, 3H)
         self.A = num_selected(update_percent, H)  # validates P before float() can raise TypeError

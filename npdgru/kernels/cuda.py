@@ -79,7 +79,7 @@ from numba import cuda, float32, int32
 
 from ..errors import ParameterError
 from ..reference import num_selected
-from .cpu import _ACT_CODES, DEFAULT_REFRESH, _as_f32, _positive_int
+from .cpu import _ACT_CODES, DEFAULT_REFRESH, _as_f32, _check_gru_weights, _positive_int
 
 __all__ = [
     "GRULayer",
@@ -642,20 +642,9 @@ class GRULayer:
     backend = "cuda"
 
     def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, *, update_percent=100.0, sparse_input=False, refresh_every=DEFAULT_REFRESH, name="gru"):
-        w_hh = np.asarray(weight_hh)
-        w_ih = np.asarray(weight_ih)
-        if w_hh.ndim != 2 or w_hh.shape[0] != 3 * w_hh.shape[1] or w_hh.shape[1] < 1:
-            raise ParameterError(f"{name}.weight_hh must have shape (3H, H), got {w_hh.shape}")
-        H = w_hh.shape[1]
-        if w_ih.ndim != 2 or w_ih.shape[0] != 3 * H or w_ih.shape[1] < 1:
-            raise ParameterError(f"{name}.weight_ih must have shape (3H, I) = ({3 * H}, I), got {w_ih.shape}")
-        I = w_ih.shape[1]
         self.name = name
-        self.input_size, self.hidden_size = I, H
-        self.weight_ih = _as_f32(f"{name}.weight_ih", w_ih, (3 * H, I))
-        self.weight_hh = _as_f32(f"{name}.weight_hh", w_hh, (3 * H, H))
-        self.bias_ih = _as_f32(f"{name}.bias_ih", bias_ih, (3 * H,))
-        self.bias_hh = _as_f32(f"{name}.bias_hh", bias_hh, (3 * H,))
+        self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = _check_gru_weights(weight_ih, weight_hh, bias_ih, bias_hh, name)
+        I, H = self.input_size, self.hidden_size = self.weight_ih.shape[1], self.weight_hh.shape[1]
         self.A = num_selected(update_percent, H)
         self.update_percent = float(update_percent)
         self.sparse_input = bool(sparse_input)
