@@ -205,7 +205,7 @@ def test_nsnet2_stream_batch_equals_streams():
 
     x, sr = sf.read(str(REPO / "examples" / "noisy_dishes_5db.flac"), dtype="float32")
     assert sr == 16000
-    enh = Enhancer(update_percent=50)
+    enh = Enhancer(SHIPPED, update_percent=50)
     signals = [x[i * 4000 : i * 4000 + 40 * HOP] for i in range(3)]
     res = run_schedule(enh, {0: (0, None, False, ()), 1: (3, 30, True, (10,)), 2: (8, None, False, ())}, signals, 40)
     for k, (got, want) in res.items():

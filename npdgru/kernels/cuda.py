@@ -160,6 +160,14 @@ def is_device_array(a) -> bool:
     return cuda.devicearray.is_cuda_ndarray(a)
 
 
+def _c_strides(shape, itemsize):
+    strides, step = [], itemsize
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
 def to_device(a, workspace=None):
     """A host float array as a float32 device array (device arrays are returned as they are).
 
@@ -168,6 +176,10 @@ def to_device(a, workspace=None):
     if is_device_array(a):
         return a
     a = np.ascontiguousarray(a, dtype=np.float32)
+    if a.strides != _c_strides(a.shape, a.itemsize):
+        # numpy calls x[None] C-contiguous whatever the stride of a size-1 axis is; numba's
+        # device arrays do not (reshape then raises "operation requires copying"): make it canonical
+        a = a.copy()
     if workspace is None:
         return cuda.to_device(a)
     d = workspace.get(a.shape)
@@ -546,7 +558,7 @@ def _check_input(name, x, ndim, last):
         raise ParameterError(f"{name} must have shape ({', '.join(map(str, want))}), got {shape}")
     if dev:
         return a, False
-    return cuda.to_device(_as_f32(name, a, shape)), True
+    return to_device(_as_f32(name, a, shape)), True
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,7 +634,7 @@ def _zeros(shape, dtype=np.float32):
 
 def _new_state(B, H, I, h0=None) -> GRUState:
     return GRUState(
-        h=_zeros((B, H)) if h0 is None else cuda.to_device(h0),
+        h=_zeros((B, H)) if h0 is None else to_device(h0),
         m=_zeros((B, 3 * H)), g=_zeros((B, 3 * H)), xprev=_zeros((B, I)), step=_zeros(B, np.int64),
         gi=Workspace(), out=Workspace(),
     )
@@ -799,7 +811,7 @@ def top_a(u, A):
     A = _positive_int("A", A)
     if A > H:
         raise ParameterError(f"A={A!r} must be an integer in [1, H={H}]")
-    d_u = cuda.to_device(_as_f32("u", u, u.shape))
+    d_u = to_device(_as_f32("u", u, u.shape))
     mask = _zeros((B, H), np.bool_)
     if B:
         nt = int(THREADS_PER_BLOCK)
