@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a checkpoint (PyTorch .pt/.pth/.ckpt, .safetensors, NSNet2 .onnx) to npdgru weights")
     c.add_argument("checkpoint")
     c.add_argument("-o", "--output", required=True)
-    c.add_argument("--arch", default="nsnet2", help="target architecture (default nsnet2)")
+    c.add_argument("--arch", default="nsnet2", help="target architecture: nsnet2 (default), dprnn, mpt or an architecture JSON file")
     c.add_argument("--map", default=None, help="JSON file mapping checkpoint names to npdgru names")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--trained-update-percent", default="100", help="P the model was trained at, or 'any' (stored in the metadata)")

@@ -374,7 +374,7 @@ class StreamBatch:
         else:  # a subset of the streams: run them as a batch of their own, write their state back
             sub = _take_state(self._model, self._state, rows)
             Y = self.enhancer._apply(X[None], sub)[0]
-            _put_state(self._state, rows, sub)
+            _put_state(self._model, self._state, rows, sub)
         # synthesis: overlap-add with the carried tail, as IstftStream
         y = stft._synthesise(Y)
         yp = y[:, :H].copy()
@@ -394,30 +394,42 @@ def _take_state(model: MaskModel, state, rows: np.ndarray):
     """A model state of ``len(rows)`` streams: stream k copies stream ``rows[k]`` (< 0: a new one)."""
     rows = np.asarray(rows, np.int64)
     layers = []
-    for i, layer in enumerate(model.gru_layers):
+    for i, (layer, F) in enumerate(zip(model.gru_layers, model.gru_bands)):
         st = None if state is None else state.layers[i]
+        r = _band_rows(rows, F)
         if st is not None and hasattr(st, "take"):  # cuda: gathered on the device
-            layers.append(st.take(rows))
+            layers.append(st.take(r))
             continue
-        new = layer.init_state(len(rows))
-        keep = rows >= 0
+        new = layer.init_state(len(r))
+        rows_f = r
+        keep = rows_f >= 0
         if st is not None and keep.any():
             for f in _STATE_FIELDS:
                 if hasattr(st, f):
-                    getattr(new, f)[keep] = getattr(st, f)[rows[keep]]
+                    getattr(new, f)[keep] = getattr(st, f)[rows_f[keep]]
         layers.append(new)
     return ModelState(layers=layers, batch=len(rows))
 
 
-def _put_state(state, rows: np.ndarray, sub) -> None:
+def _band_rows(rows: np.ndarray, F: int) -> np.ndarray:
+    """State rows of streams ``rows`` in a layer with F bands (stream b owns rows b·F ... b·F+F-1)."""
+    if F == 1:
+        return rows
+    r = rows[:, None] * F + np.arange(F)
+    r[rows < 0] = -1
+    return r.reshape(-1)
+
+
+def _put_state(model: MaskModel, state, rows: np.ndarray, sub) -> None:
     """Write the streams of ``sub`` back into rows ``rows`` of ``state``."""
-    for st, s2 in zip(state.layers, sub.layers):
+    for st, s2, F in zip(state.layers, sub.layers, model.gru_bands):
+        r = _band_rows(np.asarray(rows, np.int64), F)
         if hasattr(st, "put"):
-            st.put(rows, s2)
+            st.put(r, s2)
             continue
         for f in _STATE_FIELDS:
             if hasattr(st, f):
-                getattr(st, f)[rows] = getattr(s2, f)
+                getattr(st, f)[r] = getattr(s2, f)
 
 
 def _check_rate(sample_rate, name="sample_rate") -> None:

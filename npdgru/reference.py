@@ -44,6 +44,7 @@ __all__ = [
     "dgru_sequence",
     "MacCount",
     "count_macs",
+    "layer_norm",
 ]
 
 
@@ -290,3 +291,33 @@ ACTIVATION_FUNCTIONS = {
     "sigmoid": sigmoid,
     "tanh": np.tanh,
 }
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    """Layer normalisation over the last axis (``torch.nn.LayerNorm``, biased variance)::
+
+        y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias
+
+    DPRNN normalises each band of each frame on its own, so it stays causal (no statistics
+    across time) and offline and streaming outputs are the same.
+    """
+    x = np.asarray(x)
+    mu = x.mean(axis=-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * weight + bias
+
+
+class LayerNorm:
+    """:func:`layer_norm` over rows of (N, C) on the reference backend (float64)."""
+
+    backend = "reference"
+
+    def __init__(self, weight, bias, *, eps=1e-5, name="norm"):
+        self.name, self.eps = name, float(eps)
+        self.weight, self.bias = np.asarray(weight, np.float64), np.asarray(bias, np.float64)
+        self.size = self.weight.shape[0]
+
+    def _run(self, x):
+        return layer_norm(np.asarray(x, np.float64), self.weight, self.bias, self.eps)
+
+    forward = _run

@@ -128,7 +128,7 @@ def test_info(capsys):
     status, stdout, err = run(capsys, "info", SHIPPED)
     assert status == 0, err
     assert "architecture: nsnet2 (161 features)" in stdout
-    assert "gru1     GRU 400 -> 400" in stdout and "fc4      Linear 600 -> 161 + sigmoid" in stdout
+    assert "gru1     D-GRU 400 -> 400" in stdout and "fc4      Linear 600 -> 161 + sigmoid" in stdout
     assert "source:" in stdout and "NSNet2" in stdout and "license:" in stdout and "CC BY 4.0" in stdout
 
 
@@ -279,7 +279,7 @@ def _bad_weights(tmp_path, shipped, name, mutate_tensors=None, **meta_over):
         ("missing", lambda t: t.pop("gru2.weight_hh"), {}, ["missing tensor gru2.weight_hh"]),
         ("shape", lambda t: t.__setitem__("fc1.weight", t["fc1.weight"].T.copy()), {}, ["fc1.weight has shape (161, 400), expected (400, 161)"]),
         ("dtype", lambda t: t.__setitem__("fc4.bias", t["fc4.bias"].astype(np.float64)), {}, ["fc4.bias has dtype float64"]),
-        ("version", None, {"format_version": "2"}, ["format_version 2 is newer"]),
+        ("version", None, {"format_version": "3"}, ["format_version 3 is newer"]),
         ("two_problems", lambda t: (t.pop("gru1.bias_ih"), t.__setitem__("fc2.bias", t["fc2.bias"][:10].copy())), {}, ["missing tensor gru1.bias_ih", "fc2.bias has shape (10,)"]),
     ],
 )

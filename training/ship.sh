@@ -14,7 +14,21 @@ ship() {  # run name, trained P ("any" for the any-P run), output stem
     --meta "training_run=$1" --meta "training_steps=$steps" "${@:4}"
 }
 ship p100 100 nsnet2-ft-p100
-ship p75 75 nsnet2-ft-p75
+# ship p75 75 nsnet2-ft-p75   # not shipped since issue 8 (size budget): git show deff58b:weights/nsnet2-ft-p75.safetensors
 ship p50 50 nsnet2-ft-p50
-ship p25 25 nsnet2-ft-p25
+# ship p25 25 nsnet2-ft-p25   # not shipped since issue 8 (size budget): git show deff58b:weights/nsnet2-ft-p25.safetensors
 ship anyp any nsnet2-ft-anyp --meta "trained_update_range=25-100"
+
+# DPRNN and MPT (issue 8): trained from scratch with any-P on an H200 (recipe: weights/README.md)
+ship_scratch() {  # run name, architecture
+  local run=training/runs/$1
+  local steps
+  steps=$(python3 -c "import torch; print(torch.load('$run/last.pt', weights_only=True)['step'])")
+  npdgru convert "$run/last.pt" -o "weights/$1.safetensors" --overwrite --arch "$2" \
+    --trained-update-percent any --license "$SCRATCH_LICENSE" \
+    --source "$2 trained from scratch by npdgru with the D-GRU select gate, P drawn per batch from U[25, 100] ($steps steps of 64 x 4 s on an H200; recipe in weights/README.md)" \
+    --meta "training_run=$1" --meta "training_steps=$steps" --meta "trained_update_range=25-100"
+}
+SCRATCH_LICENSE="CC BY 4.0. Trained on speechocean762 (Junbo Zhang et al., OpenSLR SLR101, CC BY 4.0) and Speech Commands v0.02 background noise (Pete Warden, Google, CC BY 4.0)"
+ship_scratch dprnn-anyp dprnn
+ship_scratch mpt-anyp mpt

@@ -48,16 +48,16 @@ NSNET2_TORCH_NAMES = {
 
 
 def _architecture(arch):
-    """--arch: 'nsnet2' or a JSON file holding an architecture dict."""
+    """--arch: a built-in name ('nsnet2', 'dprnn', 'mpt') or a JSON file holding an architecture dict."""
     import json
 
     from ..errors import CheckpointError
     from ..weights import WeightsError, validate_architecture
 
-    if arch == "nsnet2":
-        from .onnx_nsnet2 import NSNET2_ARCHITECTURE
+    from ..architectures import ARCHITECTURES, architecture
 
-        return json.loads(json.dumps(NSNET2_ARCHITECTURE))
+    if arch in ARCHITECTURES:
+        return architecture(arch)
     if os.path.isfile(str(arch)):
         try:
             with open(arch) as f:
@@ -65,7 +65,7 @@ def _architecture(arch):
             return validate_architecture(spec, arch)
         except (OSError, json.JSONDecodeError, WeightsError) as e:
             raise CheckpointError(f"{arch}: not a usable architecture file ({e})") from None
-    raise CheckpointError(f"--arch {arch!r}: use 'nsnet2' or a JSON file with an architecture")
+    raise CheckpointError(f"--arch {arch!r}: use one of {tuple(ARCHITECTURES)} or a JSON file with an architecture")
 
 
 def _load_mapping(mapping):
@@ -97,15 +97,17 @@ def map_state_dict(state: dict, arch: dict, mapping: dict, path) -> dict:
     from ..weights import WeightsError, check_tensors, expected_shapes
 
     refused = []
+    want = expected_shapes(arch)
     for k, a in state.items():
         low = k.lower()
+        if mapping.get(k, k) in want:  # a tensor the architecture asks for (e.g. a bigru's _reverse)
+            continue
         if "_reverse" in low:
             refused.append(f"{k}: bidirectional GRU/LSTM (reverse direction) cannot run causally")
         elif "lstm" in low or ("weight_hh" in low and a.ndim == 2 and a.shape[0] == 4 * a.shape[1]):
             refused.append(f"{k}: looks like an LSTM (4 gate blocks); only GRU layers are supported")
     if refused:
         raise CheckpointError(f"{path}: unsupported layers:\n  " + "\n  ".join(refused))
-    want = expected_shapes(arch)
     out = {}
     for k, a in state.items():
         name = mapping.get(k, k)

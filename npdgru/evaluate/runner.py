@@ -234,27 +234,16 @@ def _ort_session(path: str, threads: int = 1):
 
 
 def _macs_as_run(model) -> dict:
-    """MACs per frame of ``model`` as it runs: GRU layers dense / paper / ours, and the rest.
-
-    "ours" counts a GRU layer's input product as sparse (3H·A_in) only when that layer really
-    keeps an input accumulator (``sparse_input``); ``MaskModel.macs_per_frame`` counts it sparse
-    for every layer that follows a D-GRU layer, also when the model runs it dense (the default
-    ``sparse_inputs=False``). That count is kept as ``gru_ours_input_accumulators``.
+    """MACs per frame of ``model`` as it runs (``MaskModel.macs_per_frame``), plus what "ours"
+    would be with input accumulators on every D-GRU layer fed by a D-GRU layer
+    (``sparse_inputs=True``), kept as ``gru_ours_input_accumulators``.
     """
-    from ..reference import count_macs
+    from ..model import MaskModel
 
-    dense = paper = ours = other = 0
-    prev_A = None
-    for layer in model.layers:
-        if hasattr(layer, "hidden_size"):
-            sparse_in = getattr(layer, "sparse_input", False) and model.update_percent < 100.0
-            m = count_macs(layer.input_size, layer.hidden_size, model.update_percent, input_changed=prev_A if sparse_in else None)
-            dense, paper, ours = dense + m.dense, paper + m.paper, ours + m.sparse
-            prev_A = layer.A
-        else:
-            other += int(layer.weight.size)
-            prev_A = None
-    return {"gru_dense": dense, "gru_paper": paper, "gru_ours": ours, "other": other, "gru_ours_input_accumulators": model.macs_per_frame()["gru_ours"]}
+    out = dict(model.macs_per_frame())
+    sparse = MaskModel(model.weights, update_percent=model.update_percent, backend="reference", sparse_inputs=True)
+    out["gru_ours_input_accumulators"] = sparse.macs_per_frame()["gru_ours"]
+    return out
 
 
 def _dense_macs(architecture: dict) -> dict:

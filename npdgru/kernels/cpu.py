@@ -587,3 +587,52 @@ class Linear:
             _affine_columns(x, self.wt, self.bias, y)
             _activate(y, self._code)
         return y
+
+
+@njit(**JIT)
+def _layer_norm(x, w, b, eps, out):
+    """Rows of x (N, C): sums in index order, so a row gives the same bits alone or in a block."""
+    N, C = x.shape
+    inv_c = np.float32(1.0) / np.float32(C)
+    for n in range(N):
+        row = x[n]
+        s = np.float32(0.0)
+        for c in range(C):
+            s += row[c]
+        mu = s * inv_c
+        v = np.float32(0.0)
+        for c in range(C):
+            d = row[c] - mu
+            v += d * d
+        inv = np.float32(1.0) / np.sqrt(v * inv_c + eps)
+        o = out[n]
+        for c in range(C):
+            o[c] = (row[c] - mu) * inv * w[c] + b[c]
+
+
+class LayerNorm:
+    """:func:`npdgru.reference.layer_norm` over rows of (N, C) on the cpu backend (float32)."""
+
+    backend = "cpu"
+
+    def __init__(self, weight, bias, *, eps=1e-5, name="norm"):
+        self.name = name
+        self.weight = _as_f32(f"{name}.weight", weight, np.shape(weight))
+        if self.weight.ndim != 1:
+            raise ParameterError(f"{name}.weight must be 1-D (C,), got shape {self.weight.shape}")
+        self.size = self.weight.shape[0]
+        self.bias = _as_f32(f"{name}.bias", bias, (self.size,))
+        self.eps = np.float32(eps)
+
+    def forward(self, x):
+        """x (N, C) float32 -> (N, C) float32."""
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.size:
+            raise ParameterError(f"{self.name}: x must have shape (N, {self.size}), got {x.shape}")
+        return self._run(_as_f32(f"{self.name} input", x, x.shape))
+
+    def _run(self, x):
+        y = np.empty(x.shape, np.float32)
+        if x.shape[0]:
+            _layer_norm(x, self.weight, self.bias, self.eps, y)
+        return y

@@ -35,7 +35,7 @@ import torch
 
 from ..weights import load_weights
 from .data import MixtureSampler
-from .torch_model import MaskNet, istft, log_power, stft
+from .torch_model import GraphNet, MaskNet, istft, log_power, stft
 
 COMPRESSION = 0.3
 ALPHA = 0.3
@@ -63,6 +63,8 @@ def si_snr_db(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _step_loss(model, noisy, clean, P):
+    dev = next(model.parameters()).device
+    noisy, clean = noisy.to(dev), clean.to(dev)
     X = stft(noisy)
     S = stft(clean)
     mask = model(log_power(X), update_percent=P)
@@ -79,7 +81,8 @@ def validate(model, val, percents, batch=16):
     for P in percents:
         losses, snrs = [], []
         for i in range(0, len(noisy), batch):
-            x, s = torch.from_numpy(noisy[i : i + batch]), torch.from_numpy(clean[i : i + batch])
+            dev = next(model.parameters()).device
+            x, s = torch.from_numpy(noisy[i : i + batch]).to(dev), torch.from_numpy(clean[i : i + batch]).to(dev)
             losses.append(float(_step_loss(model, x, s, P)) * len(x))
             snrs.append(si_snr_db(model.enhance(x, P), s).sum().item())
         out[P] = (sum(losses) / len(noisy), sum(snrs) / len(noisy))
@@ -97,7 +100,9 @@ def _draw_percent(args, rng) -> float:
 def build_parser(p=None):
     p = p or argparse.ArgumentParser(prog="npdgru train", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="run folder (resumed when it holds last.pt)")
-    p.add_argument("--init", default=None, help="npdgru weights to start from (default: the shipped NSNet2)")
+    p.add_argument("--init", default=None, help="npdgru weights to start from (default: the shipped NSNet2; with --arch: from scratch)")
+    p.add_argument("--arch", default=None, help="train this architecture from scratch (dprnn, mpt, nsnet2; npdgru.architectures)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--data", default="../shared/data", help="corpus root (speech/, noise/)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--update-percent", type=float, default=100.0, help="P of the select gate during training")
@@ -127,26 +132,37 @@ def train(args) -> pathlib.Path:
     if not resumed:
         (out / "config.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     init = args.init
-    if init is None:
+    if init is None and args.arch is None:
         from ..weights import default_weights_path
 
         init = default_weights_path()
-    init_weights = load_weights(init)
-    model = MaskNet.from_weights(init_weights)
+    if init is not None:
+        init_weights = load_weights(init)
+        if init_weights.architecture.get("name") == "nsnet2" and args.arch in (None, "nsnet2"):
+            model = MaskNet.from_weights(init_weights)  # the PyTorch NSNet2 layout (fine-tunes)
+        else:
+            model = GraphNet.from_weights(init_weights)
+    else:
+        from ..architectures import architecture
+
+        torch.manual_seed(args.seed)
+        init_weights = None
+        model = GraphNet(architecture(args.arch))  # from scratch, PyTorch's default initialisation
+    model.to(args.device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sampler = MixtureSampler(args.data, split="train", seconds=args.seconds, seed=args.seed)
     step = 0
     note = ""
     if resumed:
-        ckpt = torch.load(last, weights_only=True)
+        ckpt = torch.load(last, weights_only=True, map_location=args.device)
         model.load_state_dict(ckpt["model"])
         step = int(ckpt["step"])
         sampler.rng = np.random.default_rng(int(ckpt["seed"]) + step)  # a fresh, reproducible stream
         if (out / "optim.pt").exists():
-            opt.load_state_dict(torch.load(out / "optim.pt", weights_only=True))
+            opt.load_state_dict(torch.load(out / "optim.pt", weights_only=True, map_location=args.device))
         else:
             note = "resumed without optim.pt: Adam moments restarted"
-    elif args.continue_run:  # a shipped model carries its step count: continue its run
+    elif args.continue_run and init_weights is not None:  # a shipped model carries its step count: continue its run
         step = int(init_weights.metadata.get("training_steps", "0"))
         sampler.rng = np.random.default_rng(args.seed + step)
         note = f"continuing from {init} at step {step}: Adam moments restarted"
@@ -165,7 +181,8 @@ def train(args) -> pathlib.Path:
         print(note, file=sys.stderr)
 
     def checkpoint():
-        torch.save({"model": model.state_dict(), "step": step, "seed": args.seed}, last.with_suffix(".tmp"))
+        cpu_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # converts without a GPU
+        torch.save({"model": cpu_state, "step": step, "seed": args.seed}, last.with_suffix(".tmp"))
         os.replace(last.with_suffix(".tmp"), last)
         torch.save(opt.state_dict(), out / "optim.tmp")
         os.replace(out / "optim.tmp", out / "optim.pt")

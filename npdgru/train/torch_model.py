@@ -31,7 +31,7 @@ from torch import nn
 from ..reference import num_selected
 from ..stft import HOP, N_BINS, N_FFT, num_frames
 
-__all__ = ["DGRU", "MaskNet", "stft", "istft", "log_power", "window"]
+__all__ = ["DGRU", "MaskNet", "GraphNet", "dgru_forward", "stft", "istft", "log_power", "window"]
 
 
 def window(device=None, dtype=torch.float32) -> torch.Tensor:
@@ -206,17 +206,134 @@ class DGRU(nn.Module):
         y = x
         finals = []
         for layer in range(self.num_layers):
-            w_ih, w_hh, b_ih, b_hh = self._params(layer)
-            gi = nn.functional.linear(y, w_ih, b_ih)  # all time steps at once
-            y = dgru_layer(gi, h0[layer], w_hh, b_hh, A)
+            y = dgru_forward(y, h0[layer], *self._params(layer), update_percent=update_percent)
             finals.append(y[:, -1])
         return y, torch.stack(finals, 0)
+
+
+def dgru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, *, update_percent: float = 100.0, training: bool = True):
+    """One D-GRU layer over time: ``x`` (B, T, I), ``h0`` (B, H) → (B, T, H)."""
+    H = w_hh.shape[1]
+    A = num_selected(update_percent, H)
+    if A == H:  # exactly a GRU: PyTorch's fused implementation
+        y, _ = torch._VF.gru(x, h0[None], [w_ih, w_hh, b_ih, b_hh], True, 1, 0.0, training, False, True)
+        return y
+    gi = nn.functional.linear(x, w_ih, b_ih)  # all time steps at once
+    return dgru_layer(gi, h0, w_hh, b_hh, A)
 
 
 _ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "none": nn.Identity}
 
 
-class MaskNet(nn.Module):
+class _EnhanceMixin:
+    def enhance(self, noisy: torch.Tensor, update_percent: float = 100.0, mask_floor: float = 0.0) -> torch.Tensor:
+        """(B, n) waveform → (B, n) enhanced waveform (mask on the noisy STFT)."""
+        X = stft(noisy)
+        mask = self(log_power(X), update_percent)
+        if mask_floor > 0:
+            mask = mask.clamp(min=mask_floor)
+        return istft(X * mask, noisy.shape[-1])
+
+
+class _Params(nn.Module):
+    """The tensors of one npdgru layer, registered under their npdgru names (``weight_ih`` ...)."""
+
+    def __init__(self, shapes: dict, init: dict):
+        super().__init__()
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(init[name](shape)))
+
+
+def _graph_init(spec) -> dict:
+    """PyTorch's default initialisation of the layer a spec names (nn.Linear, nn.GRU, nn.LayerNorm)."""
+    kind = spec["kind"]
+    if kind in ("gru", "bigru"):
+        k = 1.0 / math.sqrt(spec["hidden"])
+        u = lambda shape: torch.empty(shape).uniform_(-k, k)  # noqa: E731
+        return {n + s: u for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") for s in ("", "_reverse")}
+    if kind == "linear":
+        k = 1.0 / math.sqrt(spec["in"])
+        u = lambda shape: torch.empty(shape).uniform_(-k, k)  # noqa: E731
+        return {"weight": u, "bias": u}
+    return {"weight": torch.ones, "bias": torch.zeros}  # layernorm
+
+
+class GraphNet(_EnhanceMixin, nn.Module):
+    """The PyTorch twin of :class:`npdgru.model.MaskModel` for any architecture (DPRNN, MPT, ...).
+
+    Built from an architecture dict (``npdgru.architectures``); each layer is a submodule named as
+    the layer, holding its tensors under their npdgru names, so ``state_dict()`` keys are exactly
+    the npdgru tensor names (``inter1.weight_ih``) and ``npdgru convert --arch dprnn`` needs no map.
+    Layouts follow PyTorch (batch first here): ``forward(features (B, T, 161), P)`` → mask.
+
+    Layer semantics, as in ``model.py``: ``bands`` = F runs the same weights on F bands (the state
+    of a D-GRU with bands is F streams per example); ``bigru`` is a dense bidirectional GRU across
+    the bands of each frame (``nn.GRU(bidirectional=True)`` over F steps, h0 = 0).
+    """
+
+    def __init__(self, architecture: dict):
+        super().__init__()
+        from ..weights import expected_shapes, layer_inputs, validate_architecture
+
+        validate_architecture(architecture)
+        self.architecture = architecture
+        self.specs = architecture["layers"]
+        self.inputs = [layer_inputs(self.specs, i) for i in range(len(self.specs))]
+        shapes = expected_shapes(architecture)
+        for spec in self.specs:
+            n = spec["name"]
+            mine = {k.split(".", 1)[1]: v for k, v in shapes.items() if k.split(".", 1)[0] == n}
+            if mine:
+                self.add_module(n, _Params(mine, _graph_init(spec)))
+
+    @classmethod
+    def from_weights(cls, weights) -> "GraphNet":
+        """A GraphNet holding the tensors of an npdgru :class:`~npdgru.weights.Weights`."""
+        model = cls(weights.architecture)
+        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.tensors.items()}, strict=True)
+        return model
+
+    def forward(self, features: torch.Tensor, update_percent: float = 100.0) -> torch.Tensor:
+        """(B, T, n_features) log-power features → (B, T, n_features) mask."""
+        Bn, T = features.shape[:2]
+        values = {"features": features}
+        for spec, ins in zip(self.specs, self.inputs):
+            kind, F = spec["kind"], spec.get("bands", 1)
+            xs = [values[n] for n in ins]
+            x = xs[0]
+            p = getattr(self, spec["name"], None)
+            if kind == "linear":
+                y = nn.functional.linear(x.reshape(Bn, T, F, spec["in"]), p.weight, p.bias).reshape(Bn, T, F * spec["out"])
+                y = _ACTIVATIONS[spec.get("activation", "none")]()(y)
+            elif kind == "gru":
+                I, H = spec["in"], spec["hidden"]
+                seq = x.reshape(Bn, T, F, I).permute(0, 2, 1, 3).reshape(Bn * F, T, I)  # row b·F + f, as npdgru
+                y = dgru_forward(seq, seq.new_zeros(Bn * F, H), p.weight_ih, p.weight_hh, p.bias_ih, p.bias_hh, update_percent=update_percent, training=self.training)
+                y = y.reshape(Bn, F, T, H).permute(0, 2, 1, 3).reshape(Bn, T, F * H)
+            elif kind == "bigru":
+                I, H = spec["in"], spec["hidden"]
+                seq = x.reshape(Bn * T, F, I)
+                w = [p.weight_ih, p.weight_hh, p.bias_ih, p.bias_hh, p.weight_ih_reverse, p.weight_hh_reverse, p.bias_ih_reverse, p.bias_hh_reverse]
+                y, _ = torch._VF.gru(seq, seq.new_zeros(2, Bn * T, H), w, True, 1, 0.0, self.training, True, True)
+                y = y.reshape(Bn, T, F * 2 * H)
+            elif kind == "layernorm":
+                C = spec["size"]
+                y = nn.functional.layer_norm(x.reshape(Bn, T, F, C), (C,), p.weight, p.bias, spec.get("eps", 1e-5)).reshape(Bn, T, F * C)
+            elif kind == "pad":
+                y = nn.functional.pad(x, (0, spec["out"] - spec["in"]))
+            elif kind == "slice":
+                y = x[..., spec["start"] : spec["stop"]]
+            elif kind == "add":
+                y = xs[0]
+                for z in xs[1:]:
+                    y = y + z
+            else:  # concat
+                y = torch.cat(xs, dim=-1)
+            values[spec["name"]] = y
+        return values[self.specs[-1]["name"]]
+
+
+class MaskNet(_EnhanceMixin, nn.Module):
     """The NSNet2-shaped mask model: Linear+act, a D-GRU stack, Linear+act layers, a mask.
 
     Built from an npdgru architecture dict (``Weights.architecture``) of the form
@@ -252,14 +369,6 @@ class MaskNet(nn.Module):
         """(B, T, 161) log-power features → (B, T, 161) mask."""
         y, _ = self.rnn(self.fc_in(features), update_percent=update_percent)
         return self.fc_out(y)
-
-    def enhance(self, noisy: torch.Tensor, update_percent: float = 100.0, mask_floor: float = 0.0) -> torch.Tensor:
-        """(B, n) waveform → (B, n) enhanced waveform (mask on the noisy STFT)."""
-        X = stft(noisy)
-        mask = self(log_power(X), update_percent)
-        if mask_floor > 0:
-            mask = mask.clamp(min=mask_floor)
-        return istft(X * mask, noisy.shape[-1])
 
     @classmethod
     def from_weights(cls, weights) -> "MaskNet":
