@@ -16,7 +16,7 @@ STFT, and every recurrence along time is a D-GRU, so each runs at any update per
                    -> per-band linear 64 -> 32 -> LayerNorm -> + residual
 
   then a per-band linear 32 -> 4 + sigmoid and the first 161 entries are the mask.
-  2.15 MMACs/frame dense, 57 k parameters. The intra path stays dense as the issue asks: it has
+  2.15 MMACs/frame dense, 54,116 parameters. The intra path stays dense as the issue asks: it has
   no state along time to keep, so the select gate has nothing to skip there.
 * ``mpt`` — **our reconstruction** of the paper's MPT, whose configuration is not published: a
   multi-path temporal model. Four sub-band paths (bins 0-39, 40-79, 80-119, 120-160: each a

@@ -153,6 +153,8 @@ class _BiGRUNode(_Node):
     def run(self, xs, T, B, state):
         F, I, H, ops = self.bands, self.spec["in"], self.spec["hidden"], self.ops
         N = T * B
+        if N == 0:  # no frame (T = 0): nothing to run, and a GRU state of 0 streams cannot be made
+            return ops.pad(ops.slice(xs[0], 0, 0), F * 2 * H)
         seq = ops.swap01(xs[0].reshape(N, F, I))  # (F, N, I): bands are the steps, frames the streams
         yf = self.fwd._run(seq, self.fwd.init_state(N))
         yb = ops.flip0(self.bwd._run(ops.flip0(seq), self.bwd.init_state(N)))
