@@ -15,6 +15,14 @@ The architecture is a list of layers run in order on log-power features::
         {"kind": "linear", "name": "fc1", "in": 161, "out": 400, "activation": "relu"},
         {"kind": "gru", "name": "gru1", "in": 400, "hidden": 400}, ...]}
 
+Format 2 (DPRNN, MPT; ``npdgru/architectures.py``) makes it a small graph: a layer may read
+``inputs`` (earlier layer names or "features"; default the previous layer) and run on ``bands``
+(the same weights on F bands of its input, width F·in). Kinds: ``linear``, ``gru`` (a D-GRU along
+time), ``bigru`` (a dense bidirectional GRU across the bands of a frame; tensors also with the
+suffix ``_reverse``), ``layernorm`` (``weight``/``bias`` of shape (size,)), ``pad``, ``slice``,
+``add``, ``concat``. A file records the oldest format that reads it: 1 for a plain chain of
+linear and GRU layers, so files of the first reader stay readable by it.
+
 Loading validates everything before anything runs: a newer ``format_version`` is refused, and a
 missing, unexpected, mis-shaped, non-float32 or non-finite tensor is named with its file.
 """

@@ -8,7 +8,8 @@ starts), which is how the tests run it without a GPU.
 The same public names as ``cpu.py`` (and ``reference.py``): :class:`GRULayer` (``init_state``,
 ``forward``, ``_run``), :class:`GRUState`, :class:`Linear` (``forward``, ``_run``),
 :func:`gru_sequence`, :func:`dgru_sequence`, plus :func:`top_a`, :func:`gru_step` and
-:func:`dgru_step`. Every kernel below has its NumPy twin in ``reference.py``:
+:func:`dgru_step`, and for the architecture graph (``model.py``) :class:`LayerNorm` and the shape
+glue :class:`Ops` (the device twin of ``model.HostOps``). Every kernel below has its NumPy twin in ``reference.py``:
 
     kernel               what it computes                                     NumPy twin
     _gemm (factory)      out = act(x Wᵀ + b), tiled over rows and features     reference.Linear
@@ -17,6 +18,11 @@ The same public names as ``cpu.py`` (and ``reference.py``): :class:`GRULayer` (`
     _dgru_sparse         the same with an input accumulator (sparse input)     reference.dgru_sequence
     _topa (factory)      the select gate alone                                 reference.top_a
     _gather/_scatter     state rows in and out (StreamBatch join/leave)        numpy fancy indexing
+    _layer_norm          LayerNorm of rows, one thread per row                 reference.layer_norm
+    _swap01, _flip0,     shape glue between graph layers (:class:`Ops`), one   model.HostOps
+    _add, _window,       thread per output entry: swap axes 0 and 1, reverse
+    _put_cols            axis 0, sum, slice / zero-pad and concatenate the
+                         last axis
 
 Layouts (coalescing). Weights are stored transposed, column-contiguous, as in ``cpu.py``:
 ``wih_t`` (I, 3H), ``whh_t`` (H, 3H), ``Linear.wt`` (in, out). Threads of a block vary over the
@@ -31,6 +37,10 @@ multi-block and remainder paths; kernels are compiled once per value):
 * ``THREADS_PER_BLOCK`` (128): the D-GRU runs one block per stream, looping over the T frames of
   a call inside the kernel with h, M, u and the selection in shared memory, so a call of T frames
   is one launch; elementwise kernels use it as their block size.
+* ``GLUE_MAX_BLOCKS`` (4096): :class:`LayerNorm` (one thread per row) and the shape glue
+  :class:`Ops` (one thread per output entry) are grid-stride loops on at most this many blocks
+  of ``THREADS_PER_BLOCK``; past that a thread takes several rows or entries (tests lower it so
+  that the simulator starts few threads).
 * ``GEMM_TILE`` (16) x ``GEMM_REG`` (4): the dense layers and the input products of all T·B
   frames are one tiled GEMM: a (GEMM_TILE, GEMM_TILE) block computes a 64 x 64 output tile, each
   thread 4 x 4 outputs in registers, from shared-memory tiles of 64 rows x 16 reduction entries.
@@ -64,7 +74,9 @@ input) or 10H + I floats (sparse input) per block, at most 48 KiB, i.e. H <= 175
 Nothing is allocated inside kernel loops; per call, outputs go into workspaces kept in the
 state (GRU layers) or the layer (Linear), grown when a call has more frames than before, so
 streaming calls do no device allocation after the first. ``_run`` returns views of those
-workspaces (valid until the next call); the public ``forward`` returns fresh arrays.
+workspaces (valid until the next call); the public ``forward`` returns fresh arrays. The graph
+glue (:class:`Ops`) and :class:`LayerNorm` return new arrays: their values are small (a frame's
+width) and a value may be read by several later layers.
 """
 
 from __future__ import annotations
@@ -85,6 +97,8 @@ __all__ = [
     "GRULayer",
     "GRUState",
     "Linear",
+    "LayerNorm",
+    "Ops",
     "gru_sequence",
     "dgru_sequence",
     "gru_step",
@@ -94,6 +108,7 @@ __all__ = [
     "THREADS_PER_BLOCK",
     "GEMM_TILE",
     "GEMM_REG",
+    "GLUE_MAX_BLOCKS",
     "require_device",
     "is_device_array",
     "to_device",
@@ -106,6 +121,7 @@ THREADS_PER_BLOCK = 128  # D-GRU block (one stream) and elementwise kernels
 GEMM_TILE = 16  # GEMM block is GEMM_TILE x GEMM_TILE threads ...
 GEMM_REG = 4  # ... each computing GEMM_REG x GEMM_REG outputs: 64 x 64 output tiles
 MAX_SHARED_BYTES = 48 * 1024  # static shared memory per block
+GLUE_MAX_BLOCKS = 4096  # grid cap of the LayerNorm and shape-glue kernels (grid-stride loops)
 
 # A batch of one stream is a grid of one block: say nothing about it (numba-cuda warns about
 # grids smaller than the GPU by default).
@@ -511,6 +527,82 @@ def _scatter(src, idx, dst):
         dst[idx[k], c] = src[k, c]
 
 
+@cuda.jit
+def _layer_norm(x, w, b, eps, out):
+    """LayerNorm of rows of x (N, C), one thread per row; twin of reference.layer_norm.
+
+    Sums over c in index order, as cpu._layer_norm: a row gives the same bits alone or in a batch.
+    """
+    N, C = x.shape
+    inv_c = _ONE / float32(C)
+    for n in range(cuda.grid(1), N, cuda.gridsize(1)):
+        s = _ZERO
+        for c in range(C):
+            s += x[n, c]
+        mu = s * inv_c
+        v = _ZERO
+        for c in range(C):
+            d = x[n, c] - mu
+            v += d * d
+        inv = _ONE / math.sqrt(v * inv_c + eps)
+        for c in range(C):
+            out[n, c] = (x[n, c] - mu) * inv * w[c] + b[c]
+
+
+# The glue kernels give each output entry to one thread (grid-stride loops over flat indices:
+# consecutive threads take consecutive entries of the last axis, coalesced reads and writes).
+
+
+@cuda.jit
+def _swap01(x, y):
+    """y[j, i, k] = x[i, j, k] for x (a, b, c), y (b, a, c)."""
+    nb, na, nc = y.shape
+    for e in range(cuda.grid(1), na * nb * nc, cuda.gridsize(1)):
+        r = e // nc
+        k = e - r * nc
+        j = r // na
+        i = r - j * na
+        y[j, i, k] = x[i, j, k]
+
+
+@cuda.jit
+def _flip0(x, y):
+    """y[i, k] = x[n - 1 - i, k] for x, y (n, m)."""
+    n, m = y.shape
+    for e in range(cuda.grid(1), n * m, cuda.gridsize(1)):
+        i = e // m
+        k = e - i * m
+        y[i, k] = x[n - 1 - i, k]
+
+
+@cuda.jit
+def _add(a, b, y):
+    """y = a + b for flat (n,) arrays."""
+    for e in range(cuda.grid(1), y.shape[0], cuda.gridsize(1)):
+        y[e] = a[e] + b[e]
+
+
+@cuda.jit
+def _window(x, start, y):
+    """y[r, c] = x[r, start + c], zero where start + c is past the end of x's row (slice, pad)."""
+    R, W = y.shape
+    for e in range(cuda.grid(1), R * W, cuda.gridsize(1)):
+        r = e // W
+        c = e - r * W
+        k = start + c
+        y[r, c] = x[r, k] if k < x.shape[1] else _ZERO
+
+
+@cuda.jit
+def _put_cols(x, y, off):
+    """y[r, off + c] = x[r, c] for x (R, w): one part of a concatenation (threads over x)."""
+    R, w = x.shape
+    for e in range(cuda.grid(1), R * w, cuda.gridsize(1)):
+        r = e // w
+        c = e - r * w
+        y[r, off + c] = x[r, c]
+
+
 def _blocks(n, nt):
     return (n + nt - 1) // nt
 
@@ -856,4 +948,140 @@ class Linear:
         """forward() without validation: device (N, in) -> view of this layer's workspace (N, out)."""
         y = self._ws.get((x.shape[0], self.out_features))
         _launch_gemm(x, self.d_wt, self.d_bias, y, self._code)
+        return y
+
+
+# --------------------------------------------------------------------------------------------
+# layer normalisation and shape glue (architecture graphs: model.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _empty(shape, dtype=np.float32):
+    """A new C-contiguous device array (contents undefined)."""
+    return cuda.device_array(tuple(int(n) for n in shape), dtype)
+
+
+def _launch(kernel, n, *args):
+    """A grid-stride ``kernel`` over n items: THREADS_PER_BLOCK per block, one thread per item
+    up to GLUE_MAX_BLOCKS blocks (then each thread takes several); nothing for n = 0."""
+    if n:
+        nt = int(THREADS_PER_BLOCK)
+        kernel[min(_blocks(n, nt), int(GLUE_MAX_BLOCKS)), nt](*args)
+
+
+def _width(x):
+    """Size of the last axis (the simulator's shapes refuse negative indices)."""
+    return int(x.shape[x.ndim - 1])
+
+
+def _rows(x):
+    """A C-contiguous device array as (rows, last axis); free (a reshape)."""
+    return x.reshape(int(np.prod(x.shape[:-1], dtype=np.int64)), _width(x))
+
+
+class Ops:
+    """Shape glue between the layers of an architecture graph, on float32 C-contiguous device
+    arrays; the device twin of ``model.HostOps`` (same methods, same results, new arrays)."""
+
+    @staticmethod
+    def swap01(x):
+        """(a, b, c) -> (b, a, c)."""
+        if x.ndim != 3:
+            raise ParameterError(f"swap01 needs a 3-D array, got shape {tuple(x.shape)}")
+        a, b, c = x.shape
+        y = _empty((b, a, c))
+        _launch(_swap01, y.size, x, y)
+        return y
+
+    @staticmethod
+    def flip0(x):
+        """Reverse axis 0."""
+        y = _empty(x.shape)
+        if y.size:
+            n = x.shape[0]
+            _launch(_flip0, y.size, x.reshape(n, y.size // n), y.reshape(n, y.size // n))
+        return y
+
+    @staticmethod
+    def concat(xs):
+        """Concatenate along the last axis (equal leading shapes)."""
+        xs = list(xs)
+        if not xs:
+            raise ParameterError("concat needs at least one array")
+        lead = tuple(xs[0].shape[:-1])
+        if any(tuple(x.shape[:-1]) != lead for x in xs):
+            raise ParameterError(f"concat: leading shapes differ: {[tuple(x.shape) for x in xs]}")
+        W = sum(_width(x) for x in xs)
+        y = _empty(lead + (W,))
+        if y.size == 0:
+            return y
+        y2, off = _rows(y), 0
+        for x in xs:
+            if x.size:
+                _launch(_put_cols, x.size, _rows(x), y2, off)
+            off += _width(x)
+        return y
+
+    @staticmethod
+    def add(a, b):
+        """a + b (equal shapes)."""
+        if tuple(a.shape) != tuple(b.shape):
+            raise ParameterError(f"add: shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
+        y = _empty(a.shape)
+        n = y.size
+        if n:
+            _launch(_add, n, a.reshape(n), b.reshape(n), y.reshape(n))
+        return y
+
+    @staticmethod
+    def pad(x, out):
+        """Zero-pad the last axis at the end to ``out`` entries (out >= width)."""
+        w = _width(x)
+        if out < w:
+            raise ParameterError(f"pad: out={out} is less than the width {w}")
+        y = _empty(tuple(x.shape[:-1]) + (int(out),))
+        if y.size:
+            _launch(_window, y.size, _rows(x), 0, _rows(y))
+        return y
+
+    @staticmethod
+    def slice(x, start, stop):
+        """x[..., start:stop] (Python slice rules on the last axis)."""
+        start, stop, _ = slice(start, stop).indices(_width(x))
+        stop = max(stop, start)
+        y = _empty(tuple(x.shape[:-1]) + (stop - start,))
+        if y.size:
+            _launch(_window, y.size, _rows(x), start, _rows(y))
+        return y
+
+
+class LayerNorm:
+    """:func:`npdgru.reference.layer_norm` over rows of (N, C) on the cuda backend (float32).
+
+    One thread per row, sums in index order (as ``cpu.LayerNorm``): batch-invariant bits.
+    """
+
+    backend = "cuda"
+
+    def __init__(self, weight, bias, *, eps=1e-5, name="norm"):
+        self.name = name
+        self.weight = _as_f32(f"{name}.weight", weight, np.shape(weight))
+        if self.weight.ndim != 1:
+            raise ParameterError(f"{name}.weight must be 1-D (C,), got shape {self.weight.shape}")
+        self.size = self.weight.shape[0]
+        self.bias = _as_f32(f"{name}.bias", bias, (self.size,))
+        self.eps = np.float32(eps)
+        self.d_weight = cuda.to_device(self.weight)
+        self.d_bias = cuda.to_device(self.bias)
+
+    def forward(self, x):
+        """x (N, C) -> (N, C) float32: NumPy for host input, a new device array for device input."""
+        d_x, host = _check_input(f"{self.name}: x", x, 2, self.size)
+        y = self._run(d_x)
+        return y.copy_to_host() if host else y
+
+    def _run(self, x):
+        """forward() without validation: device (N, C) -> new device array (N, C)."""
+        y = _empty(x.shape)
+        _launch(_layer_norm, x.shape[0], x, self.d_weight, self.d_bias, self.eps, y)
         return y
