@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from npdgru.evaluate.report import markdown, plot  # noqa: E402
+from npdgru.weights import load_weights  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,6 +41,9 @@ def main(argv=None) -> int:
     rows = [s for s in first["rows"] if s["engine"] != "npdgru"]
     for s in summaries:
         rows += [row for row in s["rows"] if row["engine"] == "npdgru" and row["model"] in args.models]
+    for row in rows:  # summary.json stores NaN (trained at any P) as null: ask the weight file
+        if row["engine"] == "npdgru" and row.get("trained_percent") is None and Path(row["path"]).is_file():
+            row["trained_percent"] = load_weights(row["path"]).trained_update_percent
     missing = set(args.models) - {row["model"] for row in rows}
     if missing:
         print(f"models not found in the runs: {sorted(missing)}", file=sys.stderr)

@@ -78,6 +78,15 @@ def _int(v) -> str:
     return "-" if v is None else f"{int(v):,}"
 
 
+def _trained(v) -> str:
+    """The trained-P cell: "-" unknown, "any" for a model trained at P drawn per batch (NaN)."""
+    if v is None:
+        return "-"
+    if isinstance(v, float) and v != v:
+        return "any"
+    return f"{v:g}"
+
+
 def _p(s: dict) -> str:
     return "-" if s["percent"] is None else f"{s['percent']:g}"
 
@@ -103,7 +112,7 @@ def markdown(summary: dict) -> str:
         cells = [
             s["name"],
             _p(s),
-            "-" if s.get("trained_percent") is None else f"{s['trained_percent']:g}",
+            _trained(s.get("trained_percent")),
             "-" if s.get("fraction_updated") is None else f"{100 * s['fraction_updated']:.0f}%",
             _int(macs.get("gru_dense")),
             _int(macs.get("gru_paper")),
