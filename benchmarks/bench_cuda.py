@@ -45,10 +45,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from npdgru import stft  # noqa: E402
+from npdgru import architectures, stft  # noqa: E402
 from npdgru.errors import NpdgruError  # noqa: E402
 from npdgru.model import MaskModel  # noqa: E402
-from npdgru.weights import Weights, default_weights_path, expected_shapes, load_weights, validate_architecture  # noqa: E402
+from npdgru.weights import Weights, default_weights_path, load_weights  # noqa: E402
 
 BATCHES = (1, 64, 1024, 8192, 32768)
 PERCENTS = (100, 50, 25)
@@ -61,18 +61,8 @@ def simulator() -> bool:
 
 
 def tiny_weights(seed=0, H=8) -> Weights:
-    """A random model of the NSNet2 topology, small enough for the simulator."""
-    arch = {"name": "tiny", "n_features": 161, "layers": [
-        {"kind": "linear", "name": "fc1", "in": 161, "out": 16, "activation": "relu"},
-        {"kind": "gru", "name": "gru1", "in": 16, "hidden": H},
-        {"kind": "gru", "name": "gru2", "in": H, "hidden": H},
-        {"kind": "linear", "name": "fc2", "in": H, "out": 161, "activation": "sigmoid"},
-    ]}
-    validate_architecture(arch)
-    rng = np.random.default_rng(seed)
-    t = {k: (rng.uniform(-1.0, 1.0, s) / np.sqrt(s[-1])).astype(np.float32) for k, s in expected_shapes(arch).items()}
-    t["fc1.weight"] *= np.float32(0.3)
-    return Weights(architecture=arch, tensors=t)
+    """A random NSNet2-shaped model small enough for the simulator (npdgru.architectures.tiny_weights)."""
+    return architectures.tiny_weights(seed, hidden=H)
 
 
 def real_features(n_frames: int) -> np.ndarray:

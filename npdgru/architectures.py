@@ -35,7 +35,7 @@ import copy
 
 N_BINS = 161
 
-__all__ = ["ARCHITECTURES", "architecture", "dprnn", "mpt"]
+__all__ = ["ARCHITECTURES", "architecture", "dprnn", "mpt", "tiny_weights"]
 
 
 def dprnn(*, bands: int = 41, bins_per_band: int = 4, channels: int = 32, intra_hidden: int = 16, inter_hidden: int = 64, blocks: int = 2) -> dict:
@@ -106,3 +106,27 @@ def architecture(name: str) -> dict:
     if name not in ARCHITECTURES:
         raise ParameterError(f"architecture {name!r} is not one of {tuple(ARCHITECTURES)}")
     return ARCHITECTURES[name]()
+
+
+def tiny_weights(seed: int = 0, hidden: int = 8):
+    """A random model of the NSNet2 topology (FC 16 -> D-GRU H -> D-GRU H -> FC 161), small enough
+    for numba's CUDA simulator: for tests and smoke runs, not for enhancement.
+
+    Weights are uniform in ±1/sqrt(fan-in); fc1 is scaled by 0.3 because log-power features are
+    O(10) and would saturate it.
+    """
+    import numpy as np
+
+    from .weights import Weights, expected_shapes, validate_architecture
+
+    arch = {"name": "tiny", "n_features": N_BINS, "layers": [
+        {"kind": "linear", "name": "fc1", "in": N_BINS, "out": 16, "activation": "relu"},
+        {"kind": "gru", "name": "gru1", "in": 16, "hidden": hidden},
+        {"kind": "gru", "name": "gru2", "in": hidden, "hidden": hidden},
+        {"kind": "linear", "name": "fc2", "in": hidden, "out": N_BINS, "activation": "sigmoid"},
+    ]}
+    validate_architecture(arch)
+    rng = np.random.default_rng(seed)
+    t = {k: (rng.uniform(-1.0, 1.0, s) / np.sqrt(s[-1])).astype(np.float32) for k, s in expected_shapes(arch).items()}
+    t["fc1.weight"] *= np.float32(0.3)
+    return Weights(architecture=arch, tensors=t)

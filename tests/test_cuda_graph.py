@@ -17,7 +17,6 @@ the row in a batch, streaming (one frame per call) == offline.
 
 from __future__ import annotations
 
-import os
 import sys
 from functools import lru_cache
 
@@ -30,26 +29,10 @@ from npdgru.errors import ParameterError
 from npdgru.kernels import cpu
 from npdgru.model import HostOps, MaskModel
 
-SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+from cuda_available import CUDA_OK, REASON, SIM  # noqa: E402
 
-
-def _gpu_present() -> bool:
-    if SIM:
-        return False
-    try:
-        from numba import cuda
-
-        return bool(cuda.is_available())
-    except Exception:
-        return False
-
-
-if not (SIM or _gpu_present()):
-    pytest.skip(
-        "cuda kernels need a CUDA GPU or numba's simulator: run with NUMBA_ENABLE_CUDASIM=1 set before "
-        "Python starts (pip install -e '.[cuda]')",
-        allow_module_level=True,
-    )
+if not CUDA_OK:
+    pytest.skip(REASON, allow_module_level=True)
 
 from npdgru.kernels import cuda as K  # noqa: E402  (imports numba.cuda: only after the skip)
 

@@ -22,54 +22,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from npdgru import stft
+from npdgru import architectures, stft
 from npdgru.errors import ParameterError
 from npdgru.model import MaskModel, get_backend
 
+from cuda_available import CUDA_OK, REASON, SIM  # noqa: E402
+from test_stream_batch import noise_speechlike  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 HOP = 160
 MASK_ATOL_DENSE, MASK_ATOL_SPARSE, AUDIO_ATOL = 1e-5, 1e-4, 1e-5
-
-
-def _gpu_present() -> bool:
-    if SIM:
-        return False
-    try:
-        from numba import cuda
-
-        return bool(cuda.is_available())
-    except Exception:
-        return False
-
-
-CUDA_OK = SIM or _gpu_present()
-needs_cuda = pytest.mark.skipif(
-    not CUDA_OK,
-    reason="needs a CUDA GPU or numba's simulator: run with NUMBA_ENABLE_CUDASIM=1 set before Python starts (pip install -e '.[cuda]')",
-)
+needs_cuda = pytest.mark.skipif(not CUDA_OK, reason=REASON)
 
 
 def tiny_weights(seed=0, H=12):
-    from npdgru.weights import Weights, expected_shapes, validate_architecture
-
-    arch = {"name": "tiny", "n_features": 161, "layers": [
-        {"kind": "linear", "name": "fc1", "in": 161, "out": 16, "activation": "relu"},
-        {"kind": "gru", "name": "gru1", "in": 16, "hidden": H},
-        {"kind": "gru", "name": "gru2", "in": H, "hidden": H},
-        {"kind": "linear", "name": "fc2", "in": H, "out": 161, "activation": "sigmoid"},
-    ]}
-    validate_architecture(arch)
-    rng = np.random.default_rng(seed)
-    t = {k: (rng.uniform(-1.0, 1.0, s) / np.sqrt(s[-1])).astype(np.float32) for k, s in expected_shapes(arch).items()}
-    t["fc1.weight"] *= np.float32(0.3)
-    return Weights(architecture=arch, tensors=t)
-
-
-def noise_speechlike(n, seed):
-    rng = np.random.default_rng(seed)
-    env = 0.05 + 0.2 * np.abs(np.sin(np.arange(n) / 900.0 + seed))
-    return (rng.standard_normal(n) * env).astype(np.float32)
+    """A random NSNet2-shaped model small enough for the simulator (npdgru.architectures.tiny_weights)."""
+    return architectures.tiny_weights(seed, hidden=H)
 
 
 @pytest.fixture(scope="module")

@@ -471,3 +471,41 @@ def test_cli_enhance_and_info_with_dprnn(tmp_path, capsys):
     assert "format_version: 2" in text and "trained_update_percent: any" in text
     n_params = sum(a.size for a in load_weights(SHIPPED["dprnn"]).tensors.values())
     assert n_params == 54_116 and "parameters: 54,116 float32" in text
+
+
+# ---------------------------------------------------------------------------- the cpu LayerNorm kernel
+
+
+@pytest.mark.parametrize("N, C", [(13, 7), (1, 1), (9, 32), (0, 5)])
+def test_cpu_layer_norm_matches_reference_and_is_row_invariant(N, C):
+    """cpu._layer_norm (numba, float32) against its twin reference.layer_norm (float64)."""
+    from npdgru import reference as ref
+    from npdgru.kernels import cpu
+
+    rng = np.random.default_rng(N * 100 + C)
+    x = (rng.standard_normal((N, C)) * 3 + 1).astype(np.float32)
+    w, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    ln = cpu.LayerNorm(w, b, eps=1e-5, name="ln")
+    y = ln.forward(x)
+    want = ref.layer_norm(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), 1e-5)
+    assert y.dtype == np.float32 and y.shape == (N, C)
+    np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
+    for n in range(N):  # a row alone gives the bits it gets in the block (offline == streaming)
+        assert np.array_equal(ln.forward(x[n : n + 1])[0], y[n])
+
+
+def test_cpu_layer_norm_refuses_bad_weights_and_input():
+    from npdgru.errors import ParameterError
+    from npdgru.kernels import cpu
+
+    with pytest.raises(ParameterError, match=r"ln\.weight must be 1-D"):
+        cpu.LayerNorm(np.ones((2, 2), np.float32), np.zeros(2, np.float32), name="ln")
+    with pytest.raises(ParameterError, match=r"ln\.bias must have shape \(3,\)"):
+        cpu.LayerNorm(np.ones(3, np.float32), np.zeros(4, np.float32), name="ln")
+    with pytest.raises(ParameterError, match=r"ln\.weight contains NaN"):
+        cpu.LayerNorm(np.array([1.0, np.nan], np.float32), np.zeros(2, np.float32), name="ln")
+    ln = cpu.LayerNorm(np.ones(3, np.float32), np.zeros(3, np.float32), name="ln")
+    with pytest.raises(ParameterError, match=r"ln: x must have shape \(N, 3\)"):
+        ln.forward(np.zeros((2, 4), np.float32))
+    with pytest.raises(ParameterError, match="NaN or Inf"):
+        ln.forward(np.array([[0.0, np.inf, 1.0]], np.float32))

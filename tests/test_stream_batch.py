@@ -19,7 +19,8 @@ import pytest
 
 from npdgru.enhance import Enhancer, StreamBatch
 from npdgru.errors import AudioError, ParameterError
-from npdgru.weights import Weights, expected_shapes, validate_architecture
+from npdgru import architectures
+from npdgru.weights import Weights
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "weights" / "nsnet2.safetensors"
@@ -27,17 +28,8 @@ HOP = 160
 
 
 def tiny_weights(seed=0, H=12) -> Weights:
-    arch = {"name": "tiny", "n_features": 161, "layers": [
-        {"kind": "linear", "name": "fc1", "in": 161, "out": 16, "activation": "relu"},
-        {"kind": "gru", "name": "gru1", "in": 16, "hidden": H},
-        {"kind": "gru", "name": "gru2", "in": H, "hidden": H},
-        {"kind": "linear", "name": "fc2", "in": H, "out": 161, "activation": "sigmoid"},
-    ]}
-    validate_architecture(arch)
-    rng = np.random.default_rng(seed)
-    t = {k: (rng.uniform(-1.0, 1.0, s) / np.sqrt(s[-1])).astype(np.float32) for k, s in expected_shapes(arch).items()}
-    t["fc1.weight"] *= np.float32(0.3)  # log-power features are O(10): keep fc1 out of saturation
-    return Weights(architecture=arch, tensors=t)
+    """A random NSNet2-shaped model small enough for the simulator (npdgru.architectures.tiny_weights)."""
+    return architectures.tiny_weights(seed, hidden=H)
 
 
 def noise_speechlike(n, seed):

@@ -554,21 +554,25 @@ def _activate(y, code):
                 row[q] = _tanh(row[q])
 
 
+def _check_linear_weights(weight, bias, activation, name):
+    """Linear weight (out, in) and bias (out,) as float32, and a known activation (cpu and cuda)."""
+    w = np.asarray(weight)
+    if w.ndim != 2:
+        raise ParameterError(f"{name}.weight must be 2-D (out, in), got shape {w.shape}")
+    if activation not in _ACT_CODES:
+        raise ParameterError(f"{name}: activation {activation!r} is not one of {tuple(_ACT_CODES)}")
+    return _as_f32(f"{name}.weight", w, w.shape), _as_f32(f"{name}.bias", bias, (w.shape[0],))
+
+
 class Linear:
     """Fully connected layer y = act(x Wᵀ + b) on the cpu backend (float32)."""
 
     backend = "cpu"
 
     def __init__(self, weight, bias, *, activation="none", name="linear"):
-        w = np.asarray(weight)
-        if w.ndim != 2:
-            raise ParameterError(f"{name}.weight must be 2-D (out, in), got shape {w.shape}")
-        if activation not in _ACT_CODES:
-            raise ParameterError(f"{name}: activation {activation!r} is not one of {tuple(_ACT_CODES)}")
         self.name = name
-        self.out_features, self.in_features = w.shape
-        self.weight = _as_f32(f"{name}.weight", w, w.shape)
-        self.bias = _as_f32(f"{name}.bias", bias, (self.out_features,))
+        self.weight, self.bias = _check_linear_weights(weight, bias, activation, name)
+        self.out_features, self.in_features = self.weight.shape
         self.wt = np.ascontiguousarray(self.weight.T)  # (in, out) column-contiguous
         self.activation = activation
         self._code = _ACT_CODES[activation]
@@ -610,6 +614,14 @@ def _layer_norm(x, w, b, eps, out):
             o[c] = (row[c] - mu) * inv * w[c] + b[c]
 
 
+def _check_norm_weights(weight, bias, name):
+    """LayerNorm weight and bias as float32 (C,) arrays; ParameterError naming the tensor (cpu and cuda)."""
+    w = _as_f32(f"{name}.weight", weight, np.shape(weight))
+    if w.ndim != 1:
+        raise ParameterError(f"{name}.weight must be 1-D (C,), got shape {w.shape}")
+    return w, _as_f32(f"{name}.bias", bias, (w.shape[0],))
+
+
 class LayerNorm:
     """:func:`npdgru.reference.layer_norm` over rows of (N, C) on the cpu backend (float32)."""
 
@@ -617,11 +629,8 @@ class LayerNorm:
 
     def __init__(self, weight, bias, *, eps=1e-5, name="norm"):
         self.name = name
-        self.weight = _as_f32(f"{name}.weight", weight, np.shape(weight))
-        if self.weight.ndim != 1:
-            raise ParameterError(f"{name}.weight must be 1-D (C,), got shape {self.weight.shape}")
+        self.weight, self.bias = _check_norm_weights(weight, bias, name)
         self.size = self.weight.shape[0]
-        self.bias = _as_f32(f"{name}.bias", bias, (self.size,))
         self.eps = np.float32(eps)
 
     def forward(self, x):

@@ -91,7 +91,7 @@ from numba import cuda, float32, int32
 
 from ..errors import ParameterError
 from ..reference import num_selected
-from .cpu import _ACT_CODES, DEFAULT_REFRESH, _as_f32, _check_gru_weights, _positive_int
+from .cpu import _ACT_CODES, DEFAULT_REFRESH, _as_f32, _check_gru_weights, _check_linear_weights, _check_norm_weights, _positive_int
 
 __all__ = [
     "GRULayer",
@@ -922,15 +922,9 @@ class Linear:
     backend = "cuda"
 
     def __init__(self, weight, bias, *, activation="none", name="linear"):
-        w = np.asarray(weight)
-        if w.ndim != 2:
-            raise ParameterError(f"{name}.weight must be 2-D (out, in), got shape {w.shape}")
-        if activation not in _ACT_CODES:
-            raise ParameterError(f"{name}: activation {activation!r} is not one of {tuple(_ACT_CODES)}")
         self.name = name
-        self.out_features, self.in_features = w.shape
-        self.weight = _as_f32(f"{name}.weight", w, w.shape)
-        self.bias = _as_f32(f"{name}.bias", bias, (self.out_features,))
+        self.weight, self.bias = _check_linear_weights(weight, bias, activation, name)
+        self.out_features, self.in_features = self.weight.shape
         self.activation = activation
         self._code = _ACT_CODES[activation]
         self.d_wt = cuda.to_device(np.ascontiguousarray(self.weight.T))  # (in, out) column-contiguous
@@ -1065,11 +1059,8 @@ class LayerNorm:
 
     def __init__(self, weight, bias, *, eps=1e-5, name="norm"):
         self.name = name
-        self.weight = _as_f32(f"{name}.weight", weight, np.shape(weight))
-        if self.weight.ndim != 1:
-            raise ParameterError(f"{name}.weight must be 1-D (C,), got shape {self.weight.shape}")
+        self.weight, self.bias = _check_norm_weights(weight, bias, name)
         self.size = self.weight.shape[0]
-        self.bias = _as_f32(f"{name}.bias", bias, (self.size,))
         self.eps = np.float32(eps)
         self.d_weight = cuda.to_device(self.weight)
         self.d_bias = cuda.to_device(self.bias)
