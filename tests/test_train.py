@@ -193,7 +193,7 @@ def _fake_corpus(root: Path):
 
 def test_mixtures_follow_the_recipe(tmp_path):
     _fake_corpus(tmp_path)
-    s = MixtureSampler(tmp_path, seconds=1.0, seed=3)
+    s = MixtureSampler(tmp_path, seconds=1.0, seed=3, recipe="v1")
     for _ in range(30):
         noisy, clean, snr = s.example()
         assert noisy.shape == clean.shape == (16000,) and noisy.dtype == np.float32
@@ -202,8 +202,8 @@ def test_mixtures_follow_the_recipe(tmp_path):
         measured = 10 * np.log10(np.sum(clean.astype(np.float64) ** 2) / np.sum(noise**2))
         assert abs(measured - snr) < 0.05
     # reproducible from the seed
-    a = MixtureSampler(tmp_path, seconds=1.0, seed=9).batch(3)
-    b = MixtureSampler(tmp_path, seconds=1.0, seed=9).batch(3)
+    a = MixtureSampler(tmp_path, seconds=1.0, seed=9, recipe="v1").batch(3)
+    b = MixtureSampler(tmp_path, seconds=1.0, seed=9, recipe="v1").batch(3)
     np.testing.assert_array_equal(a[0], b[0])
 
 
@@ -245,3 +245,117 @@ def test_training_loop_runs_resumes_and_converts(tmp_path):
     assert cli(["convert", str(tmp_path / "run" / "last.pt"), "-o", str(out), "--arch", str(arch)]) == 0
     trained = load_weights(out)
     assert any(not np.array_equal(trained.tensors[k], w.tensors[k]) for k in w.tensors)  # it learned something
+
+
+# -- the v2 recipe and distillation ----------------------------------------------------------
+
+
+def _fake_extra(root: Path, clips_per_type=10):
+    """noise/extra with two types of clips, each clip a constant of its own value (to trace it), and one RIR."""
+    import soundfile as sf
+
+    for t, kind in enumerate(("animals", "water")):
+        d = root / "noise" / "extra" / "train"
+        d.mkdir(parents=True, exist_ok=True)
+        for c in range(clips_per_type):
+            n = 3000 if c % 2 else 30000  # short clips must be looped to the crop length
+            sf.write(d / f"{kind}__src__clip{c:02d}.flac", np.full(n, 0.01 * (1 + c + 20 * t)), 16000)
+    rir = np.zeros(8000)
+    rir[100], rir[900], rir[3000] = 1.0, 0.5, 0.25
+    (root / "noise" / "extra" / "rir").mkdir(parents=True)
+    sf.write(root / "noise" / "extra" / "rir" / "room.flac", rir, 16000)
+
+
+def test_v2_recipe_holds_out_noise_by_clip(tmp_path):
+    _fake_corpus(tmp_path)
+    _fake_extra(tmp_path)
+    tr = MixtureSampler(tmp_path, split="train", seconds=1.0, seed=1)
+    va = MixtureSampler(tmp_path, split="val", seconds=1.0, seed=1)
+    assert set(tr.type_names) == {"noise0", "noise1", "animals", "water"} and len(tr.rirs) == 1
+    values = lambda s, k: {round(float(c[0]), 3) for c in s.noise_types[k]}  # noqa: E731
+    for kind in ("animals", "water"):
+        assert len(values(tr, kind)) == 9 and len(values(va, kind)) == 1  # every tenth clip held out
+        assert not values(tr, kind) & values(va, kind)
+    for k in ("noise0", "noise1"):  # recordings split in time: 90 % / 10 %, no overlap
+        assert tr.noise_types[k][0].size == 36000 and va.noise_types[k][0].size == 4000
+    for clip in tr.noise_types["water"]:  # short clips are looped to the crop, long ones cropped
+        assert tr._noise_segment(tr.rng, clip).size == tr.n
+    v1 = MixtureSampler(tmp_path, split="train", seconds=1.0, recipe="v1")
+    assert v1.type_names == ["noise0", "noise1"] and v1.p_reverb == 0
+
+
+def test_v2_reverberation_keeps_the_direct_path():
+    rng = np.random.default_rng(0)
+    rir = np.zeros(20000)
+    rir[50], rir[400], rir[12000] = 0.5, 0.2, 0.1
+    h = __import__("npdgru.train.data", fromlist=["_light_rir"])._light_rir(rng, rir)
+    assert h.size == 16000 and h[0] == 1.0  # starts at the direct path, normalised to it
+    assert h[350] == pytest.approx(0.4)  # early reflection (< 50 ms) kept as measured
+    assert 0.1 * 0.2 <= h[11950] <= 0.2 + 1e-12  # the late part scaled by a gain in [0.1, 1]
+
+
+def test_mixtures_v2_follow_the_recipe(tmp_path):
+    _fake_corpus(tmp_path)
+    _fake_extra(tmp_path)
+    s = MixtureSampler(tmp_path, seconds=1.0, seed=5)
+    s.p_reverb = 1.0  # every example reverberant: the target is the reverberant speech
+    for _ in range(10):
+        noisy, clean, snr = s.example()
+        assert -5 <= snr <= 20 and np.max(np.abs(noisy)) <= 0.99 + 1e-6
+        noise = noisy.astype(np.float64) - clean
+        assert abs(10 * np.log10(np.sum(clean.astype(np.float64) ** 2) / np.sum(noise**2)) - snr) < 0.05
+
+
+def test_distillation_loss_mixes_teacher_and_clean():
+    """W = 1 against itself is zero; W = 0 is the supervised loss; W = 0.5 the mean of both terms."""
+    from npdgru.train.loop import _step_loss, loss_fn
+
+    torch.manual_seed(0)
+    student = tm.MaskNet.from_weights(_tiny_nsnet2(seed=1)).double()
+    teacher = tm.MaskNet.from_weights(_tiny_nsnet2(seed=2)).double()
+    rng = np.random.default_rng(3)
+    noisy = torch.from_numpy(rng.standard_normal((2, 3200)) * 0.1)
+    clean = torch.from_numpy(rng.standard_normal((2, 3200)) * 0.05)
+    with torch.no_grad():
+        own = _step_loss(student, noisy, clean, 100, teacher=student, distill_weight=1.0)
+        sup = _step_loss(student, noisy, clean, 50, teacher=teacher, distill_weight=0.0)
+        dis = _step_loss(student, noisy, clean, 50, teacher=teacher, distill_weight=1.0)
+        mix = _step_loss(student, noisy, clean, 50, teacher=teacher, distill_weight=0.5)
+        # independent: the two terms written out from the public pieces
+        X, S = tm.stft(noisy), tm.stft(clean)
+        E = X * student(tm.log_power(X), 50)
+        T = X * teacher(tm.log_power(X), 100)
+        rms = clean.square().mean(-1).sqrt() + 1e-5
+    assert float(own) < 1e-6 < float(sup)
+    assert float(sup) == pytest.approx(float(loss_fn(E, S, rms)), rel=1e-12)
+    assert float(dis) == pytest.approx(float(loss_fn(E, T, rms)), rel=1e-12)
+    assert float(mix) == pytest.approx(0.5 * (float(sup) + float(dis)), rel=1e-12)
+
+
+def test_distillation_run_keeps_the_best_model_and_converts(tmp_path):
+    """Smoke test: --teacher, --workers, --warmup, best.pt by validation loss, then npdgru convert."""
+    from npdgru.cli import main as cli
+    from npdgru.train.loop import main as train_main
+    from npdgru.weights import save_weights
+
+    _fake_corpus(tmp_path / "data")
+    _fake_extra(tmp_path / "data")
+    w = _tiny_nsnet2()
+    save_weights(tmp_path / "init.safetensors", w.tensors, architecture=w.architecture)
+    init = str(tmp_path / "init.safetensors")
+    args = ["--data", str(tmp_path / "data"), "--init", init, "--teacher", init, "--distill-weight", "0.5",
+            "--out", str(tmp_path / "run"), "--batch", "2", "--seconds", "0.5", "--val-count", "2", "--val-every", "2",
+            "--log-every", "1", "--any-p", "25", "100", "--steps", "3", "--workers", "1", "--warmup", "4"]
+    assert train_main(args) == 0
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    val = [r.split(",") for r in rows[1:] if len(r.split(",")) > 4]
+    means = {int(r[0]): np.mean([float(r[i]) for i in (4, 6, 8)]) for r in val}
+    assert best["step"] == min(means, key=means.get)  # the best validation row is the one kept
+    assert [r.split(",")[3] for r in rows[2:4]] == ["2.5e-05", "5e-05"]  # warm-up: lr (step+1)/4
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(w.architecture))
+    out = tmp_path / "best.safetensors"
+    assert cli(["convert", str(tmp_path / "run" / "best.pt"), "-o", str(out), "--arch", str(arch)]) == 0
+    got = load_weights(out).tensors
+    assert any(not np.array_equal(got[k], w.tensors[k]) for k in w.tensors) or best["step"] == 0

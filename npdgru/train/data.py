@@ -1,20 +1,38 @@
-"""Training mixtures made on the fly from ``../shared/data`` (speech/train + noise/train).
+"""Training mixtures made on the fly from ``../shared/data``.
 
-Rules (issue 6): never read ``noise/test`` or ``testset/``; validation uses ``speech/val`` with
-fixed mixtures (a fixed seed) over ``noise/train``.
+Rules: never read ``noise/test``, ``testset/`` or ``testset_ood/``. Validation mixtures use
+``speech/val`` and held-out noise (fixed seed): the last 10 % of each ``noise/train`` recording
+and every tenth clip of each type of ``noise/extra/train`` (by clip, so no validation clip is
+ever heard in training).
 
-One training example (:meth:`MixtureSampler.example`), each choice drawn from the sampler's own
+Two recipes; ``npdgru train --recipe`` picks one and ``config.json`` records it.
+
+**v2** (default; :meth:`MixtureSampler.example`), each choice drawn from the sampler's own
 ``numpy.random.Generator`` so a run is reproducible from its seed:
 
 - speech: a random ``seconds``-long crop of an utterance; utterances shorter than that are
   joined with further utterances of the same speaker (50-300 ms of silence between);
-- noise: a random segment of one of the six training noises; with probability 0.3 a second
-  noise is added at -6..+6 dB relative; with probability 0.25 babble (3 to 6 utterances of other
-  training speakers summed) is the noise or is added to it; with probability 0.5 a random
-  spectral tilt (first-order filter ``y[n] = x[n] + a x[n-1]``, ``a`` in [-0.9, 0.9]);
-- SNR uniform in [-5, 15] dB (speech power over noise power, both over the whole crop);
-- level: the mixture is scaled to an RMS uniform in [-40, -15] dBFS (clean by the same factor),
+- reverberation (probability 0.2): the speech is convolved with one of the measured RIRs of
+  ``noise/extra/rir`` whose late part (after the direct path + 50 ms) is scaled by a gain in
+  [0.1, 1] ("light" reverberation), cut to 1 s. The **target is the reverberant speech**: the
+  models are denoisers, as the NSNet2 teacher is, and a 20 ms-frame mask cannot undo a hall; a
+  dry target would ask the student for something its teacher never does;
+- noise: a noise *type* drawn uniformly from the six ``noise/train`` recordings and the types of
+  ``noise/extra/train`` (file-name prefix), then a clip of that type. Clips shorter than the
+  crop are looped from a random start; longer ones are cropped where they carry energy (a crop
+  is redrawn, up to 4 times, while its RMS is below 30 % of the clip's). With probability 0.3 a
+  second noise is added at -6..+6 dB; with probability 0.25 babble (3 to 6 utterances of other
+  training speakers) is the noise or is added to it; with probability 0.5 a random spectral tilt
+  (``y[n] = x[n] + a x[n-1]``, ``a`` in [-0.9, 0.9]);
+- SNR uniform in [-5, 20] dB (speech power over noise power, over the whole crop);
+- level: the mixture is scaled to an RMS uniform in [-45, -12] dBFS (clean by the same factor),
   then down if its peak exceeds 0.99.
+
+**v1** (the recipe of the first fine-tunes): only the six ``noise/train`` recordings (all of
+them, validation included), no reverberation, SNR in [-5, 15] dB, level in [-40, -15] dBFS.
+
+Audio is read from ``.flac`` or ``.ogg`` files (a compact Opus copy of the corpus serves for
+training on a remote GPU; see ``training/README.md``).
 """
 
 from __future__ import annotations
@@ -31,9 +49,9 @@ SAMPLE_RATE = 16000
 
 
 def _read_folder(folder: pathlib.Path) -> dict[str, np.ndarray]:
-    files = sorted(folder.glob("*.flac"))
+    files = sorted(f for f in folder.glob("*") if f.suffix in (".flac", ".ogg"))
     if not files:
-        raise NpdgruError(f"{folder}: no .flac files (expected ../shared/data from the project brief)")
+        raise NpdgruError(f"{folder}: no .flac or .ogg files (expected the corpus of ../shared/data)")
     out = {}
     for f in files:
         x, sr = sf.read(f, dtype="float32", always_2d=False)
@@ -51,16 +69,61 @@ def _rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)) + 1e-20))
 
 
-class MixtureSampler:
-    """Draws (noisy, clean) training pairs; see the module docstring for the recipe."""
+def _noise_type(stem: str) -> str:
+    """The type of a ``noise/extra`` clip: its file-name prefix (``animals__esc10__...`` → animals)."""
+    return stem.split("__", 1)[0]
 
-    def __init__(self, data_root, *, split: str = "train", seconds: float = 4.0, seed: int = 0):
+
+def _light_rir(rng, rir: np.ndarray) -> np.ndarray:
+    """A measured RIR with its late part scaled by a gain in [0.1, 1], cut to 1 s, direct path first."""
+    d = int(np.argmax(np.abs(rir)))
+    h = rir[d : d + SAMPLE_RATE].astype(np.float64)
+    early = int(0.05 * SAMPLE_RATE)
+    h[early:] *= rng.uniform(0.1, 1.0)
+    return h / np.abs(h[0])  # the direct path keeps the speech level (SNR is set after)
+
+
+RECIPES = ("v1", "v2")
+VAL_FRACTION = 0.1  # of each noise/train recording (its end) and of each extra type (every 10th clip)
+
+
+class MixtureSampler:
+    """Draws (noisy, clean) training pairs; see the module docstring for the recipes."""
+
+    def __init__(self, data_root, *, split: str = "train", seconds: float = 4.0, seed: int = 0, recipe: str = "v2"):
         root = pathlib.Path(data_root)
         if split not in ("train", "val"):
             raise ValueError("split must be 'train' or 'val'")
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+        self.recipe = recipe
         self.speech = _read_folder(root / "speech" / split)
-        # Noise always comes from noise/train: noise/test is reserved for testset/.
-        self.noises = list(_read_folder(root / "noise" / "train").values())
+        # Noise always comes from noise/train (+ noise/extra/train): noise/test is reserved for testset/.
+        base = _read_folder(root / "noise" / "train")
+        self.rirs: list[np.ndarray] = []
+        if recipe == "v1":
+            self.noise_types = {stem: [x] for stem, x in base.items()}
+        else:
+            self.noise_types = {}
+            for stem, x in base.items():  # long recordings: split in time
+                cut = int(round(x.size * (1 - VAL_FRACTION)))
+                self.noise_types[stem] = [x[:cut] if split == "train" else x[cut:]]
+            extra = root / "noise" / "extra"
+            if (extra / "train").is_dir():
+                by_type = collections.defaultdict(list)
+                for stem, x in sorted(_read_folder(extra / "train").items()):
+                    by_type[_noise_type(stem)].append(x)
+                for kind, clips in by_type.items():  # short clips: split by clip
+                    if len(clips) < 2:  # a single clip stays in training
+                        chosen = clips if split == "train" else []
+                    else:
+                        chosen = [c for i, c in enumerate(clips) if (i % int(1 / VAL_FRACTION) == 5) == (split == "val")]
+                    if chosen:
+                        self.noise_types[kind] = chosen
+            if (extra / "rir").is_dir():
+                self.rirs = list(_read_folder(extra / "rir").values())
+        self.type_names = sorted(self.noise_types)
+        self.noises = [x for k in self.type_names for x in self.noise_types[k]]  # every noise array
         # Babble always from *training* speakers (for the val split too: still never test data).
         self.babble_pool = self.speech if split == "train" else _read_folder(root / "speech" / "train")
         self.by_speaker = collections.defaultdict(list)
@@ -70,6 +133,10 @@ class MixtureSampler:
         self.babble_stems = sorted(self.babble_pool)
         self.n = int(round(seconds * SAMPLE_RATE))
         self.rng = np.random.default_rng(seed)
+        v2 = recipe == "v2"
+        self.snr_range = (-5.0, 20.0) if v2 else (-5.0, 15.0)
+        self.level_range = (-45.0, -12.0) if v2 else (-40.0, -15.0)
+        self.p_reverb = 0.2 if v2 and self.rirs else 0.0
 
     # -- pieces -----------------------------------------------------------------------------
     def _speech_crop(self, rng, stem: str) -> np.ndarray:
@@ -82,8 +149,26 @@ class MixtureSampler:
         return x[start : start + self.n].astype(np.float32)
 
     def _noise_segment(self, rng, noise: np.ndarray) -> np.ndarray:
-        start = int(rng.integers(0, noise.size - self.n + 1))
-        return noise[start : start + self.n]
+        if noise.size < self.n:  # a short event clip: loop it from a random start
+            reps = -(-(self.n + noise.size) // noise.size)
+            start = int(rng.integers(0, noise.size))
+            return np.tile(noise, reps)[start : start + self.n]
+        if self.recipe == "v1":
+            start = int(rng.integers(0, noise.size - self.n + 1))
+            return noise[start : start + self.n]
+        floor = 0.3 * _rms(noise)
+        for _ in range(5):  # crop where the clip carries energy
+            start = int(rng.integers(0, noise.size - self.n + 1))
+            seg = noise[start : start + self.n]
+            if _rms(seg) >= floor:
+                break
+        return seg
+
+    def _draw_noise(self, rng) -> np.ndarray:
+        if self.recipe == "v1":
+            return self.noises[int(rng.integers(len(self.noises)))]
+        clips = self.noise_types[self.type_names[int(rng.integers(len(self.type_names)))]]
+        return clips[int(rng.integers(len(clips)))]
 
     def _babble(self, rng, exclude: str) -> np.ndarray:
         out = np.zeros(self.n, np.float32)
@@ -100,11 +185,10 @@ class MixtureSampler:
         return out
 
     def _noise(self, rng, speaker: str) -> np.ndarray:
-        k = int(rng.integers(len(self.noises)))
-        noise = self._noise_segment(rng, self.noises[k]).astype(np.float64)
+        noise = self._noise_segment(rng, self._draw_noise(rng)).astype(np.float64)
         noise /= _rms(noise)
         if rng.random() < 0.3:  # a second noise
-            other = self._noise_segment(rng, self.noises[int(rng.integers(len(self.noises)))]).astype(np.float64)
+            other = self._noise_segment(rng, self._draw_noise(rng)).astype(np.float64)
             noise += other / _rms(other) * 10 ** (rng.uniform(-6, 6) / 20)
         if rng.random() < 0.25:  # babble from other speakers, alone or added
             babble = self._babble(rng, speaker).astype(np.float64)
@@ -115,17 +199,25 @@ class MixtureSampler:
             noise = noise + a * np.concatenate([[0.0], noise[:-1]])
         return noise
 
+    def _reverberate(self, rng, clean: np.ndarray) -> np.ndarray:
+        from scipy.signal import fftconvolve
+
+        h = _light_rir(rng, self.rirs[int(rng.integers(len(self.rirs)))])
+        return fftconvolve(clean, h)[: clean.size]
+
     # -- examples ---------------------------------------------------------------------------
     def example(self, rng=None) -> tuple[np.ndarray, np.ndarray, float]:
         """One (noisy, clean, snr_db) pair, float32 arrays of ``seconds`` at 16 kHz."""
         rng = self.rng if rng is None else rng
         stem = self.stems[int(rng.integers(len(self.stems)))]
         clean = self._speech_crop(rng, stem).astype(np.float64)
+        if self.p_reverb and rng.random() < self.p_reverb:
+            clean = self._reverberate(rng, clean)  # the target is the reverberant speech
         noise = self._noise(rng, _speaker(stem))
-        snr = float(rng.uniform(-5.0, 15.0))
+        snr = float(rng.uniform(*self.snr_range))
         noise *= _rms(clean) / _rms(noise) / 10 ** (snr / 20)
         noisy = clean + noise
-        gain = 10 ** (rng.uniform(-40.0, -15.0) / 20) / _rms(noisy)
+        gain = 10 ** (rng.uniform(*self.level_range) / 20) / _rms(noisy)
         peak = np.max(np.abs(noisy)) * gain
         if peak > 0.99:
             gain *= 0.99 / peak

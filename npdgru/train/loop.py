@@ -17,6 +17,20 @@ optimised: a mix of compressed-magnitude and compressed-complex MSE with c = 0.3
 each example normalised by its clean-speech level so quiet and loud examples weigh the same.
 The compression weighs low-energy bins (where residual noise and speech onsets are audible)
 more than a plain MSE, which correlates better with PESQ and DNSMOS.
+
+Distillation (``--teacher weights/nsnet2.safetensors --distill-weight W``): a dense teacher (run
+at P = 100, frozen) enhances the same noisy batch, and the loss becomes
+
+    W · L(student, teacher's enhanced spectrum) + (1 − W) · L(student, clean speech)
+
+with the same compressed spectral loss L and the same clean-speech level normalisation. W = 0 is
+plain supervised training, W = 1 pure distillation. The teacher, trained on hundreds of hours of
+DNS data, carries what a few hours of speech and noise cannot teach: its term keeps the student
+close to a model that generalises, while the supervised term lets it gain on our data.
+
+Model selection: at each validation step the mean validation loss over the validation P (against
+clean speech, on held-out speakers and held-out noise clips) is compared with the best so far;
+the best model is kept as ``best.pt`` (``npdgru convert best.pt`` ships it).
 """
 
 from __future__ import annotations
@@ -62,14 +76,38 @@ def si_snr_db(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(proj.square().sum(-1) / ((est - proj).square().sum(-1) + 1e-12) + 1e-12)
 
 
-def _step_loss(model, noisy, clean, P):
+def _step_loss(model, noisy, clean, P, teacher=None, distill_weight=0.0):
+    """The training loss of one batch; with a teacher, the mix of the module docstring."""
     dev = next(model.parameters()).device
     noisy, clean = noisy.to(dev), clean.to(dev)
     X = stft(noisy)
     S = stft(clean)
-    mask = model(log_power(X), update_percent=P)
+    feats = log_power(X)
+    E = X * model(feats, update_percent=P)
     rms = clean.square().mean(-1).sqrt() + 1e-5
-    return loss_fn(X * mask, S, rms)
+    if teacher is None or distill_weight == 0.0:
+        return loss_fn(E, S, rms)
+    with torch.no_grad():
+        T = X * teacher(feats, update_percent=100.0)
+    if distill_weight == 1.0:
+        return loss_fn(E, T, rms)
+    return distill_weight * loss_fn(E, T, rms) + (1.0 - distill_weight) * loss_fn(E, S, rms)
+
+
+def _model_from_weights(weights, arch=None):
+    """The PyTorch twin of npdgru weights: MaskNet for NSNet2-shaped files, GraphNet otherwise."""
+    if weights.architecture.get("name") == "nsnet2" and arch in (None, "nsnet2"):
+        return MaskNet.from_weights(weights)  # the PyTorch NSNet2 layout (fine-tunes)
+    return GraphNet.from_weights(weights)
+
+
+def load_teacher(path, device):
+    """A frozen dense teacher from an npdgru weight file."""
+    teacher = _model_from_weights(load_weights(path))
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 @torch.no_grad()
@@ -90,6 +128,42 @@ def validate(model, val, percents, batch=16):
     return out
 
 
+def _producer(queue, data, seconds, recipe, seed, batch):  # a worker process of BatchSource
+    sampler = MixtureSampler(data, split="train", seconds=seconds, seed=0, recipe=recipe)
+    sampler.rng = np.random.default_rng(seed)
+    while True:
+        queue.put(sampler.batch(batch))
+
+
+class BatchSource:
+    """Training batches from ``workers`` processes (0: in this process, the original order).
+
+    With workers, batch k comes from worker k mod N, each with its own generator seeded from
+    (run seed, step, worker), so a run stays reproducible for a given worker count. The
+    processes are started with "spawn" (no copy of CUDA state) and are daemons.
+    """
+
+    def __init__(self, sampler, args, step):
+        self.sampler, self.k = sampler, 0
+        self.queues = []
+        if args.workers > 0:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")
+            for w in range(args.workers):
+                q = ctx.Queue(maxsize=3)
+                seed = [args.seed, step, w]
+                ctx.Process(target=_producer, args=(q, args.data, args.seconds, args.recipe, seed, args.batch), daemon=True).start()
+                self.queues.append(q)
+
+    def next(self, batch):
+        if not self.queues:
+            return self.sampler.batch(batch)
+        q = self.queues[self.k % len(self.queues)]
+        self.k += 1
+        return q.get(timeout=600)
+
+
 def _draw_percent(args, rng) -> float:
     if args.any_p:
         lo, hi = args.any_p
@@ -104,6 +178,9 @@ def build_parser(p=None):
     p.add_argument("--arch", default=None, help="train this architecture from scratch (dprnn, mpt, nsnet2; npdgru.architectures)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--data", default="../shared/data", help="corpus root (speech/, noise/)")
+    p.add_argument("--recipe", default="v2", choices=["v1", "v2"], help="mixture recipe (npdgru.train.data; v2: all training noise, RIRs)")
+    p.add_argument("--teacher", default=None, help="npdgru weights of a dense teacher to distil (e.g. weights/nsnet2.safetensors)")
+    p.add_argument("--distill-weight", type=float, default=0.5, help="with --teacher: weight W of the teacher term (0 = supervised only, 1 = teacher only)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--update-percent", type=float, default=100.0, help="P of the select gate during training")
     g.add_argument("--any-p", type=float, nargs=2, metavar=("LO", "HI"), help="draw P per batch uniformly from [LO, HI]")
@@ -114,11 +191,13 @@ def build_parser(p=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seconds", type=float, default=4.0, help="crop length of training examples")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up from 0 (Adam's first steps move every weight by about lr)")
     p.add_argument("--clip", type=float, default=5.0, help="gradient-norm clipping")
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--val-count", type=int, default=64, help="fixed validation mixtures from speech/val")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=0, help="processes making training mixtures (0: in the training process)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -136,12 +215,11 @@ def train(args) -> pathlib.Path:
         from ..weights import default_weights_path
 
         init = default_weights_path()
+    if not 0.0 <= args.distill_weight <= 1.0:
+        raise ValueError(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
     if init is not None:
         init_weights = load_weights(init)
-        if init_weights.architecture.get("name") == "nsnet2" and args.arch in (None, "nsnet2"):
-            model = MaskNet.from_weights(init_weights)  # the PyTorch NSNet2 layout (fine-tunes)
-        else:
-            model = GraphNet.from_weights(init_weights)
+        model = _model_from_weights(init_weights, args.arch)
     else:
         from ..architectures import architecture
 
@@ -149,8 +227,9 @@ def train(args) -> pathlib.Path:
         init_weights = None
         model = GraphNet(architecture(args.arch))  # from scratch, PyTorch's default initialisation
     model.to(args.device)
+    teacher = load_teacher(args.teacher, args.device) if args.teacher else None
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sampler = MixtureSampler(args.data, split="train", seconds=args.seconds, seed=args.seed)
+    sampler = MixtureSampler(args.data, split="train", seconds=args.seconds, seed=args.seed, recipe=args.recipe)
     step = 0
     note = ""
     if resumed:
@@ -167,7 +246,7 @@ def train(args) -> pathlib.Path:
         sampler.rng = np.random.default_rng(args.seed + step)
         note = f"continuing from {init} at step {step}: Adam moments restarted"
     percent_rng = np.random.default_rng(args.seed + 7919 * (step + 1))
-    val_sampler = MixtureSampler(args.data, split="val", seconds=args.seconds, seed=0)
+    val_sampler = MixtureSampler(args.data, split="val", seconds=args.seconds, seed=0, recipe=args.recipe)
     val = val_sampler.fixed_set(args.val_count)
     val_percents = [25.0, 50.0, 100.0] if args.any_p else [args.update_percent]
 
@@ -187,10 +266,21 @@ def train(args) -> pathlib.Path:
         torch.save(opt.state_dict(), out / "optim.tmp")
         os.replace(out / "optim.tmp", out / "optim.pt")
 
+    best_path = out / "best.pt"
+    best = {"loss": float("inf")}
+    if best_path.exists():
+        best["loss"] = float(torch.load(best_path, weights_only=True)["val_loss"])
+
     def validation_row(train_loss):
         v = validate(model, val, val_percents)
+        mean_loss = float(np.mean([v[P][0] for P in val_percents]))
+        if mean_loss < best["loss"]:
+            best["loss"] = mean_loss
+            cpu_state = {k: val_.detach().cpu() for k, val_ in model.state_dict().items()}
+            torch.save({"model": cpu_state, "step": step, "seed": args.seed, "val_loss": mean_loss}, best_path.with_suffix(".tmp"))
+            os.replace(best_path.with_suffix(".tmp"), best_path)
         cells = [f"{v[P][k]:.5f}" for P in val_percents for k in (0, 1)]
-        writer.writerow([step, f"{time.time() - t0 + elapsed:.1f}", f"{train_loss:.5f}", args.lr] + cells)
+        writer.writerow([step, f"{time.time() - t0 + elapsed:.1f}", f"{train_loss:.5f}", f"{opt.param_groups[0]['lr']:.3g}"] + cells)
         log.flush()
         print(f"step {step}: train {train_loss:.4f} " + " ".join(f"P{P:g}: loss {v[P][0]:.4f} si-snr {v[P][1]:.2f} dB" for P in val_percents), flush=True)
 
@@ -203,13 +293,17 @@ def train(args) -> pathlib.Path:
     if step == 0 or (args.continue_run and not resumed):
         validation_row(float("nan"))
     running = []
+    source = BatchSource(sampler, args, step)
     model.train()
     while step < args.steps:
         if args.minutes is not None and time.time() - t0 > 60 * args.minutes:
             break
-        noisy, clean = sampler.batch(args.batch)
+        noisy, clean = source.next(args.batch)
         P = _draw_percent(args, percent_rng)
-        loss = _step_loss(model, torch.from_numpy(noisy), torch.from_numpy(clean), P)
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup > 0 else args.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = _step_loss(model, torch.from_numpy(noisy), torch.from_numpy(clean), P, teacher, args.distill_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -223,7 +317,7 @@ def train(args) -> pathlib.Path:
             running = []
             checkpoint()
         elif step % args.log_every == 0:
-            writer.writerow([step, f"{time.time() - t0 + elapsed:.1f}", f"{np.mean(running):.5f}", args.lr])
+            writer.writerow([step, f"{time.time() - t0 + elapsed:.1f}", f"{np.mean(running):.5f}", f"{opt.param_groups[0]['lr']:.3g}"])
             log.flush()
     if running:
         validation_row(float(np.mean(running)))
