@@ -196,6 +196,7 @@ def build_parser(p=None):
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--val-count", type=int, default=64, help="fixed validation mixtures from speech/val")
     p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--snapshot-every", type=int, default=0, help="also keep step<N>.pt every N steps (comparisons at equal steps)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=0, help="processes making training mixtures (0: in the training process)")
     p.add_argument("--seed", type=int, default=0)
@@ -312,6 +313,8 @@ def train(args) -> pathlib.Path:
         running.append(loss.item())
         if not math.isfinite(running[-1]):
             raise RuntimeError(f"loss became {running[-1]} at step {step}")
+        if args.snapshot_every and step % args.snapshot_every == 0:
+            torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "step": step, "seed": args.seed}, out / f"step{step}.pt")
         if step % args.val_every == 0:
             validation_row(float(np.mean(running)))
             running = []

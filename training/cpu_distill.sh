@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Distillation runs on a 2-core CPU: two lanes of one thread each, stopped by wall time and
+# resumable (rerun the same line: a run folder that holds last.pt continues).
+#   bash training/cpu_distill.sh 1   the candidate default: NSNet2, teacher + clean (W = 0.5)
+#   bash training/cpu_distill.sh 2   the comparison at equal steps: supervised only (W = 0), teacher only (W = 1)
+# Recipe v2, P drawn per batch from U[25, 100], teacher = the original NSNet2 (dense), student
+# initialised from the teacher. Lane 1 keeps step<N>.pt snapshots for the comparison.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+common=(--recipe v2 --any-p 25 100 --teacher weights/nsnet2.safetensors --init weights/nsnet2.safetensors
+        --batch 16 --seconds 4 --lr 1e-4 --warmup 50 --val-every 75 --val-count 32 --log-every 15 --threads 1 --steps 100000)
+case "$1" in
+  1) python3 -m npdgru.train --out training/runs/nsnet2-mix "${common[@]}" --distill-weight 0.5 --snapshot-every 225 --minutes "${MINUTES:-85}" ;;
+  2) python3 -m npdgru.train --out training/runs/nsnet2-sup "${common[@]}" --distill-weight 0 --steps 225
+     python3 -m npdgru.train --out training/runs/nsnet2-dis "${common[@]}" --distill-weight 1 --steps 225 ;;
+esac
