@@ -98,7 +98,7 @@ def _warm_up(enh, quiet: bool) -> None:
     """Run the kernels once on silence, so that per-file times exclude JIT compilation.
 
     Numba compiles on the first call (cached on disk afterwards); if that takes more than half a
-    second, say so while it runs and how long it took.
+    second, say so on a terminal while it runs, and how long it took.
     """
     import threading
 
@@ -111,7 +111,7 @@ def _warm_up(enh, quiet: bool) -> None:
         print("npdgru: compiling kernels (first run only) ...", file=sys.stderr, flush=True)
 
     timer = threading.Timer(0.5, say)
-    if not quiet:
+    if not quiet and sys.stderr.isatty():
         timer.start()
     t0 = time.perf_counter()
     try:

@@ -28,7 +28,7 @@ class CheckpointError(NpdgruError):
     """A checkpoint cannot be converted safely (refused global, corrupt archive, bad tensors)."""
 
 
-class StreamInputError(AudioError):
+class StreamInputError(AudioError, ParameterError):
     """Some streams of a :class:`~npdgru.enhance.StreamBatch` call were refused; the others ran.
 
     ``rejected`` maps each refused stream id to the reason; ``outputs`` holds the hops of the
