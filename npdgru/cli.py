@@ -90,8 +90,9 @@ def _check_output_name(out: Path, n_inputs: int) -> bool:
 
 
 def _format_percent(fraction: float) -> str:
-    """A percentage to three significant digits: 0.0025 -> '0.25', 0.5 -> '50', 1/3 -> '33.3'."""
-    return f"{100.0 * fraction:.3g}"
+    """A percentage that does not round A/H away: 0.0025 -> '0.25', 0.0125 -> '1.25', 0.5 -> '50.0'."""
+    text = f"{100.0 * fraction:.3f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
 
 
 def _warm_up(enh, quiet: bool) -> None:
