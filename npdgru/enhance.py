@@ -515,6 +515,13 @@ def _resolve_weights(weights, model):
         return load_weights(default_weights_path())
     if not isinstance(weights, (str, os.PathLike)):
         raise ParameterError(f"weights={weights!r}: expected a weight file path, a loaded Weights or None (the shipped default); for a shipped model by name use model=")
+    if not os.path.exists(weights) and os.sep not in os.fspath(weights):
+        try:
+            model_path(os.fspath(weights))
+        except ParameterError:
+            pass
+        else:
+            raise ParameterError(f"{weights}: no such weight file; for the shipped model of that name pass model={os.fspath(weights)!r} (--model on the command line)")
     return load_weights(weights)
 
 

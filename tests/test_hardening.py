@@ -424,6 +424,8 @@ def test_shipped_models_by_name(capsys, tmp_path):
     assert Enhancer(model="mpt").weights.architecture["name"] == "mpt"
     with pytest.raises(ParameterError, match="'gpt' is not a shipped model.*dprnn-anyp"):
         Enhancer(model="gpt")
+    with pytest.raises(ParameterError, match="model='dprnn'"):
+        Enhancer("dprnn")  # a name where a file is expected: the hint, not just "no such file"
     with pytest.raises(ParameterError, match="not both"):
         Enhancer(REPO / "weights" / "nsnet2.safetensors", model="dprnn")
     for argv in (["models"], ["info"]):
