@@ -547,7 +547,7 @@ def _fit_length(y: np.ndarray, n: int) -> np.ndarray:
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif")
 
 
-MAX_PIPE_BYTES = 2**31  # a pipe or FIFO is read into memory (libsndfile cannot seek it): 2 GiB at most
+MAX_PIPE_BYTES = 2**30  # a pipe or FIFO is read into memory (libsndfile cannot seek it): 1 GiB at most
 
 
 def read_audio(path, *, info: bool = False):

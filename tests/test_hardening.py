@@ -465,3 +465,27 @@ def test_warm_up_says_when_it_compiles(monkeypatch, capsys):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     cli._warm_up(Slow(), quiet=False)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_endless_pipe_is_bounded(tmp_path, monkeypatch):
+    """A pipe is read into memory with a bound (here lowered to 1 KiB), never without one."""
+    import npdgru.enhance as enhance_module
+
+    monkeypatch.setattr(enhance_module, "MAX_PIPE_BYTES", 1024)
+    fifo = tmp_path / "endless.fifo"
+    os.mkfifo(fifo)
+    _feed_fifo_ignoring_close(fifo, b"RIFF" + bytes(5000))
+    with pytest.raises(AudioError, match="more than 1024 bytes from a pipe"):
+        read_audio(fifo)
+
+
+def _feed_fifo_ignoring_close(path: Path, data: bytes) -> None:
+    def writer():
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+        except BrokenPipeError:  # the reader stops at its bound
+            pass
+
+    threading.Thread(target=writer, daemon=True).start()
