@@ -1,6 +1,6 @@
 """Training mixtures made on the fly from ``../shared/data`` (speech/train + noise/train).
 
-Rules (issue 6): never read ``noise/test`` or ``testset/``; validation uses ``speech/val`` with
+Rules: never read ``noise/test`` or ``testset/``; validation uses ``speech/val`` with
 fixed mixtures (a fixed seed) over ``noise/train``.
 
 One training example (:meth:`MixtureSampler.example`), each choice drawn from the sampler's own
