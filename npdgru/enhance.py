@@ -83,17 +83,20 @@ def _validate_chunk(chunk) -> np.ndarray:
     return _check_audio(c, "chunk").astype(np.float32)
 
 
-def _validate_hops(chunks: dict, open_ids: list) -> tuple[list, np.ndarray, dict]:
+def _validate_hops(chunks: dict, open_rows: dict) -> tuple[list, np.ndarray, dict]:
     """Check every stream's hop of a StreamBatch call before any state changes.
 
-    Returns the accepted ids, their hops (n, 160) float32, and ``{id: reason}`` for the refused
-    ones (an id that is not open, a wrong shape, NaN/Inf, a magnitude beyond the limit).
+    ``open_rows`` maps each open stream id to its batch row. Returns the accepted ids, their hops
+    (n, 160) float32, and ``{id: reason}`` for the refused ones (an id that is not open, a wrong
+    shape, NaN/Inf, a magnitude beyond the limit).
     """
     ok, hops, rejected = [], [], {}
     for sid, chunk in chunks.items():
         try:
-            if sid not in open_ids:
-                raise ParameterError(f"stream id {sid!r} is not open (open ids: {open_ids})")
+            if sid not in open_rows:
+                shown = list(open_rows)[:20]
+                more = f" and {len(open_rows) - 20} more" if len(open_rows) > 20 else ""
+                raise ParameterError(f"stream id {sid!r} is not open (open ids: {shown}{more})")
             c = np.asarray(chunk)
             if c.shape != (stft.HOP,):
                 raise AudioError(f"stream {sid!r}: a chunk must be one hop of {stft.HOP} samples (16 kHz mono), got shape {c.shape}")
@@ -412,12 +415,13 @@ class StreamBatch:
         """
         if not isinstance(chunks, dict):
             raise ParameterError(f"chunks must be a dict {{stream id: (160,) samples}}, got {type(chunks).__name__}")
-        ok, x, rejected = _validate_hops(chunks, self._ids)
+        row_of = {sid: r for r, sid in enumerate(self._ids)}  # one pass: O(N) for N streams
+        ok, x, rejected = _validate_hops(chunks, row_of)
         out = {}
         if ok:
-            order = np.argsort([self._ids.index(sid) for sid in ok], kind="stable")  # batch row order
+            order = np.argsort([row_of[sid] for sid in ok], kind="stable")  # batch row order
             ids = [ok[k] for k in order]
-            rows = np.array([self._ids.index(sid) for sid in ids], np.int64)
+            rows = np.array([row_of[sid] for sid in ids], np.int64)
             y = self._tick(rows, x[order])
             out = {sid: y[k] for k, sid in enumerate(ids)}
         if rejected:
