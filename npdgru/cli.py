@@ -129,6 +129,11 @@ def cmd_enhance(args) -> int:
     from .enhance import Enhancer, output_subtype, read_audio, write_audio
 
     plan = _plan_outputs(_collect_inputs(args.inputs), args.output, args.overwrite)
+    if args.subtype is not None:  # a --subtype the output format cannot hold: once, before any work
+        import numpy as np
+
+        for dst in {Path(d).suffix.lower(): d for _, d in plan}.values():
+            output_subtype(dst, np.zeros(1, np.float32), subtype=args.subtype)
     if args.model is not None and args.weights is not None:
         raise ParameterError("pass either --model NAME or --weights FILE, not both")
     enh = Enhancer(args.weights, model=args.model, update_percent=args.update_percent, backend=args.backend, mask_floor_db=args.mask_floor_db)

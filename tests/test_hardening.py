@@ -284,6 +284,12 @@ def test_subtype_option(tmp_path, capsys):
     status, _, err = run(capsys, "enhance", src, "-o", tmp_path / "p.flac", "--weights", DPRNN, "--subtype", "FLOAT")
     one_line_error(status, err, "p.flac", "FLOAT", "cannot be written as FLAC", "PCM_24")
     assert not (tmp_path / "p.flac").exists()
+    (tmp_path / "many").mkdir()
+    for k in range(3):  # a folder: the same one line, before any file is read
+        sf.write(tmp_path / "many" / f"{k}.wav", signal(1600, k), SR)
+    status, _, err = run(capsys, "enhance", tmp_path / "many", "-o", tmp_path / "outs", "--weights", DPRNN, "--subtype", "VORBIS")
+    one_line_error(status, err, "VORBIS", "cannot be written as WAV")
+    assert not (tmp_path / "outs").exists()
 
 
 # ------------------------------------------------------------------ row 4: convert's output
