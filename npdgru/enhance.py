@@ -12,6 +12,11 @@ independent streams (zero padding after each signal's end, which a causal model 
 :class:`StreamBatch` serves N concurrent streams, one 10 ms hop per stream per call, with
 streams joining and leaving at any call. On ``backend="cuda"`` both run every layer of every
 stream on the GPU in one batch; each stream's output is the one it would get alone.
+
+Input is checked completely before any state changes (a refused chunk or hop leaves its stream
+exactly as it was) against the limits below: finite samples within ``MAX_ABS_SAMPLE`` = 1e6,
+``MIN_SAMPLE_RATE`` .. ``MAX_SAMPLE_RATE`` = 1 kHz .. 384 kHz, at most ``MAX_CHANNELS`` = 64
+channels and never more channels than samples (a transposed array).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ ALGORITHMIC_LATENCY = stft.ALGORITHMIC_LATENCY  # samples at 16 kHz
 _BLOCK_FRAMES = 1000  # frames (10 s) per model call of the offline path: bounded memory
 DEFAULT_MASK_FLOOR_DB = -80.0  # NSNet2's minimum gain: the mask is clipped to [10^(-80/20), 1]
 
-__all__ = ["Enhancer", "Stream", "StreamBatch", "ALGORITHMIC_LATENCY", "DEFAULT_MASK_FLOOR_DB"]
+__all__ = ["Enhancer", "Stream", "StreamBatch", "ALGORITHMIC_LATENCY", "DEFAULT_MASK_FLOOR_DB", "MAX_ABS_SAMPLE", "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE", "MAX_CHANNELS", "read_audio", "write_audio"]
 
 
 # Input limits. Samples: nominal full scale is ±1; the largest magnitude whose features stay
