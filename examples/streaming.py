@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from npdgru.enhance import Enhancer
+from npdgru import Enhancer
 
 HERE = Path(__file__).resolve().parent
 CHUNK = 160  # 10 ms at 16 kHz

@@ -1,7 +1,52 @@
 """npdgru: the Dynamic GRU (D-GRU) for compute-efficient speech enhancement, in NumPy + Numba.
 
+The main entry points are available at the top level::
+
+    from npdgru import Enhancer
+    y = Enhancer(model="dprnn", update_percent=50).enhance(x, sample_rate=16000)
+
 Layers of the package (imports point down): ``cli`` -> ``enhance`` -> ``stft``, ``model`` ->
 ``kernels`` (cpu, cuda) and ``reference`` (the NumPy specification) -> ``weights``, ``errors``.
+The names below are imported on first use, so ``import npdgru`` stays cheap.
 """
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Enhancer": "enhance",
+    "Stream": "enhance",
+    "StreamBatch": "enhance",
+    "ALGORITHMIC_LATENCY": "enhance",
+    "read_audio": "enhance",
+    "write_audio": "enhance",
+    "MaskModel": "model",
+    "Weights": "weights",
+    "load_weights": "weights",
+    "save_weights": "weights",
+    "shipped_models": "shipped",
+    "model_path": "shipped",
+    "convert_checkpoint": "convert",
+    "NpdgruError": "errors",
+    "ParameterError": "errors",
+    "AudioError": "errors",
+    "WeightsError": "errors",
+    "CheckpointError": "errors",
+    "StreamInputError": "errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'npdgru' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -25,7 +25,7 @@ STFT, and every recurrence along time is a D-GRU, so each runs at any update per
   (896) and fused by linear 896 -> 300 + ReLU and 300 -> 161 + sigmoid into the mask.
   1.07 MMACs/frame dense, 68 % of it in the D-GRUs (so the select gate has the most to save).
 
-Sizes were chosen for a real-time CPU budget of the same order as NSNet2 (the issue's ask), not
+Sizes were chosen for a real-time CPU budget of the same order as NSNet2 (the project's aim), not
 tuned; ``npdgru info`` prints each layer and ``MaskModel.macs_per_frame`` the counts.
 """
 

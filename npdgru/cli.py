@@ -1,4 +1,4 @@
-"""Command line: ``npdgru enhance | info | convert | eval``.
+"""Command line: ``npdgru enhance | models | info | convert | eval | train``.
 
 Every expected failure (bad audio, bad weights, refused checkpoint, bad arguments) prints one
 line ``npdgru: error: ...`` naming the file and exits with status 2; no traceback.
@@ -46,10 +46,8 @@ def _collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
 
 
 def _plan_outputs(pairs, out: str, overwrite: bool) -> list[tuple[Path, Path]]:
-    from .enhance import AUDIO_SUFFIXES
-
     out_p = Path(out)
-    single_file_out = len(pairs) == 1 and out_p.suffix.lower() in AUDIO_SUFFIXES and not out_p.is_dir()
+    single_file_out = _check_output_name(out_p, len(pairs))
     plan = []
     for src, rel in pairs:
         dst = out_p if single_file_out else out_p / rel
@@ -68,40 +66,126 @@ def _plan_outputs(pairs, out: str, overwrite: bool) -> list[tuple[Path, Path]]:
     return plan
 
 
+def _check_output_name(out: Path, n_inputs: int) -> bool:
+    """True if ``-o`` names one output file, False if a folder; ParameterError if it can be neither.
+
+    A name with an audio suffix is a file (for one input); one with another suffix (``out.txt``,
+    ``ok.mp3``) is refused rather than taken as a folder name, unless that folder exists.
+    """
+    from .enhance import AUDIO_SUFFIXES
+
+    if out.is_dir():
+        return False
+    if out.exists():  # a file (or a FIFO, a device): only as the one output file
+        if n_inputs > 1 or out.suffix.lower() not in AUDIO_SUFFIXES:
+            raise ParameterError(f"{out}: exists and is not a folder; for {n_inputs} input(s) name a folder or a .wav/.flac/.ogg/.aiff file")
+        return True
+    if out.suffix.lower() in AUDIO_SUFFIXES:
+        if n_inputs > 1:
+            raise ParameterError(f"{out}: {n_inputs} inputs need an output folder, not a file name")
+        return True
+    if out.suffix:
+        raise ParameterError(f"{out}: npdgru writes {', '.join(AUDIO_SUFFIXES)} files, not '{out.suffix}'; for a folder of that name create it first")
+    return False
+
+
+def _format_percent(fraction: float) -> str:
+    """A percentage that does not round A/H away: 0.0025 -> '0.25', 0.0125 -> '1.25', 0.5 -> '50.0'."""
+    text = f"{100.0 * fraction:.3f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def _warm_up(enh, quiet: bool) -> None:
+    """Run the kernels once on silence, so that per-file times exclude JIT compilation.
+
+    Numba compiles on the first call (cached on disk afterwards); if that takes more than half a
+    second, say so on a terminal while it runs, and how long it took.
+    """
+    import threading
+
+    import numpy as np
+
+    said = threading.Event()
+
+    def say():
+        said.set()
+        print("npdgru: compiling kernels (first run only) ...", file=sys.stderr, flush=True)
+
+    timer = threading.Timer(0.5, say)
+    if not quiet and sys.stderr.isatty():
+        timer.start()
+    t0 = time.perf_counter()
+    try:
+        enh.enhance(np.zeros(4 * enh.sample_rate // 100, np.float32), enh.sample_rate)
+    finally:
+        timer.cancel()
+    if said.is_set():
+        print(f"npdgru: kernels compiled in {time.perf_counter() - t0:.1f} s (not counted in the times below)", file=sys.stderr, flush=True)
+
+
 def cmd_enhance(args) -> int:
-    import soundfile as sf
     from tqdm import tqdm
 
-    from .enhance import Enhancer, read_audio, write_audio
+    from .enhance import Enhancer, output_subtype, read_audio, write_audio
 
     plan = _plan_outputs(_collect_inputs(args.inputs), args.output, args.overwrite)
-    enh = Enhancer(args.weights, update_percent=args.update_percent, backend=args.backend, mask_floor_db=args.mask_floor_db)
-    pct = 100.0 * enh.model.fraction_updated()
+    if args.subtype is not None:  # a --subtype the output format cannot hold: once, before any work
+        import numpy as np
+
+        for dst in {Path(d).suffix.lower(): d for _, d in plan}.values():
+            output_subtype(dst, np.zeros(1, np.float32), subtype=args.subtype)
+    if args.model is not None and args.weights is not None:
+        raise ParameterError("pass either --model NAME or --weights FILE, not both")
+    enh = Enhancer(args.weights, model=args.model, update_percent=args.update_percent, backend=args.backend, mask_floor_db=args.mask_floor_db)
+    pct = _format_percent(enh.model.fraction_updated())
+    _warm_up(enh, args.quiet)
     failures = 0
     bar = tqdm(plan, unit="file", disable=args.quiet or len(plan) < 2, file=sys.stderr)
     for src, dst in bar:
         try:
-            x, sr = read_audio(src)
+            x, sr, info = read_audio(src, info=True)  # opened once: a FIFO or <(...) works
             t0 = time.perf_counter()
             y = enh.enhance(x, sr)
             dt = time.perf_counter() - t0
-            info = sf.info(str(src))
-            same_format = Path(dst).suffix.lower() == Path(src).suffix.lower()
-            write_audio(dst, y, sr, subtype=info.subtype if same_format else None)
+            subtype, warnings = output_subtype(dst, y, source_subtype=info["subtype"], subtype=args.subtype)
+            for w in warnings:
+                tqdm.write(f"npdgru: warning: {w}", file=sys.stderr)
+            write_audio(dst, y, sr, subtype=subtype)
         except NpdgruError as e:
             failures += 1
             tqdm.write(f"npdgru: error: {_one_line(e)}", file=sys.stderr)
             continue
         dur = len(x) / sr
         if not args.quiet:
-            tqdm.write(f"{src} -> {dst}: {dur:.2f} s, {x.shape[1]} ch, {sr} Hz, real-time factor {dt / dur:.3f}, {pct:.1f}% of GRU neurons updated per frame (P={enh.update_percent:g})", file=sys.stdout)
+            tqdm.write(f"{src} -> {dst}: {dur:.2f} s, {x.shape[1]} ch, {sr} Hz, real-time factor {dt / dur:.3f}, {pct}% of GRU neurons updated per frame (P={enh.update_percent:g})", file=sys.stdout)
     return 2 if failures else 0
 
 
+def cmd_models(args) -> int:
+    from .shipped import ALIASES, shipped_models
+
+    models = shipped_models()
+    aliases = {v: k for k, v in ALIASES.items() if k != "default"}
+    width = max((len(m["name"]) for m in models), default=4)
+    print("shipped models (npdgru enhance --model NAME, Enhancer(model=NAME)):")
+    for m in models:
+        alias = f" (or {aliases[m['name']]})" if m["name"] in aliases else ""
+        size = m["path"].stat().st_size / 1e6
+        print(f"  {m['name']:<{width}}  {size:5.1f} MB  {m['description']}{alias}")
+    print(f"files in {models[0]['path'].parent if models else '(none found)'}; npdgru info NAME for details")
+    return 0
+
+
 def cmd_info(args) -> int:
+    from .shipped import model_path
     from .weights import load_weights
 
-    w = load_weights(args.weights)
+    if args.weights is None:
+        return cmd_models(args)
+    target = args.weights
+    if not os.path.exists(target) and os.sep not in target and not target.endswith(".safetensors"):
+        target = model_path(target)  # a shipped model's name
+    w = load_weights(target)
     print(w.describe())
     return 0
 
@@ -110,6 +194,8 @@ def cmd_convert(args) -> int:
     from .convert import convert_checkpoint
 
     out = Path(args.output)
+    if out.is_dir():
+        raise ParameterError(f"{out}: is a folder; name the weight file to write (e.g. {out / 'model.safetensors'})")
     if out.exists() and not args.overwrite:
         raise ParameterError(f"{out}: output exists; pass --overwrite to replace it")
     if os.path.realpath(out) == os.path.realpath(args.checkpoint):
@@ -181,16 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("inputs", nargs="+", help="audio files or folders (searched recursively)")
     e.add_argument("-o", "--output", required=True, help="output file (one input) or folder")
     e.add_argument("--update-percent", "-P", type=float, default=100.0, help="P in (0, 100]: percent of GRU neurons updated per frame (default 100)")
-    e.add_argument("--weights", default=None, help="weight file (default: the shipped weights/nsnet2-ft-anyp.safetensors)")
+    e.add_argument("--model", "-m", default=None, metavar="NAME", help="a shipped model by name (npdgru models lists them; default nsnet2-ft-anyp)")
+    e.add_argument("--weights", default=None, help="a weight file (instead of --model)")
+    e.add_argument("--subtype", default=None, help="output sample format, e.g. PCM_16, PCM_24, FLOAT (default: the input's where the output format holds it)")
     e.add_argument("--backend", choices=("cpu", "reference", "cuda"), default="cpu")
     e.add_argument("--mask-floor-db", type=float, default=-80.0, help="lowest gain of the mask in dB (default -80, as NSNet2)")
     e.add_argument("--overwrite", action="store_true", help="replace existing output files (never an input)")
     e.add_argument("--quiet", "-q", action="store_true")
     e.set_defaults(func=cmd_enhance)
 
-    i = sub.add_parser("info", help="what a weight file holds")
-    i.add_argument("weights")
+    i = sub.add_parser("info", help="what a weight file holds (no argument: the shipped models)")
+    i.add_argument("weights", nargs="?", default=None, help="a weight file or a shipped model's name")
     i.set_defaults(func=cmd_info)
+
+    m = sub.add_parser("models", help="list the shipped models")
+    m.set_defaults(func=cmd_models)
 
     c = sub.add_parser("convert", help="convert a checkpoint (PyTorch .pt/.pth/.ckpt, .safetensors, NSNet2 .onnx) to npdgru weights")
     c.add_argument("checkpoint")

@@ -12,18 +12,24 @@ independent streams (zero padding after each signal's end, which a causal model 
 :class:`StreamBatch` serves N concurrent streams, one 10 ms hop per stream per call, with
 streams joining and leaving at any call. On ``backend="cuda"`` both run every layer of every
 stream on the GPU in one batch; each stream's output is the one it would get alone.
+
+Input is checked completely before any state changes (a refused chunk or hop leaves its stream
+exactly as it was) against the limits below: finite samples within ``MAX_ABS_SAMPLE`` = 1e6,
+``MIN_SAMPLE_RATE`` .. ``MAX_SAMPLE_RATE`` = 1 kHz .. 384 kHz, at most ``MAX_CHANNELS`` = 64
+channels and never more channels than samples (a transposed array).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from fractions import Fraction
 
 import numpy as np
 
 from . import stft
-from .errors import AudioError, ParameterError
+from .errors import AudioError, ParameterError, StreamInputError
 from .model import MaskModel, ModelState
 from .weights import Weights, default_weights_path, load_weights
 
@@ -31,10 +37,20 @@ ALGORITHMIC_LATENCY = stft.ALGORITHMIC_LATENCY  # samples at 16 kHz
 _BLOCK_FRAMES = 1000  # frames (10 s) per model call of the offline path: bounded memory
 DEFAULT_MASK_FLOOR_DB = -80.0  # NSNet2's minimum gain: the mask is clipped to [10^(-80/20), 1]
 
-__all__ = ["Enhancer", "Stream", "StreamBatch", "ALGORITHMIC_LATENCY", "DEFAULT_MASK_FLOOR_DB"]
+__all__ = ["Enhancer", "Stream", "StreamBatch", "ALGORITHMIC_LATENCY", "DEFAULT_MASK_FLOOR_DB", "MAX_ABS_SAMPLE", "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE", "MAX_CHANNELS", "read_audio", "write_audio"]
+
+
+# Input limits. Samples: nominal full scale is ±1; the largest magnitude whose features stay
+# finite is sqrt(float32 max) / sum(window) = 9.06e16 (a constant signal: |X[0]|^2 overflows
+# float32 in stft.log_power above it; tests/test_hardening.py finds it). MAX_ABS_SAMPLE leaves
+# ten orders of magnitude to that and still takes integer PCM scaled as floats (±32768).
+MAX_ABS_SAMPLE = 1e6
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 384_000  # Hz; resampling cost grows with the ratio
+MAX_CHANNELS = 64
 
 
 def _check_audio(audio, name="audio") -> np.ndarray:
+    """The audio as an array, or AudioError naming ``name`` and the problem; never copies."""
     a = np.asarray(audio)
     if a.dtype.kind not in "fiu":
         raise AudioError(f"{name}: audio must be a numeric array, got dtype {a.dtype}")
@@ -44,9 +60,59 @@ def _check_audio(audio, name="audio") -> np.ndarray:
         raise AudioError(f"{name}: audio must be (samples,) or (samples, channels), got shape {a.shape}")
     if a.shape[0] == 0 or (a.ndim == 2 and a.shape[1] == 0):
         raise AudioError(f"{name}: audio is empty (shape {a.shape})")
-    if not np.isfinite(a).all():
-        raise AudioError(f"{name}: audio contains NaN or Inf samples")
+    if a.ndim == 2 and (a.shape[1] > a.shape[0] or a.shape[1] > MAX_CHANNELS):
+        raise AudioError(
+            f"{name}: shape {a.shape} reads as {a.shape[1]} channels of {a.shape[0]} samples; audio is "
+            f"(samples, channels) with at most {MAX_CHANNELS} channels (channels first? pass x.T)"
+        )
+    _check_samples(a, name)
     return a
+
+
+def _check_samples(a: np.ndarray, name: str) -> None:
+    """NaN, Inf and magnitudes beyond MAX_ABS_SAMPLE are refused (one pass over the data)."""
+    peak = max(float(a.max()), -float(a.min())) if a.size else 0.0  # NaN propagates; no copy
+    if not math.isfinite(peak):
+        raise AudioError(f"{name}: audio contains NaN or Inf samples")
+    if peak > MAX_ABS_SAMPLE:
+        raise AudioError(f"{name}: a sample of magnitude {peak:.3g} exceeds the limit {MAX_ABS_SAMPLE:g} (full scale is ±1)")
+
+
+def _validate_chunk(chunk) -> np.ndarray:
+    """A Stream chunk, checked completely before any state changes: (k,) float32, maybe empty."""
+    c = np.asarray(chunk)
+    if c.size == 0 and c.ndim == 1:
+        return np.zeros(0, np.float32)
+    if c.ndim != 1:
+        raise AudioError(f"chunk: a stream takes mono samples (k,), got shape {c.shape}")
+    return _check_audio(c, "chunk").astype(np.float32)
+
+
+def _validate_hops(chunks: dict, open_rows: dict) -> tuple[list, np.ndarray, dict]:
+    """Check every stream's hop of a StreamBatch call before any state changes.
+
+    ``open_rows`` maps each open stream id to its batch row. Returns the accepted ids, their hops
+    (n, 160) float32, and ``{id: reason}`` for the refused ones (an id that is not open, a wrong
+    shape, NaN/Inf, a magnitude beyond the limit).
+    """
+    ok, hops, rejected = [], [], {}
+    for sid, chunk in chunks.items():
+        try:
+            if sid not in open_rows:
+                shown = list(open_rows)[:20]
+                more = f" and {len(open_rows) - 20} more" if len(open_rows) > 20 else ""
+                raise ParameterError(f"stream id {sid!r} is not open (open ids: {shown}{more})")
+            c = np.asarray(chunk)
+            if c.shape != (stft.HOP,):
+                raise AudioError(f"stream {sid!r}: a chunk must be one hop of {stft.HOP} samples (16 kHz mono), got shape {c.shape}")
+            c = _check_audio(c, f"stream {sid!r}")
+        except (AudioError, ParameterError) as e:
+            rejected[sid] = str(e)
+            continue
+        ok.append(sid)
+        hops.append(c)
+    x = np.array(hops, np.float32).reshape(len(hops), stft.HOP)
+    return ok, x, rejected
 
 
 class Enhancer:
@@ -56,6 +122,8 @@ class Enhancer:
     ----------
     weights : path to an npdgru weight file, a loaded :class:`Weights`, or None for the shipped
         default (``weights/nsnet2-ft-anyp.safetensors``, NSNet2 fine-tuned for any P).
+    model : instead of ``weights``, the name of a shipped model (``"dprnn"``, ``"mpt"``,
+        ``"nsnet2"``, ...; :func:`npdgru.shipped_models` lists them).
     update_percent : P in (0, 100]; each GRU layer updates ceil(P·H/100) neurons per frame.
     backend : "cpu" (Numba, float32), "cuda" (numba.cuda, float32; model state on the GPU) or
         "reference" (NumPy, float64, slow).
@@ -69,12 +137,11 @@ class Enhancer:
 
     sample_rate = stft.SAMPLE_RATE
 
-    def __init__(self, weights=None, *, update_percent: float = 100.0, backend: str = "cpu", mask_floor_db: float = DEFAULT_MASK_FLOOR_DB):
-        if not isinstance(weights, Weights):
-            weights = load_weights(default_weights_path() if weights is None else weights)
+    def __init__(self, weights=None, *, model: str | None = None, update_percent: float = 100.0, backend: str = "cpu", mask_floor_db: float = DEFAULT_MASK_FLOOR_DB):
+        weights = _resolve_weights(weights, model)
         if weights.architecture["n_features"] != stft.N_BINS:
             raise ParameterError(f"{weights.path}: model expects {weights.architecture['n_features']} features, the STFT gives {stft.N_BINS}")
-        if not (isinstance(mask_floor_db, (int, float)) and math.isfinite(mask_floor_db) and mask_floor_db <= 0):
+        if isinstance(mask_floor_db, (bool, np.bool_)) or not isinstance(mask_floor_db, numbers.Real) or not (math.isfinite(mask_floor_db) and mask_floor_db <= 0):
             raise ParameterError(f"mask_floor_db={mask_floor_db!r} must be a finite number <= 0")
         self.weights = weights
         self.model = MaskModel(weights, update_percent=update_percent, backend=backend)
@@ -230,14 +297,14 @@ class Stream:
             self._out = np.concatenate([self._out, y])
 
     def process(self, chunk) -> np.ndarray:
-        """Feed samples (any count, float, 16 kHz mono); get as many enhanced samples back."""
-        c = np.asarray(chunk)
-        if c.size == 0:
-            return np.zeros(0, np.float32)
-        c = _check_audio(c, "chunk")
-        if c.ndim != 1:
-            raise AudioError(f"chunk: a stream takes mono samples (k,), got shape {c.shape}")
-        c = c.astype(np.float32)
+        """Feed samples (any count, float, 16 kHz mono); get as many enhanced samples back.
+
+        A refused chunk (wrong shape, NaN/Inf, a sample beyond ``MAX_ABS_SAMPLE``) raises
+        AudioError and leaves the stream exactly as it was: the next chunk continues the timeline.
+        """
+        c = _validate_chunk(chunk)  # everything checked before any state changes
+        if not len(c):
+            return c
         self._n_in += len(c)
         self._run(c)
         out, self._out = self._out[: len(c)], self._out[len(c) :]
@@ -344,21 +411,27 @@ class StreamBatch:
         return tail
 
     def process(self, chunks: dict) -> dict:
-        """One hop for each stream named: ``{id: (160,) float samples}`` -> ``{id: (160,) float32}``."""
+        """One hop for each stream named: ``{id: (160,) float samples}`` -> ``{id: (160,) float32}``.
+
+        Every hop is checked before any state changes. A refused hop (an id that is not open, a
+        wrong shape, NaN/Inf, a sample beyond ``MAX_ABS_SAMPLE``) leaves its stream as it was;
+        the other streams are processed, and then :class:`~npdgru.errors.StreamInputError`
+        names the refused ids and carries the others' outputs (``e.outputs``).
+        """
         if not isinstance(chunks, dict):
             raise ParameterError(f"chunks must be a dict {{stream id: (160,) samples}}, got {type(chunks).__name__}")
-        if not chunks:
-            return {}
-        ids = sorted(chunks, key=self._row)  # batch row order: all streams -> no state copies
-        rows = np.array([self._row(sid) for sid in ids], np.int64)
-        x = np.empty((len(ids), stft.HOP), np.float32)
-        for k, sid in enumerate(ids):
-            c = _check_audio(chunks[sid], f"stream {sid!r}")
-            if c.shape != (stft.HOP,):
-                raise AudioError(f"stream {sid!r}: a chunk must be one hop of {stft.HOP} samples (16 kHz mono), got shape {c.shape}")
-            x[k] = c
-        out = self._tick(rows, x)
-        return {sid: out[k] for k, sid in enumerate(ids)}
+        row_of = {sid: r for r, sid in enumerate(self._ids)}  # one pass: O(N) for N streams
+        ok, x, rejected = _validate_hops(chunks, row_of)
+        out = {}
+        if ok:
+            order = np.argsort([row_of[sid] for sid in ok], kind="stable")  # batch row order
+            ids = [ok[k] for k in order]
+            rows = np.array([row_of[sid] for sid in ids], np.int64)
+            y = self._tick(rows, x[order])
+            out = {sid: y[k] for k, sid in enumerate(ids)}
+        if rejected:
+            raise StreamInputError(rejected, out)
+        return out
 
     def _tick(self, rows: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Advance batch rows ``rows`` by the hops x (n, 160); return their outputs (n, 160)."""
@@ -433,8 +506,32 @@ def _put_state(model: MaskModel, state, rows: np.ndarray, sub) -> None:
 
 
 def _check_rate(sample_rate, name="sample_rate") -> None:
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate < 1000:
-        raise AudioError(f"{name}={sample_rate!r} must be an integer number of Hz (>= 1000)")
+    if isinstance(sample_rate, (bool, np.bool_)) or not isinstance(sample_rate, (int, np.integer)) or not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"{name}={sample_rate!r} must be an integer number of Hz from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE}")
+
+
+def _resolve_weights(weights, model):
+    """The Weights for ``Enhancer(weights=..., model=...)``; a clear error for anything else."""
+    from .shipped import model_path
+
+    if model is not None:
+        if weights is not None:
+            raise ParameterError("pass either weights= (a file) or model= (a shipped model's name), not both")
+        return load_weights(model_path(model))
+    if isinstance(weights, Weights):
+        return weights
+    if weights is None:
+        return load_weights(default_weights_path())
+    if not isinstance(weights, (str, os.PathLike)):
+        raise ParameterError(f"weights={weights!r}: expected a weight file path, a loaded Weights or None (the shipped default); for a shipped model by name use model=")
+    if not os.path.exists(weights) and os.sep not in os.fspath(weights):
+        try:
+            model_path(os.fspath(weights))
+        except ParameterError:
+            pass
+        else:
+            raise ParameterError(f"{weights}: no such weight file; for the shipped model of that name pass model={os.fspath(weights)!r} (--model on the command line)")
+    return load_weights(weights)
 
 
 def _resample(x: np.ndarray, sr_from: int, sr_to: int) -> np.ndarray:
@@ -459,24 +556,104 @@ def _fit_length(y: np.ndarray, n: int) -> np.ndarray:
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif")
 
 
-def read_audio(path) -> tuple[np.ndarray, int]:
-    """Read an audio file as float32 (samples, channels). Raises AudioError naming the file."""
+MAX_PIPE_BYTES = 2**30  # a pipe or FIFO is read into memory (libsndfile cannot seek it): 1 GiB at most
+
+
+def read_audio(path, *, info: bool = False):
+    """Read an audio file as float32 (samples, channels). Raises AudioError naming the file.
+
+    The file is opened once (a pipe or FIFO, e.g. ``<(cat x.wav)``, is read into memory first, as
+    libsndfile cannot seek it). The header is checked before any samples are read: the sample
+    rate must lie in [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE] and the channels number at most
+    MAX_CHANNELS. With ``info=True`` returns ``(x, sample_rate, {"format": ..., "subtype": ...})``.
+    """
+    import io
+    import stat
+
     import soundfile as sf
 
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise AudioError(f"{path}: no such file")
-    if os.path.isdir(path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise AudioError(f"{path}: no such file") from None
+    except OSError as e:
+        raise AudioError(f"{path}: cannot open ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
         raise AudioError(f"{path}: is a folder")
     try:
-        x, sr = sf.read(path, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        if stat.S_ISREG(st.st_mode):
+            source = path
+        else:  # FIFO, pipe, character device: read once, with a bound
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_PIPE_BYTES + 1)
+            if len(data) > MAX_PIPE_BYTES:
+                raise AudioError(f"{path}: more than {MAX_PIPE_BYTES} bytes from a pipe; write the audio to a file first")
+            source = io.BytesIO(data)
+        with sf.SoundFile(source) as f:
+            sr, C, fmt, subtype = int(f.samplerate), int(f.channels), f.format, f.subtype
+            if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+                raise AudioError(f"{path}: the header says {sr} Hz; npdgru takes {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz")
+            if C > MAX_CHANNELS:
+                raise AudioError(f"{path}: the header says {C} channels; npdgru takes at most {MAX_CHANNELS}")
+            x = f.read(dtype="float32", always_2d=True)
+    except AudioError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError, MemoryError) as e:
         raise AudioError(f"{path}: cannot read audio ({e}); soundfile reads WAV, FLAC, OGG, AIFF") from None
     if x.shape[0] == 0:
         raise AudioError(f"{path}: the file holds no samples")
-    if not np.isfinite(x).all():
-        raise AudioError(f"{path}: audio contains NaN or Inf samples")
-    return x, int(sr)
+    _check_samples(x, path)
+    if info:
+        return x, sr, {"format": fmt, "subtype": subtype}
+    return x, sr
+
+
+_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".aiff": "AIFF", ".aif": "AIFF"}
+# how much of a sample a subtype keeps, to tell when a format change loses bits
+_SUBTYPE_RANK = {"PCM_S8": 1, "PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 5, "DOUBLE": 6}
+_FLOAT_SUBTYPES = ("FLOAT", "DOUBLE", "VORBIS", "OPUS")  # no clipping at ±1
+
+
+def audio_format(path) -> str:
+    """The soundfile format written for ``path`` by its suffix (no suffix: WAV); AudioError otherwise."""
+    ext = os.path.splitext(os.fspath(path))[1]
+    fmt = _FORMATS.get(ext.lower() or ".wav")
+    if fmt is None:
+        raise AudioError(f"{path}: cannot write '{ext}' files; use .wav, .flac, .ogg or .aiff")
+    return fmt
+
+
+def output_subtype(path, y: np.ndarray, *, source_subtype: str | None = None, subtype: str | None = None) -> tuple[str, list[str]]:
+    """The subtype to write ``y`` to ``path`` with, and warnings for what the format change loses.
+
+    ``subtype`` (the user's ``--subtype``) is taken as given if the format can hold it. Otherwise
+    the input's subtype is kept where the output format holds it (24-bit WAV -> 24-bit FLAC),
+    else the format's default, with a warning naming the option that keeps more bits. Samples
+    beyond ±1 clip in integer subtypes: counted and warned, with the way to keep them.
+    """
+    import soundfile as sf
+
+    fmt = audio_format(path)
+    notes = []
+    if subtype is not None:
+        if not (isinstance(subtype, str) and sf.check_format(fmt, subtype.upper())):
+            raise AudioError(f"{path}: subtype {subtype!r} cannot be written as {fmt} (choose from {', '.join(sorted(sf.available_subtypes(fmt)))})")
+        chosen = subtype.upper()
+    elif source_subtype and sf.check_format(fmt, source_subtype):
+        chosen = source_subtype
+    else:
+        chosen = sf.default_subtype(fmt)
+        lost = _SUBTYPE_RANK.get(source_subtype or "", 0) > _SUBTYPE_RANK.get(chosen, 9)
+        if lost:
+            best = max((s for s in sf.available_subtypes(fmt) if s in _SUBTYPE_RANK), key=_SUBTYPE_RANK.get, default=None)
+            keep = f"pass --subtype {best} to keep more" if best and _SUBTYPE_RANK[best] > _SUBTYPE_RANK[chosen] else "write a .wav to keep them"
+            notes.append(f"{path}: the input's {source_subtype} samples are written as {fmt} {chosen}; {keep}")
+    if chosen not in _FLOAT_SUBTYPES:
+        n = int(np.count_nonzero(np.abs(y) > 1.0))
+        if n:
+            notes.append(f"{path}: {n} samples ({100.0 * n / y.size:.3g} %) exceed ±1.0 and are clipped in {fmt} {chosen}; write a .wav with --subtype FLOAT to keep them")
+    return chosen, notes
 
 
 def write_audio(path, y: np.ndarray, sample_rate: int, *, subtype: str | None = None) -> None:
@@ -486,6 +663,7 @@ def write_audio(path, y: np.ndarray, sample_rate: int, *, subtype: str | None = 
     import soundfile as sf
 
     path = os.fspath(path)
+    fmt = audio_format(path)  # before anything is created
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -498,9 +676,6 @@ def write_audio(path, y: np.ndarray, sample_rate: int, *, subtype: str | None = 
         raise AudioError(f"{path}: cannot write there ({e.strerror or e})") from None
     os.close(fd)
     try:
-        fmt = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".aiff": "AIFF", ".aif": "AIFF"}.get(ext.lower())
-        if fmt is None:
-            raise AudioError(f"{path}: cannot write '{ext}' files; use .wav, .flac, .ogg or .aiff")
         sf.write(tmp, y, sample_rate, format=fmt, subtype=subtype)
         umask = os.umask(0)
         os.umask(umask)

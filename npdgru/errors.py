@@ -26,3 +26,19 @@ class WeightsError(NpdgruError):
 
 class CheckpointError(NpdgruError):
     """A checkpoint cannot be converted safely (refused global, corrupt archive, bad tensors)."""
+
+
+class StreamInputError(AudioError, ParameterError):
+    """Some streams of a :class:`~npdgru.enhance.StreamBatch` call were refused; the others ran.
+
+    ``rejected`` maps each refused stream id to the reason; ``outputs`` holds the hops of the
+    streams that were processed (``{id: (160,) float32}``), as ``process`` would have returned.
+    A refused stream's state is exactly as it was before the call.
+    """
+
+    def __init__(self, rejected: dict, outputs: dict):
+        self.rejected = dict(rejected)
+        self.outputs = dict(outputs)
+        ids = ", ".join(repr(k) for k in self.rejected)
+        reasons = "; ".join(self.rejected.values())
+        super().__init__(f"stream(s) {ids} refused, the other {len(self.outputs)} processed: {reasons}")

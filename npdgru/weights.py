@@ -296,7 +296,13 @@ def save_weights(path, tensors: dict, *, architecture: dict, trained_update_perc
         meta[str(k)] = str(v)
     data = save(tensors, metadata=meta)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    if path.is_dir():
+        _fail(path, "is a folder; name the weight file to write (e.g. OUT.safetensors)")
+    try:  # as enhance.write_audio: create the folder, write a temporary file there, rename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        _fail(path, f"cannot write there ({e.strerror or e})")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -304,10 +310,11 @@ def save_weights(path, tensors: dict, *, architecture: dict, trained_update_perc
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except OSError as e:  # disk full, quota, permissions, a folder in the way
+        _fail(path, f"cannot write the weight file ({e.strerror or e})")
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
 
 
 def load_weights(path) -> Weights:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -365,7 +366,8 @@ def test_stream_rejects_bad_chunks_and_keeps_going(enh50, speech):
 
 
 def _run_example(*args):
-    r = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)  # this checkout's npdgru
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fine-tuning runs of session 2 (2-vCPU machine): two lanes of one thread each, each run
+# The NSNet2 fine-tuning runs (2-vCPU machine): two lanes of one thread each, each run
 # stopped by wall time and resumable (rerun the same line: it continues from last.pt).
 # Usage: bash training/lanes.sh 1   (or 2)
 set -euo pipefail

@@ -14,12 +14,12 @@ ship() {  # run name, trained P ("any" for the any-P run), output stem
     --meta "training_run=$1" --meta "training_steps=$steps" "${@:4}"
 }
 ship p100 100 nsnet2-ft-p100
-# ship p75 75 nsnet2-ft-p75   # not shipped since issue 8 (size budget): git show deff58b:weights/nsnet2-ft-p75.safetensors
+# ship p75 75 nsnet2-ft-p75   # no longer shipped (size budget): git show deff58b:weights/nsnet2-ft-p75.safetensors
 ship p50 50 nsnet2-ft-p50
-# ship p25 25 nsnet2-ft-p25   # not shipped since issue 8 (size budget): git show deff58b:weights/nsnet2-ft-p25.safetensors
+# ship p25 25 nsnet2-ft-p25   # no longer shipped (size budget): git show deff58b:weights/nsnet2-ft-p25.safetensors
 ship anyp any nsnet2-ft-anyp --meta "trained_update_range=25-100"
 
-# DPRNN and MPT (issue 8): trained from scratch with any-P on an H200 (recipe: weights/README.md)
+# DPRNN and MPT: trained from scratch with any-P on an H200 (recipe: weights/README.md)
 ship_scratch() {  # run name, architecture
   local run=training/runs/$1
   local steps

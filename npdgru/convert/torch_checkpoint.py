@@ -688,6 +688,11 @@ def _read_zip(path: str, limits: _Limits, notes: list[str], stack: ExitStack) ->
     zf = stack.enter_context(zipfile.ZipFile(path))
     members: dict[str, zipfile.ZipInfo] = {}
     for info in zf.infolist():
+        if info.filename in members:  # zipfile would silently read the last copy
+            raise CheckpointError(
+                f"{path}: zip archive holds two members named {info.filename!r}: refusing an "
+                "ambiguous checkpoint"
+            )
         members[info.filename] = info
     pkls = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
     if not pkls:

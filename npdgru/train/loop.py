@@ -187,7 +187,7 @@ def build_parser(p=None):
     p.add_argument("--continue", dest="continue_run", action="store_true",
                    help="with --init a shipped fine-tune and no last.pt in --out: continue its step count (metadata training_steps)")
     p.add_argument("--steps", type=int, default=1000, help="stop after this many optimiser steps in total")
-    p.add_argument("--minutes", type=float, default=None, help="stop (checkpointed) after this many minutes of this session")
+    p.add_argument("--minutes", type=float, default=None, help="stop (checkpointed) after this many minutes of this run")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seconds", type=float, default=4.0, help="crop length of training examples")
     p.add_argument("--lr", type=float, default=1e-4)
