@@ -111,9 +111,7 @@ def median_time(fn, repeats, warmup=1):
 
 def dgru_layer(weights, A):
     """A cpu D-GRU layer with exactly A selected neurons (also A = H, which P=100 would make dense)."""
-    H = weights[1].shape[1]
-    P = 100.0 * A / H if A < H else 99.9999  # ceil(0.999999·H) = H for H < 10**6, yet not "dense"
-    layer = cpu.GRULayer(*weights, update_percent=P)
+    layer = cpu.GRULayer(*weights, A=A)
     assert layer.A == A and not layer.dense, (layer.A, A, layer.dense)
     return layer
 

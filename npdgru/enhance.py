@@ -340,6 +340,19 @@ class Stream:
                 self._lead = False
             self._out = out
             return
+        if self._fused is not None:  # other chunk sizes: the completed hops one by one
+            x = np.concatenate([self._partial, samples]) if len(self._partial) else samples
+            k = len(x) // H
+            self._partial = x[k * H :].copy()
+            if k:
+                y = np.empty((k, H), np.float32)
+                for j in range(k):
+                    self._fused.run(x[j * H : (j + 1) * H].reshape(1, H), self._spectra, self._state, y[j : j + 1])
+                if self._lead:
+                    y[0] = 0.0
+                    self._lead = False
+                self._out = np.concatenate([self._out, y.reshape(-1)])
+            return
         x = np.concatenate([self._partial, samples]) if len(self._partial) else samples
         k = len(x) // H
         self._partial = x[k * H :].copy()

@@ -207,3 +207,25 @@ def test_plan_of_nsnet2_by_hand():
     # recurrent: 200 changed columns of 1200 floats; gru2's input likewise; gru1's input dense
     want = 4 * (161 * 400 + 400) + 4 * (1200 * (400 + 200) + 2400) + 4 * (1200 * (200 + 200) + 2400) + 4 * (400 * 600 + 600 + 600 * 600 + 600 + 600 * 161 + 161)
     assert p.weight_bytes()["ours"] == want
+
+
+@pytest.mark.parametrize("H", [1, 7, 64, 128, 129, 300])
+def test_both_selection_kernels_match_the_reference(H):
+    """_top_a picks by counting ranks up to H=128 and by quickselect above: both give
+    reference.top_a's set (ties to the lower index), on values full of ties."""
+    from npdgru import reference as ref
+
+    rng = np.random.default_rng(H)
+    for trial in range(20):
+        u = (rng.integers(-3, 4, H) * 0.25).astype(np.float32) if trial % 2 else rng.random(H).astype(np.float32)
+        for A in sorted({1, max(1, H // 4), max(1, H // 2), H - 1 or 1, H}):
+            want = ref.top_a(u.astype(np.float64), A)
+            buf, idx = np.zeros(H, np.float32), np.full(H, -1, np.int64)
+            cpu._top_a(u, A, buf, idx)
+            got = np.zeros(H, bool)
+            got[idx[:A]] = True
+            assert np.array_equal(got, want) and (np.diff(idx[:A]) > 0).all(), f"H={H} A={A}"
+            if A < H:  # the counting kernel on its own, also above the size where _top_a uses it
+                idx2 = np.full(H, -1, np.int64)
+                cpu._top_a_by_rank(u, A, buf, idx2)
+                assert np.array_equal(idx2[:A], idx[:A]), f"rank kernel H={H} A={A}"
