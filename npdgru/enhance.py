@@ -142,6 +142,19 @@ def _fused_hop(enhancer, batch: int):
     return _FusedHop(enhancer, batch)
 
 
+# Input accumulators (a D-GRU layer fed by a D-GRU layer reads only the changed input columns,
+# ``MaskModel(sparse_inputs=True)``) are used on cpu at P <= 50, where benchmarks/bench_enhance.py
+# measures them faster both offline and per streaming hop than the dense input product (NSNet2:
+# about 15 % offline and 8-12 % per hop at P = 50 and 25). One rule for both modes, so offline
+# and streaming still compute the same bits.
+_ACCUMULATOR_MAX_P = 50.0
+
+
+def _input_accumulators_pay(backend, update_percent) -> bool:
+    P = update_percent
+    return backend == "cpu" and isinstance(P, (int, float, np.floating, np.integer)) and not isinstance(P, bool) and P <= _ACCUMULATOR_MAX_P
+
+
 def _check_audio(audio, name="audio") -> np.ndarray:
     a = np.asarray(audio)
     if a.dtype.kind not in "fiu":
@@ -185,7 +198,7 @@ class Enhancer:
         if not (isinstance(mask_floor_db, (int, float)) and math.isfinite(mask_floor_db) and mask_floor_db <= 0):
             raise ParameterError(f"mask_floor_db={mask_floor_db!r} must be a finite number <= 0")
         self.weights = weights
-        self.model = MaskModel(weights, update_percent=update_percent, backend=backend)
+        self.model = MaskModel(weights, update_percent=update_percent, backend=backend, sparse_inputs=_input_accumulators_pay(backend, update_percent))
         self.update_percent = self.model.update_percent
         self.mask_floor_db = float(mask_floor_db)
         self.mask_floor = np.float32(10.0 ** (self.mask_floor_db / 20.0))

@@ -9,9 +9,9 @@ backend (``kernels/``) on log-power features, e.g. NSNet2 (DESIGN.md section 3):
 Every GRU layer along time runs as a D-GRU at the chosen update percentage P. With
 ``sparse_inputs=True`` a GRU layer whose input is the state of a previous D-GRU layer keeps an
 input accumulator fed by the changed entries only, so its input product costs 3H·A_in instead of
-3H·I MACs. It is off by default because it is not faster in wall-clock time offline: the dense
-input product of a block of frames reuses each weight column for 8 frames, while the accumulator
-reads a different set of columns for every frame (benchmarks/bench_enhance.py).
+3H·I MACs. :class:`~npdgru.enhance.Enhancer` turns it on for the cpu backend at P <= 50, where
+benchmarks/bench_enhance.py measures it faster offline and per streaming hop; ``MaskModel``
+leaves it off unless asked.
 
 The model knows no backend's details: it chooses an executor and hands it the plan.
 """

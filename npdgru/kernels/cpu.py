@@ -41,9 +41,9 @@ __all__ = ["GRULayer", "GRUState", "gru_sequence", "dgru_sequence", "DEFAULT_REF
 
 DEFAULT_REFRESH = 128
 _FRAME_BLOCK = 8  # frames that share one pass over the input weights in _affine_columns
-# r and n are evaluated for all H rows when A·_ALL_ROWS_RATIO >= H (benchmarks/bench_gru.py:
-# one vectorised pass over H rows costs about as much as H/_ALL_ROWS_RATIO gathered ones)
-_ALL_ROWS_RATIO = 4
+# r and n are evaluated for all H rows when A·_ALL_ROWS_RATIO >= H: measured (one thread) the
+# vectorised pass over all rows is faster than A gathered rows for A >= H/8 at H = 64...400
+_ALL_ROWS_RATIO = 8
 _RANK_MAX_H = 128  # selection by counting ranks up to this H, by quickselect above
 
 
