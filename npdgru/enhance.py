@@ -91,48 +91,38 @@ class _FusedHop:
     the log-power features, every model step (one jitted call, ``FrameProgram``), the mask and
     the synthesis overlap-add, all into buffers made here once.
 
-    Every operation is the one of the general path (the same NumPy ufuncs and FFT sizes as
-    ``stft.log_power``, :meth:`Enhancer._apply` and :class:`_StftBatch`, the same kernels on one
-    frame), so the output has the same bits (tests/test_fused_hop.py).
+    Every operation is the one of the general path: NumPy's FFTs and log10, the elementwise steps
+    of ``stft.log_power``, :meth:`Enhancer._apply` and :class:`_StftBatch` repeated operation for
+    operation by numba kernels compiled without FMA contraction (``cpu.hop_*``), and the model
+    kernels on one frame; so the output has the same bits (tests/test_fused_hop.py).
     """
 
     def __init__(self, enhancer, batch: int):
+        from .kernels import cpu
+
+        self.cpu = cpu  # the elementwise hop kernels (numba, imported with the cpu backend)
         self.prog = enhancer.model.executor.frame_program(batch)
         B, f32 = batch, np.float32
         self.frames = np.zeros((B, stft.N_FFT), f32)
         self.X = np.zeros((B, stft.N_BINS), np.complex64)
         self.Y = np.zeros((B, stft.N_BINS), np.complex64)
-        self.p = np.zeros((B, stft.N_BINS), f32)
-        self.p2 = np.zeros((B, stft.N_BINS), f32)
         self.p64 = np.zeros((B, stft.N_BINS), np.float64)
         self.y = np.zeros((B, stft.N_FFT), f32)
-        self.re, self.im = self.X.real, self.X.imag
         self.floor = enhancer.mask_floor
 
     def run(self, x: np.ndarray, spectra: _StftBatch, state, out: np.ndarray) -> None:
         """Hops x (B, HOP) of every row of ``spectra``/``state`` -> their output hops into out (B, HOP)."""
-        H, fr = stft.HOP, self.frames
-        fr[:, :H] = spectra.prev
-        fr[:, H:] = x
-        spectra.prev[:] = x
-        np.multiply(fr, stft.WINDOW, out=fr)
-        np.fft.rfft(fr, n=stft.N_FFT, axis=1, out=self.X)
-        np.multiply(self.re, self.re, out=self.p)  # stft.log_power, ufunc for ufunc
-        np.multiply(self.im, self.im, out=self.p2)
-        np.add(self.p, self.p2, out=self.p)
-        np.copyto(self.p64, self.p)
-        np.maximum(self.p64, stft._LOG_FLOOR, out=self.p64)
+        cpu = self.cpu
+        cpu.hop_frames(spectra.prev, x, stft.WINDOW, self.frames)
+        np.fft.rfft(self.frames, n=stft.N_FFT, axis=1, out=self.X)
+        cpu.hop_power(self.X, stft._LOG_FLOOR, self.p64)  # stft.log_power, ufunc for ufunc
         np.log10(self.p64, out=self.p64)
         prog = self.prog
-        np.copyto(prog.features, self.p64, casting="same_kind")
+        cpu.hop_features(self.p64, prog.features)
         prog.run(state)
-        mask = prog.mask
-        np.clip(mask, self.floor, np.float32(1.0), out=mask)  # Enhancer._apply
-        np.multiply(self.X, mask, out=self.Y)
+        cpu.hop_apply_mask(self.X, prog.mask, self.floor, self.Y)  # Enhancer._apply
         np.fft.irfft(self.Y, n=stft.N_FFT, axis=1, out=self.y)
-        np.multiply(self.y, stft.WINDOW, out=self.y)
-        np.add(self.y[:, :H], spectra.tail, out=out)
-        spectra.tail[:] = self.y[:, H:]
+        cpu.hop_overlap_add(self.y, stft.WINDOW, spectra.tail, out)
 
 
 def _fused_hop(enhancer, batch: int):

@@ -229,3 +229,40 @@ def test_both_selection_kernels_match_the_reference(H):
                 idx2 = np.full(H, -1, np.int64)
                 cpu._top_a_by_rank(u, A, buf, idx2)
                 assert np.array_equal(idx2[:A], idx[:A]), f"rank kernel H={H} A={A}"
+
+
+def test_hop_kernels_equal_their_numpy_twins():
+    """Each elementwise hop kernel against the NumPy expression of the offline path, bit for bit."""
+    from npdgru import stft
+
+    rng = np.random.default_rng(7)
+    B = 3
+    prev, x = rng.standard_normal((B, HOP)).astype(np.float32), rng.standard_normal((B, HOP)).astype(np.float32)
+    frames = np.empty((B, 2 * HOP), np.float32)
+    want = np.concatenate((prev, x), axis=1) * stft.WINDOW
+    p = prev.copy()
+    cpu.hop_frames(p, x, stft.WINDOW, frames)
+    assert np.array_equal(frames, want) and np.array_equal(p, x)
+
+    X = np.fft.rfft(frames, axis=1).astype(np.complex64)
+    X[0, :5] = 0.0  # silence hits the floor
+    p64 = np.empty(X.shape)
+    cpu.hop_power(X, stft._LOG_FLOOR, p64)
+    feats = np.empty(X.shape, np.float32)
+    cpu.hop_features(np.log10(p64), feats)
+    assert np.array_equal(feats, stft.log_power(X))
+
+    mask = rng.uniform(-0.2, 1.2, X.shape).astype(np.float32)
+    floor = np.float32(10 ** (-80 / 20))
+    want_mask = np.clip(mask, floor, np.float32(1.0))
+    Y = np.empty_like(X)
+    cpu.hop_apply_mask(X, mask, floor, Y)
+    assert np.array_equal(mask, want_mask) and np.array_equal(Y.view(np.uint32), (X * want_mask).view(np.uint32))
+
+    y = np.fft.irfft(Y, n=2 * HOP, axis=1).astype(np.float32)
+    tail = rng.standard_normal((B, HOP)).astype(np.float32)
+    yw = y * stft.WINDOW
+    want_out, want_tail = yw[:, :HOP] + tail, yw[:, HOP:].copy()
+    out = np.empty((B, HOP), np.float32)
+    cpu.hop_overlap_add(y, stft.WINDOW, tail, out)
+    assert np.array_equal(out, want_out) and np.array_equal(tail, want_tail)
