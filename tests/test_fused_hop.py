@@ -211,7 +211,8 @@ def test_plan_of_nsnet2_by_hand():
 
 @pytest.mark.parametrize("H", [1, 7, 64, 128, 129, 300])
 def test_both_selection_kernels_match_the_reference(H):
-    """_top_a picks by counting ranks up to H=128 and by quickselect above: both give
+    """_top_a picks by counting ranks below H=64 and by a histogram-narrowed quickselect from
+    H=64: both give
     reference.top_a's set (ties to the lower index), on values full of ties."""
     from npdgru import reference as ref
 

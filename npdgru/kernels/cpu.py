@@ -44,7 +44,12 @@ _FRAME_BLOCK = 8  # frames that share one pass over the input weights in _affine
 # r and n are evaluated for all H rows when A·_ALL_ROWS_RATIO >= H: measured (one thread) the
 # vectorised pass over all rows is faster than A gathered rows for A >= H/8 at H = 64...400
 _ALL_ROWS_RATIO = 8
-_RANK_MAX_H = 128  # selection by counting ranks up to this H, by quickselect above
+# How the A largest u are found (measured one thread, u = 1 - sigmoid of normal values, A = H/2:
+# counting ranks 0.57 / 2.1 / 28 us at H = 64 / 128 / 400, the histogram-narrowed quickselect
+# 0.23 / 0.40 / 1.06 us, a plain quickselect 2.0 / 3.1 / 4.8 us at H = 160 / 256 / 400):
+_RANK_MAX_H = 63  # counting ranks below H = 64
+_BINS = 64  # histogram bins of _kth_largest_binned (needs H >= _BINS: idx is its scratch)
+_BINNED_MIN_H = 64  # the histogram-narrowed quickselect from H = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,8 +225,7 @@ def _top_a_by_rank(u, A, cnt, idx):
     it (u_j > u_i, or u_j == u_i with j < i: the stable descending order of reference.top_a).
 
     O(H²) comparisons, vectorised over i with no data-dependent branch, against the
-    quickselect's O(H) average of unpredictable branches. Measured (one thread, random u):
-    H=64 0.55 us vs 2.8 us, H=128 2.3 vs 4.2, H=256 17 vs 5.8; hence _RANK_MAX_H = 128.
+    quickselect's O(H) average of unpredictable branches (timings at _RANK_MAX_H).
     ``cnt`` (H,) float32 scratch holds the counts (exact integers below 2**24).
     """
     H = u.shape[0]
@@ -239,6 +243,39 @@ def _top_a_by_rank(u, A, cnt, idx):
 
 
 @njit(**JIT)
+def _kth_largest_binned(u, buf, hist, k):
+    """Value of the k-th largest entry of u (k >= 1), for large H: a histogram of _BINS bins
+    over [min u, max u] finds the bin that holds it, then a quickselect among that bin's entries
+    only. The bin index is a non-decreasing function of u, so the bins are ordered as the values.
+    ``hist`` (>= _BINS int64) and ``buf`` (H float32) are scratch."""
+    H = u.shape[0]
+    lo = u[0]
+    hi = u[0]
+    for i in range(H):
+        lo = min(lo, u[i])
+        hi = max(hi, u[i])
+    if not hi > lo:
+        return lo
+    top = _BINS - 1
+    scale = np.float32(_BINS) / (hi - lo)
+    for b in range(_BINS):
+        hist[b] = 0
+    for i in range(H):
+        hist[min(np.int64((u[i] - lo) * scale), top)] += 1
+    above = 0
+    b = top
+    while above + hist[b] < k:
+        above += hist[b]
+        b -= 1
+    c = 0
+    for i in range(H):
+        buf[c] = u[i]
+        c += min(np.int64((u[i] - lo) * scale), top) == b
+    cand = buf[:c]
+    return _kth_largest(cand, cand, k - above)  # in place: the copy inside is onto itself
+
+
+@njit(**JIT)
 def _top_a(u, A, buf, idx):
     """Indices of the A largest u in ascending index order, ties to the lower index -> idx[:A]."""
     H = u.shape[0]
@@ -249,22 +286,21 @@ def _top_a(u, A, buf, idx):
     if H <= _RANK_MAX_H:
         _top_a_by_rank(u, A, buf, idx)
         return
-    tau = _kth_largest(u, buf, A)
+    if H >= _BINNED_MIN_H:
+        tau = _kth_largest_binned(u, buf, idx, A)  # idx is scratch until the selection is written
+    else:
+        tau = _kth_largest(u, buf, A)
     n_gt = 0
     for i in range(H):
-        if u[i] > tau:
-            n_gt += 1
+        n_gt += u[i] > tau
     n_eq = A - n_gt  # how many of the entries equal to tau are taken, lowest index first
     k = 0
-    for i in range(H):
+    for i in range(H):  # without data-dependent branches: idx[k] is overwritten unless taken
         ui = u[i]
-        if ui > tau:
-            idx[k] = i
-            k += 1
-        elif ui == tau and n_eq > 0:
-            idx[k] = i
-            k += 1
-            n_eq -= 1
+        eq = (ui == tau) & (n_eq > 0)
+        idx[k] = i
+        k += (ui > tau) | eq
+        n_eq -= eq
 
 
 @njit(**JIT)
