@@ -129,7 +129,10 @@ def _fused_hop(enhancer, batch: int):
     """A :class:`_FusedHop` where the backend has one-frame programs (cpu), else None."""
     if not hasattr(enhancer.model.executor, "frame_program"):
         return None
-    return _FusedHop(enhancer, batch)
+    try:
+        return _FusedHop(enhancer, batch)
+    except ParameterError:  # a plan the one-frame program does not cover: the per-layer path
+        return None
 
 
 # Input accumulators (a D-GRU layer fed by a D-GRU layer reads only the changed input columns,

@@ -267,3 +267,14 @@ def test_hop_kernels_equal_their_numpy_twins():
     out = np.empty((B, HOP), np.float32)
     cpu.hop_overlap_add(y, stft.WINDOW, tail, out)
     assert np.array_equal(out, want_out) and np.array_equal(tail, want_tail)
+
+
+def test_model_without_a_gru_streams_through_the_per_layer_path():
+    """A plan the one-frame program does not cover (no D-GRU step) still streams, offline == streaming."""
+    arch = validate_architecture({"name": "lin", "n_features": 161, "layers": [{"kind": "linear", "name": "fc", "in": 161, "out": 161, "activation": "sigmoid"}]})
+    e = Enhancer(_random_weights(arch, 3))
+    st = e.stream()
+    assert st._fused is None
+    x = _signal(10 * HOP, seed=3)
+    y = np.concatenate([st.process(x[i : i + HOP]) for i in range(0, len(x), HOP)] + [st.flush()])
+    assert np.array_equal(y[320 : 320 + len(x)], e.enhance(x, 16000))
