@@ -3,7 +3,8 @@
 
     python benchmarks/bench_gru.py --hidden 256 400 --steps 1000 --repeats 7
 
-Prints one markdown table per hidden size H (input size --input, default 400): the NumPy
+Prints one markdown table per hidden size H (and one of the dense products on NSNet2's shapes
+against OpenBLAS sgemm) (input size --input, default 400): the NumPy
 reference, the cpu dense GRU, the cpu D-GRU at P = 100/75/50/25/10 (P=100 here is the D-GRU
 kernel at A = H, not the dense kernel that GRULayer picks at P=100), torch.nn.GRU, and the
 streaming cost of one-frame calls. Offline rows run one call of --steps frames and report
@@ -111,9 +112,7 @@ def median_time(fn, repeats, warmup=1):
 
 def dgru_layer(weights, A):
     """A cpu D-GRU layer with exactly A selected neurons (also A = H, which P=100 would make dense)."""
-    H = weights[1].shape[1]
-    P = 100.0 * A / H if A < H else 99.9999  # ceil(0.999999·H) = H for H < 10**6, yet not "dense"
-    layer = cpu.GRULayer(*weights, update_percent=P)
+    layer = cpu.GRULayer(*weights, A=A)
     assert layer.A == A and not layer.dense, (layer.A, A, layer.dense)
     return layer
 
@@ -244,7 +243,35 @@ def main(argv=None):
             status = 1
             continue
         print_table(H, args.input, *res, args)
+    bench_products(args, rng)
     return status
+
+
+# The dense products of NSNet2 offline (1000 frames): (frames, in, out) of fc1, a GRU input
+# product, fc2, fc3, fc4.
+PRODUCT_SHAPES = ((1000, 161, 400), (1000, 400, 1200), (1000, 400, 600), (1000, 600, 600), (1000, 600, 161))
+
+
+def bench_products(args, rng):
+    """The cpu dense product (cpu._affine_columns, whose sum order per output does not depend on
+    the number of rows) against NumPy's float32 matmul (OpenBLAS sgemm, one thread)."""
+    print(f"\n### Dense products on the model's shapes, one thread, median of {args.repeats}\n")
+    print("| frames x in x out | cpu us | sgemm us | sgemm / cpu (1 = as fast) | GFLOP/s cpu |")
+    print("|---|---:|---:|---:|---:|")
+    for N, J, K in PRODUCT_SHAPES:
+        x = rng.standard_normal((N, J)).astype(np.float32)
+        wt = rng.standard_normal((J, K)).astype(np.float32)
+        b = rng.standard_normal(K).astype(np.float32)
+        out, ref_out = np.empty((N, K), np.float32), np.empty((N, K), np.float32)
+        cpu._affine_columns(x, wt, b, out)
+        want = x.astype(np.float64) @ wt.astype(np.float64) + b
+        bound = J * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(wt).astype(np.float64) + np.abs(b))
+        if not (np.abs(out - want) <= bound).all():  # float32 summation error bound against float64
+            print(f"| {N} x {J} x {K} | disagrees with the float64 product: not timed | | | |")
+            continue
+        t_cpu = median_time(lambda: cpu._affine_columns(x, wt, b, out), args.repeats)
+        t_blas = median_time(lambda: np.matmul(x, wt, out=ref_out), args.repeats)
+        print(f"| {N} x {J} x {K} | {t_cpu * 1e6:.0f} | {t_blas * 1e6:.0f} | {t_blas / t_cpu:.2f} | {2 * N * J * K / t_cpu / 1e9:.1f} |")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import stft
 from .errors import AudioError, ParameterError, StreamInputError
-from .model import MaskModel, ModelState
+from .model import MaskModel
 from .weights import Weights, default_weights_path, load_weights
 
 ALGORITHMIC_LATENCY = stft.ALGORITHMIC_LATENCY  # samples at 16 kHz
@@ -47,6 +47,120 @@ __all__ = ["Enhancer", "Stream", "StreamBatch", "ALGORITHMIC_LATENCY", "DEFAULT_
 MAX_ABS_SAMPLE = 1e6
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 384_000  # Hz; resampling cost grows with the ratio
 MAX_CHANNELS = 64
+
+
+class _StftBatch:
+    """Analysis and synthesis of B streams, hops in and hops out: the one STFT driver behind
+    :meth:`Enhancer.enhance`, :class:`Stream` and :class:`StreamBatch`.
+
+    Row b carries its last input hop (the analysis history, initially the front padding of zeros)
+    and the second half of its last synthesis frame. Frame t of a stream is ``rfft((hop t-1, hop t)
+    · WINDOW)`` and its output hop ``irfft(Y[t])[:HOP] · WINDOW + tail``: the frames of
+    ``stft.stft`` and the overlap-add of ``stft.istft``, through the same kernels
+    (``stft._synthesise``, the same windowing and FFT sizes), so every path gives the same bits.
+    """
+
+    def __init__(self, batch: int):
+        self.prev = np.zeros((batch, stft.HOP), np.float32)
+        self.tail = np.zeros((batch, stft.HOP), np.float32)
+
+    def analyse(self, hops: np.ndarray, rows=None) -> np.ndarray:
+        """hops (n, k, HOP) float32 of rows ``rows`` (all rows if None) -> spectra (k, n, N_BINS)."""
+        prev = self.prev if rows is None else self.prev[rows]
+        blocks = np.concatenate((prev[:, None], hops), axis=1)  # (n, k + 1, HOP)
+        frames = np.concatenate((blocks[:, :-1], blocks[:, 1:]), axis=2)  # (n, k, N_FFT), a fresh copy
+        frames *= stft.WINDOW
+        X = np.fft.rfft(frames, n=stft.N_FFT, axis=2).astype(np.complex64, copy=False)
+        if rows is None:
+            self.prev[:] = hops[:, -1]
+        else:
+            self.prev[rows] = hops[:, -1]
+        return X.transpose(1, 0, 2)
+
+    def synthesise(self, Y: np.ndarray, rows=None) -> np.ndarray:
+        """Spectra (k, n, N_BINS) of rows ``rows`` -> the k output hops of each row, (n, k·HOP)."""
+        k, n = Y.shape[:2]
+        H = stft.HOP
+        y = stft._synthesise(np.ascontiguousarray(Y.transpose(1, 0, 2)).reshape(n * k, stft.N_BINS)).reshape(n, k, stft.N_FFT)
+        out = y[:, :, :H].copy()  # first halves ...
+        out[:, 0] += self.tail if rows is None else self.tail[rows]  # ... plus the second half of the frame before
+        out[:, 1:] += y[:, :-1, H:]
+        if rows is None:
+            self.tail[:] = y[:, -1, H:]
+        else:
+            self.tail[rows] = y[:, -1, H:]
+        return out.reshape(n, k * H)
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Keep rows ``rows`` in that order (a row < 0: a new stream)."""
+        keep = rows >= 0
+        for name in ("prev", "tail"):
+            old = getattr(self, name)
+            new = np.zeros((len(rows), stft.HOP), np.float32)
+            new[keep] = old[rows[keep]]
+            setattr(self, name, new)
+
+
+class _FusedHop:
+    """One 10 ms hop of B streams from samples to samples with no allocation: the analysis frame,
+    the log-power features, every model step (one jitted call, ``FrameProgram``), the mask and
+    the synthesis overlap-add, all into buffers made here once.
+
+    Every operation is the one of the general path: NumPy's FFTs and log10, the elementwise steps
+    of ``stft.log_power``, :meth:`Enhancer._apply` and :class:`_StftBatch` repeated operation for
+    operation by numba kernels compiled without FMA contraction (``cpu.hop_*``), and the model
+    kernels on one frame; so the output has the same bits (tests/test_fused_hop.py).
+    """
+
+    def __init__(self, enhancer, batch: int):
+        from .kernels import cpu
+
+        self.cpu = cpu  # the elementwise hop kernels (numba, imported with the cpu backend)
+        self.prog = enhancer.model.executor.frame_program(batch)
+        B, f32 = batch, np.float32
+        self.frames = np.zeros((B, stft.N_FFT), f32)
+        self.X = np.zeros((B, stft.N_BINS), np.complex64)
+        self.Y = np.zeros((B, stft.N_BINS), np.complex64)
+        self.p64 = np.zeros((B, stft.N_BINS), np.float64)
+        self.y = np.zeros((B, stft.N_FFT), f32)
+        self.floor = enhancer.mask_floor
+
+    def run(self, x: np.ndarray, spectra: _StftBatch, state, out: np.ndarray) -> None:
+        """Hops x (B, HOP) of every row of ``spectra``/``state`` -> their output hops into out (B, HOP)."""
+        cpu = self.cpu
+        cpu.hop_frames(spectra.prev, x, stft.WINDOW, self.frames)
+        np.fft.rfft(self.frames, n=stft.N_FFT, axis=1, out=self.X)
+        cpu.hop_power(self.X, stft._LOG_FLOOR, self.p64)  # stft.log_power, ufunc for ufunc
+        np.log10(self.p64, out=self.p64)
+        prog = self.prog
+        cpu.hop_features(self.p64, prog.features)
+        prog.run(state)
+        cpu.hop_apply_mask(self.X, prog.mask, self.floor, self.Y)  # Enhancer._apply
+        np.fft.irfft(self.Y, n=stft.N_FFT, axis=1, out=self.y)
+        cpu.hop_overlap_add(self.y, stft.WINDOW, spectra.tail, out)
+
+
+def _fused_hop(enhancer, batch: int):
+    """A :class:`_FusedHop` where the backend has one-frame programs (cpu), else None."""
+    if not hasattr(enhancer.model.executor, "frame_program"):
+        return None
+    try:
+        return _FusedHop(enhancer, batch)
+    except ParameterError:  # a plan the one-frame program does not cover: the per-layer path
+        return None
+
+
+# Input accumulators (a D-GRU layer fed by a D-GRU layer reads only the changed input columns,
+# ``MaskModel(sparse_inputs=True)``) are used on cpu at P <= 50, where benchmarks/bench_enhance.py
+# measures them faster both offline and per streaming hop than the dense input product (NSNet2:
+# about 15 % offline and 8-12 % per hop at P = 50 and 25). One rule for both modes, so offline
+# and streaming still compute the same bits.
+_ACCUMULATOR_MAX_P = 50.0
+
+
+def _input_accumulators_pay(backend, update_percent) -> bool:
+    P = update_percent
+    return backend == "cpu" and isinstance(P, (int, float, np.floating, np.integer)) and not isinstance(P, bool) and P <= _ACCUMULATOR_MAX_P
 
 
 def _check_audio(audio, name="audio") -> np.ndarray:
@@ -144,7 +258,7 @@ class Enhancer:
         if isinstance(mask_floor_db, (bool, np.bool_)) or not isinstance(mask_floor_db, numbers.Real) or not (math.isfinite(mask_floor_db) and mask_floor_db <= 0):
             raise ParameterError(f"mask_floor_db={mask_floor_db!r} must be a finite number <= 0")
         self.weights = weights
-        self.model = MaskModel(weights, update_percent=update_percent, backend=backend)
+        self.model = MaskModel(weights, update_percent=update_percent, backend=backend, sparse_inputs=_input_accumulators_pay(backend, update_percent))
         self.update_percent = self.model.update_percent
         self.mask_floor_db = float(mask_floor_db)
         self.mask_floor = np.float32(10.0 ** (self.mask_floor_db / 20.0))
@@ -190,18 +304,17 @@ class Enhancer:
         """
         n, C = x.shape
         H, T = stft.HOP, stft.num_frames(n)
-        xp = np.zeros((T * H, C), np.float32)  # x and the tail padding that completes frame T-1
-        xp[:n] = x
-        ana = [stft.StftStream() for _ in range(C)]
-        syn = [stft.IstftStream() for _ in range(C)]
-        yp = np.empty((T * H, C), np.float32)  # the synthesis streams emit yp from index 0
+        xp = np.zeros((C, T * H), np.float32)  # x and the tail padding that completes frame T-1
+        xp[:, :n] = x.T
+        spectra = _StftBatch(C)
+        yp = np.empty((T * H, C), np.float32)  # the synthesis emits yp from index 0
         state = self.model.init_state(C)
         step = _BLOCK_FRAMES * H
         for s0 in range(0, T * H, step):
-            X = np.stack([ana[c].push(xp[s0 : s0 + step, c]) for c in range(C)], axis=1)
-            Y = self._apply(X, state)
-            for c in range(C):
-                yp[s0 : s0 + len(Y) * H, c] = syn[c].push(Y[:, c])
+            hops = xp[:, s0 : s0 + step]
+            k = hops.shape[1] // H
+            Y = self._apply(spectra.analyse(hops.reshape(C, k, H)), state)
+            yp[s0 : s0 + k * H] = spectra.synthesise(Y).T
         return yp[H : H + n]
 
     def enhance_batch(self, audios, sample_rate) -> list:
@@ -277,22 +390,50 @@ class Stream:
         self.reset()
 
     def reset(self) -> None:
-        self._stft = stft.StftStream()
-        self._istft = stft.IstftStream()
+        self._spectra = _StftBatch(1)
         self._state = self.enhancer.model.init_state(1)
-        # The synthesis stream emits yp = y delayed by one hop; one more hop of zeros in front
-        # makes the output y delayed by exactly N_FFT samples, for any chunk sizes.
+        self._partial = np.zeros(0, np.float32)  # input samples of the hop in progress (< HOP)
+        # The synthesis emits yp = y delayed by one hop; one more hop of zeros in front makes the
+        # output y delayed by exactly N_FFT samples, for any chunk sizes.
         self._out = np.zeros(stft.HOP, np.float32)
         self._n_in = 0
-        self._lead = True  # the synthesis stream's first hop is still to come
+        self._lead = True  # the synthesis's first hop is still to come
+        if not hasattr(self, "_fused"):
+            self._fused = _fused_hop(self.enhancer, 1)
 
     def _run(self, samples: np.ndarray) -> None:
-        frames = self._stft.push(samples)
-        if len(frames):
-            Y = self.enhancer._apply(frames[:, None, :], self._state)[:, 0]
-            y = self._istft.push(Y)
+        H = stft.HOP
+        if self._fused is not None and len(samples) == H and not len(self._partial) and len(self._out) == H:
+            # steady state of 10 ms chunks: one hop, samples to samples, into the output queue
+            out = np.empty(2 * H, np.float32)
+            out[:H] = self._out
+            self._fused.run(samples.reshape(1, H), self._spectra, self._state, out[H:].reshape(1, H))
+            if self._lead:
+                out[H:] = 0.0
+                self._lead = False
+            self._out = out
+            return
+        if self._fused is not None:  # other chunk sizes: the completed hops one by one
+            x = np.concatenate([self._partial, samples]) if len(self._partial) else samples
+            k = len(x) // H
+            self._partial = x[k * H :].copy()
+            if k:
+                y = np.empty((k, H), np.float32)
+                for j in range(k):
+                    self._fused.run(x[j * H : (j + 1) * H].reshape(1, H), self._spectra, self._state, y[j : j + 1])
+                if self._lead:
+                    y[0] = 0.0
+                    self._lead = False
+                self._out = np.concatenate([self._out, y.reshape(-1)])
+            return
+        x = np.concatenate([self._partial, samples]) if len(self._partial) else samples
+        k = len(x) // H
+        self._partial = x[k * H :].copy()
+        if k:
+            X = self._spectra.analyse(x[: k * H].reshape(1, k, H))
+            y = self._spectra.synthesise(self.enhancer._apply(X, self._state))[0]
             if self._lead:  # yp[:HOP] is the (masked) front padding, not x: silence, as documented
-                y[: stft.HOP] = 0.0
+                y[:H] = 0.0
                 self._lead = False
             self._out = np.concatenate([self._out, y])
 
@@ -354,10 +495,10 @@ class StreamBatch:
         self._model = enhancer.model
         self._ids: list[int] = []  # stream id of each batch row, in row order
         self._next_id = 0
-        self._state = None  # ModelState of len(self._ids) streams; None while empty
+        self._state = None  # model state of len(self._ids) streams; None while empty
         H = stft.HOP
-        self._prev = np.zeros((0, H), np.float32)  # last input hop per stream (analysis history)
-        self._tail = np.zeros((0, H), np.float32)  # second half of the last synthesis frame
+        self._spectra = _StftBatch(0)  # analysis history and synthesis tail per stream
+        self._fused = _fused_hop(enhancer, 1)  # rebuilt for the batch size in use
         self._pending = np.zeros((0, H), np.float32)  # what the next call returns (yp one hop back)
         self._frames = np.zeros(0, np.int64)  # hops processed per stream
 
@@ -380,9 +521,15 @@ class StreamBatch:
 
     def _reshape(self, rows: np.ndarray, ids: list) -> None:
         """Keep batch rows ``rows`` (-1: a new stream) in that order, under ``ids``."""
-        self._state = _take_state(self._model, self._state, rows) if len(rows) else None
+        if not len(rows):
+            self._state = None
+        elif self._state is None:
+            self._state = self._model.init_state(len(rows))
+        else:
+            self._state = self._state.take(rows)
+        self._spectra.reorder(rows)
         keep = rows >= 0
-        for name in ("_prev", "_tail", "_pending", "_frames"):
+        for name in ("_pending", "_frames"):
             old = getattr(self, name)
             new = np.zeros((len(rows),) + old.shape[1:], old.dtype)
             new[keep] = old[rows[keep]]
@@ -435,74 +582,30 @@ class StreamBatch:
 
     def _tick(self, rows: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Advance batch rows ``rows`` by the hops x (n, 160); return their outputs (n, 160)."""
-        H = stft.HOP
-        # analysis: frame = (previous hop, this hop) windowed, as StftStream / stft._analyse
-        frames = np.concatenate((self._prev[rows], x), axis=1)
-        frames *= stft.WINDOW
-        X = np.fft.rfft(frames, n=stft.N_FFT, axis=1).astype(np.complex64, copy=False)
-        self._prev[rows] = x
         full = len(rows) == len(self._ids) and (rows == np.arange(len(rows))).all()
+        if full and self._fused is not None:
+            if self._fused.prog.batch != len(rows):
+                self._fused = _fused_hop(self.enhancer, len(rows))
+            yp = np.empty((len(rows), stft.HOP), np.float32)
+            self._fused.run(x, self._spectra, self._state, yp)
+            return self._emit(rows, yp)
+        sel = None if full else rows
+        X = self._spectra.analyse(x[:, None, :], sel)
         if full:
-            Y = self.enhancer._apply(X[None], self._state)[0]
+            Y = self.enhancer._apply(X, self._state)
         else:  # a subset of the streams: run them as a batch of their own, write their state back
-            sub = _take_state(self._model, self._state, rows)
-            Y = self.enhancer._apply(X[None], sub)[0]
-            _put_state(self._model, self._state, rows, sub)
-        # synthesis: overlap-add with the carried tail, as IstftStream
-        y = stft._synthesise(Y)
-        yp = y[:, :H].copy()
-        yp += self._tail[rows]
-        self._tail[rows] = y[:, H:]
+            sub = self._state.take(rows)
+            Y = self.enhancer._apply(X, sub)
+            self._state.put(rows, sub)
+        return self._emit(rows, self._spectra.synthesise(Y, sel))
+
+    def _emit(self, rows: np.ndarray, yp: np.ndarray) -> np.ndarray:
+        """Hand out the pending hops of rows ``rows`` and queue their new output hops yp."""
         yp[self._frames[rows] == 0] = 0.0  # the first hop is the (masked) front padding: silence
         self._frames[rows] += 1
         out = self._pending[rows]
         self._pending[rows] = yp
         return out
-
-
-_STATE_FIELDS = ("h", "m", "g", "xprev", "step")  # per-stream rows of a layer state (cpu, reference)
-
-
-def _take_state(model: MaskModel, state, rows: np.ndarray):
-    """A model state of ``len(rows)`` streams: stream k copies stream ``rows[k]`` (< 0: a new one)."""
-    rows = np.asarray(rows, np.int64)
-    layers = []
-    for i, (layer, F) in enumerate(zip(model.gru_layers, model.gru_bands)):
-        st = None if state is None else state.layers[i]
-        r = _band_rows(rows, F)
-        if st is not None and hasattr(st, "take"):  # cuda: gathered on the device
-            layers.append(st.take(r))
-            continue
-        new = layer.init_state(len(r))
-        rows_f = r
-        keep = rows_f >= 0
-        if st is not None and keep.any():
-            for f in _STATE_FIELDS:
-                if hasattr(st, f):
-                    getattr(new, f)[keep] = getattr(st, f)[rows_f[keep]]
-        layers.append(new)
-    return ModelState(layers=layers, batch=len(rows))
-
-
-def _band_rows(rows: np.ndarray, F: int) -> np.ndarray:
-    """State rows of streams ``rows`` in a layer with F bands (stream b owns rows b·F ... b·F+F-1)."""
-    if F == 1:
-        return rows
-    r = rows[:, None] * F + np.arange(F)
-    r[rows < 0] = -1
-    return r.reshape(-1)
-
-
-def _put_state(model: MaskModel, state, rows: np.ndarray, sub) -> None:
-    """Write the streams of ``sub`` back into rows ``rows`` of ``state``."""
-    for st, s2, F in zip(state.layers, sub.layers, model.gru_bands):
-        r = _band_rows(np.asarray(rows, np.int64), F)
-        if hasattr(st, "put"):
-            st.put(r, s2)
-            continue
-        for f in _STATE_FIELDS:
-            if hasattr(st, f):
-                getattr(st, f)[r] = getattr(s2, f)
 
 
 def _check_rate(sample_rate, name="sample_rate") -> None:

@@ -224,13 +224,24 @@ class GRUState:
     def batch(self) -> int:
         return self.h.shape[0]
 
+    def take(self, rows) -> "GRUState":
+        """Streams ``rows`` (a fresh zero stream where a row is < 0) as a new state."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        h = np.zeros((rows.size, self.h.shape[1]), self.h.dtype)
+        h[rows >= 0] = self.h[rows[rows >= 0]]
+        return GRUState(h)
+
+    def put(self, rows, other: "GRUState") -> None:
+        """Write the streams of ``other`` into rows ``rows``."""
+        self.h[np.asarray(rows, np.int64).reshape(-1)] = other.h
+
 
 class GRULayer:
     """A (D-)GRU layer on the reference backend (float64); same interface as ``cpu.GRULayer``."""
 
     backend = "reference"
 
-    def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, *, update_percent=100.0, sparse_input=False, refresh_every=None, name="gru"):
+    def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, *, update_percent=100.0, sparse_input=False, refresh_every=None, name="gru", A=None):
         self.name = name
         self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = (np.asarray(a, np.float64) for a in (weight_ih, weight_hh, bias_ih, bias_hh))
         self.input_size, self.hidden_size = self.weight_ih.shape[1], self.weight_hh.shape[1]
@@ -239,6 +250,11 @@ class GRULayer:
         self.update_percent = float(update_percent)
         self.A = num_selected(update_percent, self.hidden_size)
         self.dense = self.update_percent == 100.0
+        if A is not None:  # A neurons per step, the D-GRU path even at A = H
+            if isinstance(A, bool) or not isinstance(A, (int, np.integer)) or not 1 <= A <= self.hidden_size:
+                raise ParameterError(f"A={A!r} must be an integer in [1, H={self.hidden_size}]")
+            self.A, self.dense = int(A), False
+            self.update_percent = 100.0 * self.A / self.hidden_size
 
     def init_state(self, batch: int = 1, h0=None) -> GRUState:
         h = np.zeros((batch, self.hidden_size)) if h0 is None else np.array(h0, np.float64)
@@ -321,3 +337,15 @@ class LayerNorm:
         return layer_norm(np.asarray(x, np.float64), self.weight, self.bias, self.eps)
 
     forward = _run
+
+
+def Executor(plan, tensors, *, refresh_every=None):
+    """A :class:`~npdgru.plan.Plan` run on these float64 layers (slow; the specification)."""
+    import sys
+
+    from .kernels._graph import GraphExecutor
+
+    class _Reference(GraphExecutor):
+        backend = "reference"
+
+    return _Reference(plan, tensors, sys.modules[__name__], refresh_every=refresh_every)

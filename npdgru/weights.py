@@ -38,12 +38,20 @@ from pathlib import Path
 import numpy as np
 
 from .errors import WeightsError
+from .plan import (  # noqa: F401 (the architecture's meaning lives in plan.py; these names stay importable here)
+    ACTIVATIONS,
+    LAYER_KINDS,
+    LAYER_KINDS_V1,
+    describe_layer,
+    expected_shapes,
+    format_version_of,
+    layer_inputs,
+    layer_width,
+    validate_architecture,
+)
 
 FORMAT = "npdgru"
 FORMAT_VERSION = 2  # the newest this npdgru reads; a file says the oldest that can read it
-LAYER_KINDS_V1 = ("linear", "gru")
-LAYER_KINDS = ("linear", "gru", "bigru", "layernorm", "pad", "slice", "add", "concat")
-ACTIVATIONS = ("relu", "sigmoid", "tanh", "none")
 
 __all__ = ["Weights", "load_weights", "save_weights", "expected_shapes", "validate_architecture", "default_weights_path", "FORMAT_VERSION"]
 
@@ -85,162 +93,8 @@ class Weights:
         return "\n".join(lines)
 
 
-def describe_layer(layer) -> str:
-    """One line per layer for ``npdgru info``: kind, sizes, bands and inputs."""
-    kind, F = layer["kind"], layer.get("bands", 1)
-    if kind == "gru":
-        desc = f"D-GRU {layer['in']} -> {layer['hidden']} (along time)"
-    elif kind == "bigru":
-        desc = f"BiGRU {layer['in']} -> 2x{layer['hidden']} (across the bands of a frame, dense)"
-    elif kind == "linear":
-        desc = f"Linear {layer['in']} -> {layer['out']} + {layer.get('activation', 'none')}"
-    elif kind == "layernorm":
-        desc = f"LayerNorm {layer['size']}"
-    elif kind == "pad":
-        desc = f"Pad {layer['in']} -> {layer['out']}"
-    elif kind == "slice":
-        desc = f"Slice [{layer['start']}:{layer['stop']}]"
-    else:
-        desc = kind.capitalize()
-    if F > 1:
-        desc += f", {F} bands"
-    if "inputs" in layer:
-        desc += f"  <- {', '.join(layer['inputs'])}"
-    return desc
-
-
 def _fail(path, msg):
     raise WeightsError(f"{path}: {msg}" if path else msg)
-
-
-_SIZE_KEYS = {
-    "linear": ("in", "out"),
-    "gru": ("in", "hidden"),
-    "bigru": ("in", "hidden"),
-    "layernorm": ("size",),
-    "pad": ("in", "out"),
-    "slice": ("start", "stop"),
-    "add": (),
-    "concat": (),
-}
-_V2_KEYS = ("inputs", "bands")  # fields a format-1 reader does not know
-
-
-def layer_inputs(layers, i) -> list[str]:
-    """Names a layer reads: its ``inputs``, else the previous layer ("features" for the first)."""
-    spec = layers[i]
-    if "inputs" in spec:
-        return list(spec["inputs"])
-    return ["features" if i == 0 else layers[i - 1]["name"]]
-
-
-def layer_width(spec, in_widths) -> int:
-    """Output width of a layer (entries per frame and stream), given its input widths."""
-    kind, F = spec["kind"], spec.get("bands", 1)
-    if kind == "linear":
-        return F * spec["out"]
-    if kind == "gru":
-        return F * spec["hidden"]
-    if kind == "bigru":
-        return F * 2 * spec["hidden"]
-    if kind == "pad":
-        return spec["out"]
-    if kind == "slice":
-        return spec["stop"] - spec["start"]
-    if kind == "concat":
-        return sum(in_widths)
-    return in_widths[0]  # layernorm, add
-
-
-def format_version_of(arch) -> int:
-    """1 for a plain chain of linear and GRU layers (NSNet2), 2 when a layer needs the graph
-    fields (``inputs``, ``bands``) or the kinds added with them (bigru, layernorm, pad, slice, add,
-    concat): a format-1 reader then refuses the file as newer instead of misreading it."""
-    for spec in arch["layers"]:
-        if spec["kind"] not in LAYER_KINDS_V1 or any(k in spec for k in _V2_KEYS):
-            return 2
-    return 1
-
-
-def validate_architecture(arch, path=None) -> dict:
-    """Check an architecture dict; return it. Raises WeightsError naming the problem.
-
-    The layers run in order; each reads ``inputs`` (layer names or "features"; by default the
-    previous layer) and the last one gives the mask (width ``n_features``). Sizes are per band:
-    a layer with ``bands`` = F runs the same weights on F bands of its input (a width of F·in).
-    """
-    if not isinstance(arch, dict) or not isinstance(arch.get("layers"), list) or not arch["layers"]:
-        _fail(path, "architecture must be a dict with a non-empty 'layers' list")
-    nf = arch.get("n_features")
-    if not isinstance(nf, int) or isinstance(nf, bool) or nf < 1:
-        _fail(path, f"architecture n_features={nf!r} must be a positive integer")
-    widths = {"features": nf}
-    layers = arch["layers"]
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, dict):
-            _fail(path, f"architecture layer {i} is not a dict")
-        kind, name = layer.get("kind"), layer.get("name")
-        if kind not in LAYER_KINDS:
-            _fail(path, f"architecture layer {i} ({name}): kind {kind!r} is not one of {LAYER_KINDS}")
-        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_") or name in widths:
-            _fail(path, f"architecture layer {i}: name {name!r} must be a unique identifier without dots (not 'features', not starting with '_')")
-        for k in _SIZE_KEYS[kind] + (("bands",) if "bands" in layer else ()):
-            v = layer.get(k)
-            low = 0 if k == "start" else 1
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                _fail(path, f"architecture layer {name}: '{k}'={v!r} must be an integer >= {low}")
-        if "bands" in layer and kind not in ("linear", "gru", "bigru", "layernorm"):
-            _fail(path, f"architecture layer {name}: kind {kind!r} takes no 'bands'")
-        inputs = layer.get("inputs", None)
-        if inputs is not None and (not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) for x in inputs)):
-            _fail(path, f"architecture layer {name}: 'inputs' must be a non-empty list of layer names")
-        inputs = layer_inputs(layers, i)
-        for x in inputs:
-            if x not in widths:
-                _fail(path, f"architecture layer {name}: input {x!r} is not 'features' or an earlier layer")
-        n_in = len(inputs)
-        if kind in ("add", "concat") and n_in < 2:
-            _fail(path, f"architecture layer {name}: {kind} needs at least two inputs")
-        if kind not in ("add", "concat") and n_in != 1:
-            _fail(path, f"architecture layer {name}: {kind} takes one input, got {n_in}")
-        in_w = [widths[x] for x in inputs]
-        F = layer.get("bands", 1)
-        if kind in ("linear", "gru", "bigru", "pad") and in_w[0] != F * layer["in"]:
-            band = f" ({F} bands x {layer['in']})" if F > 1 else ""
-            _fail(path, f"architecture layer {name}: input size {F * layer['in']}{band} does not match the width {in_w[0]} of {inputs[0]}")
-        if kind == "layernorm" and in_w[0] != F * layer["size"]:
-            _fail(path, f"architecture layer {name}: {F} bands x size {layer['size']} does not match the width {in_w[0]} of {inputs[0]}")
-        if kind == "pad" and layer["out"] < layer["in"]:
-            _fail(path, f"architecture layer {name}: pad out={layer['out']} is smaller than in={layer['in']}")
-        if kind == "slice" and not layer["start"] < layer["stop"] <= in_w[0]:
-            _fail(path, f"architecture layer {name}: slice [{layer['start']}, {layer['stop']}) is not inside the width {in_w[0]} of {inputs[0]}")
-        if kind == "add" and len(set(in_w)) != 1:
-            _fail(path, f"architecture layer {name}: add needs inputs of one width, got {in_w}")
-        if kind == "linear" and layer.get("activation", "none") not in ACTIVATIONS:
-            _fail(path, f"architecture layer {name}: activation {layer.get('activation')!r} is not one of {ACTIVATIONS}")
-        if kind == "layernorm" and not (isinstance(layer.get("eps", 1e-5), float) and 0.0 < layer.get("eps", 1e-5) < 1.0):
-            _fail(path, f"architecture layer {name}: eps={layer.get('eps')!r} must be a float in (0, 1)")
-        widths[name] = layer_width(layer, in_w)
-    width = widths[layers[-1]["name"]]
-    if width != nf:
-        _fail(path, f"architecture output width {width} must equal n_features={nf} (a mask per bin)")
-    return arch
-
-
-def expected_shapes(arch) -> dict[str, tuple[int, ...]]:
-    """Every tensor the architecture needs, with its shape (PyTorch names and layouts)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for layer in arch["layers"]:
-        n, kind = layer["name"], layer["kind"]
-        if kind in ("gru", "bigru"):
-            H, I = layer["hidden"], layer["in"]
-            for suffix in ("", "_reverse") if kind == "bigru" else ("",):
-                shapes.update({f"{n}.weight_ih{suffix}": (3 * H, I), f"{n}.weight_hh{suffix}": (3 * H, H), f"{n}.bias_ih{suffix}": (3 * H,), f"{n}.bias_hh{suffix}": (3 * H,)})
-        elif kind == "linear":
-            shapes.update({f"{n}.weight": (layer["out"], layer["in"]), f"{n}.bias": (layer["out"],)})
-        elif kind == "layernorm":
-            shapes.update({f"{n}.weight": (layer["size"],), f"{n}.bias": (layer["size"],)})
-    return shapes
 
 
 def check_tensors(arch, tensors, path=None) -> None:

@@ -238,23 +238,21 @@ def _macs_as_run(model) -> dict:
     would be with input accumulators on every D-GRU layer fed by a D-GRU layer
     (``sparse_inputs=True``), kept as ``gru_ours_input_accumulators``.
     """
-    from ..model import MaskModel
+    from ..plan import make_plan
 
     out = dict(model.macs_per_frame())
-    sparse = MaskModel(model.weights, update_percent=model.update_percent, backend="reference", sparse_inputs=True)
-    out["gru_ours_input_accumulators"] = sparse.macs_per_frame()["gru_ours"]
+    sparse = make_plan(model.architecture, update_percent=model.update_percent, sparse_inputs=True)
+    out["gru_ours_input_accumulators"] = sparse.macs()["gru_ours"]
     return out
 
 
 def _dense_macs(architecture: dict) -> dict:
     """MACs per frame of an architecture run densely (onnxruntime's NSNet2)."""
-    gru = other = 0
-    for layer in architecture["layers"]:
-        if layer["kind"] == "gru":
-            gru += 3 * layer["hidden"] * (layer["in"] + layer["hidden"])
-        else:
-            other += layer["in"] * layer["out"]
-    return {"gru_dense": gru, "gru_paper": gru, "gru_ours": gru, "other": other, "gru_ours_input_accumulators": gru}
+    from ..plan import make_plan
+
+    m = make_plan(architecture, update_percent=100.0).macs()
+    gru = m["gru_dense"]
+    return {"gru_dense": gru, "gru_paper": gru, "gru_ours": gru, "other": m["other"], "gru_ours_input_accumulators": gru}
 
 
 def _weights_entry(entry, percents) -> tuple[str, list[float]]:

@@ -10,3 +10,7 @@ a D-GRU are identical, selected sets included.
 # "contract" lets LLVM fuse a*b + c into one FMA (faster and no less accurate) but, unlike full
 # fastmath, never reorders a sum; the sums above keep their order.
 JIT = dict(nogil=True, cache=True, fastmath={"contract"}, error_model="numpy", boundscheck=False)
+
+# Elementwise glue that must give NumPy's bits (the streaming hop's STFT steps, compared with the
+# NumPy ufuncs of the offline path): no contraction into FMA, every operation rounded as NumPy does.
+JIT_EXACT = dict(nogil=True, cache=True, fastmath=False, error_model="numpy", boundscheck=False)

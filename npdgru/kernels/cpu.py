@@ -34,12 +34,22 @@ from numba import njit
 
 from ..errors import ParameterError
 from ..reference import num_selected
-from ._config import JIT
+from ._config import JIT, JIT_EXACT
+from ._graph import GraphExecutor
 
 __all__ = ["GRULayer", "GRUState", "gru_sequence", "dgru_sequence", "DEFAULT_REFRESH"]
 
 DEFAULT_REFRESH = 128
 _FRAME_BLOCK = 8  # frames that share one pass over the input weights in _affine_columns
+# r and n are evaluated for all H rows when A·_ALL_ROWS_RATIO >= H: measured (one thread) the
+# vectorised pass over all rows is faster than A gathered rows for A >= H/8 at H = 64...400
+_ALL_ROWS_RATIO = 8
+# How the A largest u are found (measured one thread, u = 1 - sigmoid of normal values, A = H/2:
+# counting ranks 0.57 / 2.1 / 28 us at H = 64 / 128 / 400, the histogram-narrowed quickselect
+# 0.23 / 0.40 / 1.06 us, a plain quickselect 2.0 / 3.1 / 4.8 us at H = 160 / 256 / 400):
+_RANK_MAX_H = 63  # counting ranks below H = 64
+_BINS = 64  # histogram bins of _kth_largest_binned (needs H >= _BINS: idx is its scratch)
+_BINNED_MIN_H = 64  # the histogram-narrowed quickselect from H = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,6 +220,62 @@ def _kth_largest(u, buf, k):
 
 
 @njit(**JIT)
+def _top_a_by_rank(u, A, cnt, idx):
+    """_top_a for small H by counting: neuron i is selected iff fewer than A neurons rank above
+    it (u_j > u_i, or u_j == u_i with j < i: the stable descending order of reference.top_a).
+
+    O(H²) comparisons, vectorised over i with no data-dependent branch, against the
+    quickselect's O(H) average of unpredictable branches (timings at _RANK_MAX_H).
+    ``cnt`` (H,) float32 scratch holds the counts (exact integers below 2**24).
+    """
+    H = u.shape[0]
+    for i in range(H):
+        cnt[i] = 0.0
+    for j in range(H):
+        uj = u[j]
+        for i in range(H):
+            cnt[i] += np.float32((uj > u[i]) | ((uj == u[i]) & (j < i)))
+    fa = np.float32(A)
+    k = 0
+    for i in range(H):
+        idx[k] = i  # overwritten unless selected; k <= A < H keeps it in bounds
+        k += cnt[i] < fa
+
+
+@njit(**JIT)
+def _kth_largest_binned(u, buf, hist, k):
+    """Value of the k-th largest entry of u (k >= 1), for large H: a histogram of _BINS bins
+    over [min u, max u] finds the bin that holds it, then a quickselect among that bin's entries
+    only. The bin index is a non-decreasing function of u, so the bins are ordered as the values.
+    ``hist`` (>= _BINS int64) and ``buf`` (H float32) are scratch."""
+    H = u.shape[0]
+    lo = u[0]
+    hi = u[0]
+    for i in range(H):
+        lo = min(lo, u[i])
+        hi = max(hi, u[i])
+    if not hi > lo:
+        return lo
+    top = _BINS - 1
+    scale = np.float32(_BINS) / (hi - lo)
+    for b in range(_BINS):
+        hist[b] = 0
+    for i in range(H):
+        hist[min(np.int64((u[i] - lo) * scale), top)] += 1
+    above = 0
+    b = top
+    while above + hist[b] < k:
+        above += hist[b]
+        b -= 1
+    c = 0
+    for i in range(H):
+        buf[c] = u[i]
+        c += min(np.int64((u[i] - lo) * scale), top) == b
+    cand = buf[:c]
+    return _kth_largest(cand, cand, k - above)  # in place: the copy inside is onto itself
+
+
+@njit(**JIT)
 def _top_a(u, A, buf, idx):
     """Indices of the A largest u in ascending index order, ties to the lower index -> idx[:A]."""
     H = u.shape[0]
@@ -217,22 +283,24 @@ def _top_a(u, A, buf, idx):
         for i in range(H):
             idx[i] = i
         return
-    tau = _kth_largest(u, buf, A)
+    if H <= _RANK_MAX_H:
+        _top_a_by_rank(u, A, buf, idx)
+        return
+    if H >= _BINNED_MIN_H:
+        tau = _kth_largest_binned(u, buf, idx, A)  # idx is scratch until the selection is written
+    else:
+        tau = _kth_largest(u, buf, A)
     n_gt = 0
     for i in range(H):
-        if u[i] > tau:
-            n_gt += 1
+        n_gt += u[i] > tau
     n_eq = A - n_gt  # how many of the entries equal to tau are taken, lowest index first
     k = 0
-    for i in range(H):
+    for i in range(H):  # without data-dependent branches: idx[k] is overwritten unless taken
         ui = u[i]
-        if ui > tau:
-            idx[k] = i
-            k += 1
-        elif ui == tau and n_eq > 0:
-            idx[k] = i
-            k += 1
-            n_eq -= 1
+        eq = (ui == tau) & (n_eq > 0)
+        idx[k] = i
+        k += (ui > tau) | eq
+        n_eq -= eq
 
 
 @njit(**JIT)
@@ -284,14 +352,28 @@ def _dgru_cell(g, hb, mb, whh_t, b_hh, A, refresh, ubuf, qbuf, idx, dh):
     for i in range(H):  # z and u for every neuron: needed to select
         ubuf[i] = np.float32(1.0) - _sigmoid(g[H + i] + mb[H + i])
     _top_a(ubuf, A, qbuf, idx)
-    for k in range(A):  # r, n and h' only for the selected rows
-        i = idx[k]
-        r = _sigmoid(g[i] + mb[i])
-        n = _tanh(g[2 * H + i] + r * mb[2 * H + i])
-        hi = hb[i]
-        hn = hi + ubuf[i] * (n - hi)
-        dh[k] = hn - hi
-        hb[i] = hn
+    if A * _ALL_ROWS_RATIO >= H:
+        # r and n of every row in one vectorised pass (qbuf is free after the selection), then
+        # the A selected rows read from it: for a large A this is cheaper than A gathered scalar
+        # evaluations, and each n is the same expression, so the same bits either way
+        for i in range(H):
+            r = _sigmoid(g[i] + mb[i])
+            qbuf[i] = _tanh(g[2 * H + i] + r * mb[2 * H + i])
+        for k in range(A):
+            i = idx[k]
+            hi = hb[i]
+            hn = hi + ubuf[i] * (qbuf[i] - hi)
+            dh[k] = hn - hi
+            hb[i] = hn
+    else:
+        for k in range(A):  # r, n and h' only for the selected rows
+            i = idx[k]
+            r = _sigmoid(g[i] + mb[i])
+            n = _tanh(g[2 * H + i] + r * mb[2 * H + i])
+            hi = hb[i]
+            hn = hi + ubuf[i] * (n - hi)
+            dh[k] = hn - hi
+            hb[i] = hn
     _accumulate(mb, whh_t, idx, dh, A)  # M += W_hh[:, S] Δh_S
 
 
@@ -353,6 +435,14 @@ def _as_f32(name, a, shape):
     return a
 
 
+def _selected_count(A, H):
+    """A as an int in [1, H]; ParameterError otherwise (every backend's ``GRULayer(A=...)``)."""
+    A = _positive_int("A", A)
+    if A > H:
+        raise ParameterError(f"A={A!r} must be an integer in [1, H={H}]")
+    return A
+
+
 @dataclass
 class GRUState:
     """Carried state of one GRU layer for B streams (cpu backend).
@@ -381,6 +471,30 @@ class GRUState:
     @property
     def batch(self) -> int:
         return self.h.shape[0]
+
+    _ROWS = ("h", "m", "g", "xprev", "step")  # the per-stream fields; the rest is scratch
+
+    def take(self, rows) -> "GRUState":
+        """A new state of ``len(rows)`` streams: stream k copies stream ``rows[k]``, or is a fresh
+        (zero) stream where ``rows[k] < 0``."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if rows.size and rows.max() >= self.batch:
+            raise ParameterError(f"rows {rows.tolist()} out of range for a batch of {self.batch}")
+        keep = rows >= 0
+        new = {}
+        for f in self._ROWS:
+            old = getattr(self, f)
+            a = np.zeros((rows.size,) + old.shape[1:], old.dtype)
+            a[keep] = old[rows[keep]]
+            new[f] = a
+        scratch = {f: np.zeros_like(getattr(self, f)) for f in ("ubuf", "qbuf", "idx", "dh", "idx_in", "d_in")}
+        return GRUState(**new, **scratch, gi=np.zeros((0, rows.size, self.gi.shape[2]), np.float32))
+
+    def put(self, rows, other: "GRUState") -> None:
+        """Write the streams of ``other`` into rows ``rows`` of this state (distinct rows)."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        for f in self._ROWS:
+            getattr(self, f)[rows] = getattr(other, f)
 
 
 def _check_gru_weights(weight_ih, weight_hh, bias_ih, bias_hh, name):
@@ -416,11 +530,13 @@ class GRULayer:
     sparse_input : the input is the state of a previous D-GRU layer and changes in few entries;
         keep an input accumulator updated from the changed columns.
     refresh_every : accumulators are recomputed exactly every this many steps (float32 drift).
+    A : the number of neurons updated per step, instead of ``update_percent``; the D-GRU
+        (accumulator) kernel then runs even at A = H.
     """
 
     backend = "cpu"
 
-    def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, *, update_percent=100.0, sparse_input=False, refresh_every=DEFAULT_REFRESH, name="gru"):
+    def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, *, update_percent=100.0, sparse_input=False, refresh_every=DEFAULT_REFRESH, name="gru", A=None):
         self.name = name
         self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = _check_gru_weights(weight_ih, weight_hh, bias_ih, bias_hh, name)
         I, H = self.input_size, self.hidden_size = self.weight_ih.shape[1], self.weight_hh.shape[1]
@@ -431,6 +547,9 @@ class GRULayer:
         self.sparse_input = bool(sparse_input)
         self.refresh_every = _positive_int("refresh_every", refresh_every)
         self.dense = self.update_percent == 100.0
+        if A is not None:
+            self.A, self.dense = _selected_count(A, H), False
+            self.update_percent = 100.0 * self.A / H
 
     def init_state(self, batch: int = 1, h0=None) -> GRUState:
         """Zero (or ``h0``) state for ``batch`` independent streams."""
@@ -515,15 +634,11 @@ def dgru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, A, *, sparse_in
 
     Same arguments and results as :func:`npdgru.reference.dgru_sequence`: (out, S).
     """
-    H = np.asarray(weight_hh).shape[-1]
-    A = _positive_int("A", A)
-    if A > H:
-        raise ParameterError(f"A={A!r} must be an integer in [1, H={H}]")
-    layer = GRULayer(weight_ih, weight_hh, bias_ih, bias_hh, update_percent=50.0, sparse_input=sparse_input, refresh_every=refresh_every)
-    layer.A, layer.dense = int(A), False
+    A = _positive_int("A", A)  # None is an error here, not "every neuron"
+    layer = GRULayer(weight_ih, weight_hh, bias_ih, bias_hh, A=A, sparse_input=sparse_input, refresh_every=refresh_every)
     x = np.asarray(x)
     state = layer.init_state(x.shape[1] if x.ndim == 3 else 1, h0)
-    S = np.zeros((x.shape[0], state.batch, H), np.bool_) if x.ndim == 3 else None
+    S = np.zeros((x.shape[0], state.batch, layer.hidden_size), np.bool_) if x.ndim == 3 else None
     out = layer.forward(x, state, selected=S)
     return out, S
 
@@ -645,3 +760,276 @@ class LayerNorm:
         if x.shape[0]:
             _layer_norm(x, self.weight, self.bias, self.eps, y)
         return y
+
+
+# --------------------------------------------------------------------------------------------
+# the executor: a plan run on these layers
+# --------------------------------------------------------------------------------------------
+
+
+class Executor(GraphExecutor):
+    """A :class:`~npdgru.plan.Plan` on the cpu backend (Numba, float32)."""
+
+    backend = "cpu"
+
+    def __init__(self, plan, tensors, *, refresh_every=None):
+        import sys
+
+        super().__init__(plan, tensors, sys.modules[__name__], refresh_every=refresh_every)
+
+    def frame_program(self, batch: int) -> "FrameProgram":
+        """A one-frame program of ``batch`` streams with buffers of its own (one per user, so
+        that two streams never share scratch memory)."""
+        return FrameProgram(self, batch)
+
+
+# --------------------------------------------------------------------------------------------
+# one frame of B streams through every step in one call (the streaming hop)
+# --------------------------------------------------------------------------------------------
+
+_K_LINEAR, _K_GRU, _K_BIGRU, _K_NORM, _K_ADD, _K_CONCAT, _K_PAD, _K_SLICE = range(8)
+_KIND_CODES = {"linear": _K_LINEAR, "gru": _K_GRU, "bigru": _K_BIGRU, "layernorm": _K_NORM, "add": _K_ADD, "concat": _K_CONCAT, "pad": _K_PAD, "slice": _K_SLICE}
+# columns of a step's row in the code table
+(_C_KIND, _C_OUT, _C_NIN, _C_F, _C_IN, _C_OUTSZ, _C_A, _C_DENSE, _C_SPARSE, _C_ACT, _C_START,
+ _C_W, _C_B, _C_ST, _C_SCR, _C_REFRESH) = range(16)
+_N_COLS = 16
+
+
+@njit(**JIT)
+def _frame_steps(codes, ins, eps, vals, W, Bv, Hs, Ms, Gs, Xs, Ss, scratch, sel0, ubuf, qbuf, idx, dh, idx_in, d_in):
+    """Every step of a plan for one frame of B streams: vals[0] (B, n_features) -> vals[-1].
+
+    The same kernels as the per-layer path (``GRULayer._run``, ``Linear._run``, ...) on T = 1, so
+    a frame gives the bits it gives there: streaming == offline. codes: one row per step (the
+    ``_C_*`` columns); ins: the input slots of each step; vals: one (B, width) buffer per slot.
+    """
+    B = vals[0].shape[0]
+    for i in range(codes.shape[0]):
+        c = codes[i]
+        kind = c[_C_KIND]
+        y = vals[c[_C_OUT]]
+        x = vals[ins[i, 0]]
+        F = c[_C_F]
+        n_in = c[_C_IN]
+        n_out = c[_C_OUTSZ]
+        if kind == _K_LINEAR:
+            yo = y.reshape(B * F, n_out)
+            _affine_columns(x.reshape(B * F, n_in), W[c[_C_W]], Bv[c[_C_B]], yo)
+            _activate(yo, c[_C_ACT])
+        elif kind == _K_NORM:
+            _layer_norm(x.reshape(B * F, n_in), Bv[c[_C_B]], Bv[c[_C_B] + 1], eps[i], y.reshape(B * F, n_in))
+        elif kind == _K_GRU:
+            BF = B * F
+            H = n_out
+            st = c[_C_ST]
+            x3 = x.reshape(1, BF, n_in)
+            y3 = y.reshape(1, BF, H)
+            if c[_C_SPARSE] == 1:
+                _dgru_forward_sparse_input(x3, W[c[_C_W]], Bv[c[_C_B]], W[c[_C_W] + 1], Bv[c[_C_B] + 1], c[_C_A], c[_C_REFRESH], Hs[st], Ms[st], Gs[st], Xs[st], Ss[st], y3, sel0, ubuf[:H], qbuf[:H], idx[:H], dh[:H], idx_in, d_in)
+            else:
+                gi = scratch[c[_C_SCR]][: BF * 3 * H].reshape(1, BF, 3 * H)
+                _affine_columns(x.reshape(BF, n_in), W[c[_C_W]], Bv[c[_C_B]], gi.reshape(BF, 3 * H))
+                if c[_C_DENSE] == 1:
+                    _gru_forward(gi, W[c[_C_W] + 1], Bv[c[_C_B] + 1], Hs[st], Ms[st], y3)
+                else:
+                    _dgru_forward(gi, W[c[_C_W] + 1], Bv[c[_C_B] + 1], c[_C_A], c[_C_REFRESH], Hs[st], Ms[st], Ss[st], y3, sel0, ubuf[:H], qbuf[:H], idx[:H], dh[:H])
+        elif kind == _K_BIGRU:
+            # a sequence of F band steps per stream from h = 0, forward then backward
+            H = n_out // 2
+            I = n_in
+            s = scratch[c[_C_SCR]]
+            o = 0
+            seq = s[o : o + F * B * I].reshape(F, B, I)
+            o += F * B * I
+            gi = s[o : o + F * B * 3 * H].reshape(F, B, 3 * H)
+            o += F * B * 3 * H
+            h = s[o : o + B * H].reshape(B, H)
+            o += B * H
+            m = s[o : o + B * 3 * H].reshape(B, 3 * H)
+            o += B * 3 * H
+            yd = s[o : o + F * B * H].reshape(F, B, H)
+            for d in range(2):
+                for f in range(F):
+                    fs = f if d == 0 else F - 1 - f
+                    for b in range(B):
+                        for j in range(I):
+                            seq[f, b, j] = x[b, fs * I + j]
+                _affine_columns(seq.reshape(F * B, I), W[c[_C_W] + 2 * d], Bv[c[_C_B] + 2 * d], gi.reshape(F * B, 3 * H))
+                h[:] = 0.0
+                _gru_forward(gi, W[c[_C_W] + 2 * d + 1], Bv[c[_C_B] + 2 * d + 1], h, m, yd)
+                for f in range(F):
+                    fs = f if d == 0 else F - 1 - f
+                    for b in range(B):
+                        for j in range(H):
+                            y[b, fs * 2 * H + d * H + j] = yd[f, b, j]
+        elif kind == _K_ADD:
+            for b in range(B):
+                for j in range(n_out):
+                    y[b, j] = x[b, j]
+            for k in range(1, c[_C_NIN]):
+                z = vals[ins[i, k]]
+                for b in range(B):
+                    for j in range(n_out):
+                        y[b, j] = y[b, j] + z[b, j]
+        elif kind == _K_CONCAT:
+            off = 0
+            for k in range(c[_C_NIN]):
+                z = vals[ins[i, k]]
+                w = z.shape[1]
+                for b in range(B):
+                    for j in range(w):
+                        y[b, off + j] = z[b, j]
+                off += w
+        elif kind == _K_PAD:
+            for b in range(B):
+                for j in range(n_out):
+                    y[b, j] = x[b, j] if j < n_in else np.float32(0.0)
+        else:  # slice
+            s0 = c[_C_START]
+            for b in range(B):
+                for j in range(n_out):
+                    y[b, j] = x[b, s0 + j]
+
+
+class FrameProgram:
+    """One frame of B streams through every step of a plan in one jitted call, with every buffer
+    allocated here, once: write the features into ``features`` (B, n_features), call
+    :meth:`run` with an executor state of B streams, read the mask from ``mask`` (B, n_features).
+
+    The kernels are those of the per-layer path on T = 1, so the mask has the bits of
+    :meth:`Executor.run` on the same frame (tests/test_fused_hop.py).
+    """
+
+    def __init__(self, executor: "Executor", batch: int):
+        plan = executor.plan
+        f32 = np.float32
+        B = batch
+        steps = plan.steps
+        self.batch = B
+        self.vals = tuple([np.zeros((B, plan.n_features), f32)] + [np.zeros((B, s.width), f32) for s in steps])
+        codes = np.zeros((len(steps), _N_COLS), np.int64)
+        ins = np.zeros((len(steps), max(len(s.slots) for s in steps)), np.int64)
+        eps = np.zeros(len(steps), f32)
+        W, Bv, scratch = [], [], []
+        n_state = 0
+        maxH = maxI = 1
+        for i, (s, obj) in enumerate(zip(steps, executor._runners)):
+            c = codes[i]
+            c[_C_KIND], c[_C_OUT], c[_C_NIN], c[_C_F] = _KIND_CODES[s.kind], s.slot, len(s.slots), s.bands
+            c[_C_IN], c[_C_OUTSZ], c[_C_START] = s.size_in, s.size_out, s.start
+            ins[i, : len(s.slots)] = s.slots
+            c[_C_W], c[_C_B], c[_C_SCR] = len(W), len(Bv), len(scratch)
+            if s.kind == "linear":
+                W.append(obj.wt)
+                Bv.append(obj.bias)
+                c[_C_ACT] = obj._code
+                scratch.append(np.zeros(0, f32))
+            elif s.kind == "layernorm":
+                Bv += [obj.weight, obj.bias]
+                eps[i] = obj.eps
+            elif s.kind == "gru":
+                W += [obj.wih_t, obj.whh_t]
+                Bv += [obj.bias_ih, obj.bias_hh]
+                c[_C_A], c[_C_DENSE], c[_C_SPARSE] = obj.A, int(obj.dense), int(obj.sparse_input and not obj.dense)
+                c[_C_REFRESH], c[_C_ST] = obj.refresh_every, n_state
+                n_state += 1
+                scratch.append(np.zeros(B * s.bands * 3 * s.hidden, f32))
+                maxH, maxI = max(maxH, s.hidden), max(maxI, s.size_in)
+            elif s.kind == "bigru":
+                fwd, bwd = obj
+                W += [fwd.wih_t, fwd.whh_t, bwd.wih_t, bwd.whh_t]
+                Bv += [fwd.bias_ih, fwd.bias_hh, bwd.bias_ih, bwd.bias_hh]
+                F, I, H = s.bands, s.size_in, s.hidden
+                scratch.append(np.zeros(F * B * I + F * B * 3 * H + B * H + B * 3 * H + F * B * H, f32))
+        if not W or not Bv or not n_state:
+            raise ParameterError("a frame program needs at least one linear and one gru step")
+        scratch.append(np.zeros(1, f32))
+        self.codes, self.ins, self.eps = codes, ins, eps
+        self.W, self.Bv, self.scratch = tuple(W), tuple(Bv), tuple(scratch)
+        self.sel0 = np.zeros((0, 1, 1), np.bool_)
+        self.ubuf, self.qbuf, self.dh = np.zeros(maxH, f32), np.zeros(maxH, f32), np.zeros(maxH, f32)
+        self.idx = np.zeros(maxH, np.int64)
+        self.idx_in, self.d_in = np.zeros(maxI, np.int64), np.zeros(maxI, f32)
+        self.features, self.mask = self.vals[0], self.vals[-1]
+        self._state_ref = None
+
+    def _bind(self, state) -> None:
+        """The tuples of state arrays (rebuilt only when the state object changes)."""
+        if state.batch != self.batch:
+            raise ParameterError(f"state of {state.batch} streams for a frame program of {self.batch}")
+        L = state.layers
+        self._st = (tuple(s.h for s in L), tuple(s.m for s in L), tuple(s.g for s in L), tuple(s.xprev for s in L), tuple(s.step for s in L))
+        self._state_ref = state
+
+    def run(self, state) -> None:
+        """features -> mask for one frame; ``state`` (B streams, from the executor) updated in place."""
+        if self._state_ref is not state:
+            self._bind(state)
+        Hs, Ms, Gs, Xs, Ss = self._st
+        _frame_steps(self.codes, self.ins, self.eps, self.vals, self.W, self.Bv, Hs, Ms, Gs, Xs, Ss, self.scratch, self.sel0, self.ubuf, self.qbuf, self.idx, self.dh, self.idx_in, self.d_in)
+
+
+# --------------------------------------------------------------------------------------------
+# the elementwise steps of a streaming hop around the FFTs: the NumPy ufuncs of the offline path
+# (stft._analyse, stft.log_power, Enhancer._apply, stft._synthesise), operation for operation,
+# compiled without FMA contraction so that every value is rounded as NumPy rounds it
+# --------------------------------------------------------------------------------------------
+
+
+@njit(**JIT_EXACT)
+def hop_frames(prev, x, window, frames):
+    """frames[b] = (prev[b], x[b]) · window; prev[b] = x[b]. prev, x (B, HOP); frames (B, 2·HOP)."""
+    B, H = x.shape
+    for b in range(B):
+        for j in range(H):
+            frames[b, j] = prev[b, j] * window[j]
+            frames[b, H + j] = x[b, j] * window[H + j]
+            prev[b, j] = x[b, j]
+
+
+@njit(**JIT_EXACT)
+def hop_power(X, floor, p64):
+    """p64 = max(float64(re·re + im·im), floor): the power of stft.log_power before its log10."""
+    B, K = X.shape
+    for b in range(B):
+        for k in range(K):
+            re = X[b, k].real
+            im = X[b, k].imag
+            p = re * re + im * im
+            p64[b, k] = max(np.float64(p), floor)
+
+
+@njit(**JIT_EXACT)
+def hop_features(p64, features):
+    """features = float32(p64) (after the log10)."""
+    B, K = p64.shape
+    for b in range(B):
+        for k in range(K):
+            features[b, k] = np.float32(p64[b, k])
+
+
+@njit(**JIT_EXACT)
+def hop_apply_mask(X, mask, floor, Y):
+    """mask = clip(mask, floor, 1); Y = X · mask, as NumPy's complex64 · float32 product."""
+    B, K = X.shape
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    for b in range(B):
+        for k in range(K):
+            m = min(max(mask[b, k], floor), one)
+            mask[b, k] = m
+            re = X[b, k].real
+            im = X[b, k].imag
+            Y[b, k] = complex(re * m - im * zero, re * zero + im * m)
+
+
+@njit(**JIT_EXACT)
+def hop_overlap_add(y, window, tail, out):
+    """y ·= window; out = y[:, :HOP] + tail; tail = y[:, HOP:]."""
+    B, H = out.shape
+    for b in range(B):
+        for j in range(2 * H):
+            y[b, j] = y[b, j] * window[j]
+        for j in range(H):
+            out[b, j] = y[b, j] + tail[b, j]
+            tail[b, j] = y[b, H + j]

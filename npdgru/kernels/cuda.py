@@ -91,7 +91,8 @@ from numba import cuda, float32, int32
 
 from ..errors import ParameterError
 from ..reference import num_selected
-from .cpu import _ACT_CODES, DEFAULT_REFRESH, _as_f32, _check_gru_weights, _check_linear_weights, _check_norm_weights, _positive_int
+from .cpu import _ACT_CODES, DEFAULT_REFRESH, _as_f32, _check_gru_weights, _check_linear_weights, _check_norm_weights, _positive_int, _selected_count
+from ._graph import ExecState, GraphExecutor
 
 __all__ = [
     "GRULayer",
@@ -745,7 +746,7 @@ class GRULayer:
 
     backend = "cuda"
 
-    def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, *, update_percent=100.0, sparse_input=False, refresh_every=DEFAULT_REFRESH, name="gru"):
+    def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, *, update_percent=100.0, sparse_input=False, refresh_every=DEFAULT_REFRESH, name="gru", A=None):
         self.name = name
         self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = _check_gru_weights(weight_ih, weight_hh, bias_ih, bias_hh, name)
         I, H = self.input_size, self.hidden_size = self.weight_ih.shape[1], self.weight_hh.shape[1]
@@ -754,6 +755,9 @@ class GRULayer:
         self.sparse_input = bool(sparse_input)
         self.refresh_every = _positive_int("refresh_every", refresh_every)
         self.dense = self.update_percent == 100.0
+        if A is not None:  # A neurons per step: the D-GRU kernel even at A = H
+            self.A, self.dense = _selected_count(A, H), False
+            self.update_percent = 100.0 * self.A / H
         self._check_shared(dense=self.dense)
         self.d_wih_t = cuda.to_device(np.ascontiguousarray(self.weight_ih.T))  # (I, 3H) column-contiguous
         self.d_whh_t = cuda.to_device(np.ascontiguousarray(self.weight_hh.T))  # (H, 3H)
@@ -842,15 +846,7 @@ class GRULayer:
 
 
 def _layer(weight_ih, weight_hh, bias_ih, bias_hh, A=None, **kw):
-    layer = GRULayer(weight_ih, weight_hh, bias_ih, bias_hh, update_percent=100.0 if A is None else 50.0, **kw)
-    if A is not None:
-        H = layer.hidden_size
-        A = _positive_int("A", A)
-        if A > H:
-            raise ParameterError(f"A={A!r} must be an integer in [1, H={H}]")
-        layer.A, layer.dense = A, False
-        layer._check_shared(dense=False)
-    return layer
+    return GRULayer(weight_ih, weight_hh, bias_ih, bias_hh, A=A, **kw)
 
 
 def gru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh):
@@ -866,6 +862,7 @@ def dgru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, A, *, sparse_in
 
     Same arguments and results as :func:`npdgru.reference.dgru_sequence`: (out, S), NumPy arrays.
     """
+    A = _positive_int("A", A)  # None is an error here, not "every neuron"
     layer = _layer(weight_ih, weight_hh, bias_ih, bias_hh, A, sparse_input=sparse_input, refresh_every=refresh_every)
     x = np.asarray(x)
     state = layer.init_state(x.shape[1] if x.ndim == 3 else 1, h0)
@@ -1076,3 +1073,37 @@ class LayerNorm:
         y = _empty(x.shape)
         _launch(_layer_norm, x.shape[0], x, self.d_weight, self.d_bias, self.eps, y)
         return y
+
+
+class Executor(GraphExecutor):
+    """A :class:`~npdgru.plan.Plan` on the GPU: features are uploaded once per call and the steps
+    pass device arrays to each other; only the mask comes back (or stays, for device features)."""
+
+    backend = "cuda"
+    ops = Ops
+
+    def __init__(self, plan, tensors, *, refresh_every=None):
+        import sys
+
+        require_device()
+        self._upload = Workspace()  # device copy of the features
+        super().__init__(plan, tensors, sys.modules[__name__], refresh_every=refresh_every)
+
+    def check_features(self, features, state):
+        nf = self.plan.n_features
+        if not isinstance(state, ExecState) or any(not isinstance(s, GRUState) for s in state.layers):
+            raise ParameterError("state was not made by a cuda model's init_state (states do not move between backends)")
+        self._on_device = is_device_array(features)
+        if not self._on_device:
+            x = super().check_features(features, state)
+            return to_device(x, self._upload)  # one upload; every step runs on the device
+        x = features
+        if x.ndim != 3 or x.shape[2] != nf or x.shape[1] != state.batch:
+            raise ParameterError(f"features must have shape (T, {state.batch}, {nf}), got {tuple(x.shape)}")
+        if np.dtype(x.dtype) != np.float32:
+            raise ParameterError(f"device features must be float32, got {x.dtype}")
+        return x
+
+    def finish(self, y):
+        # y is a view of a step's workspace: hand out a copy
+        return copy_device(y) if self._on_device else y.copy_to_host()

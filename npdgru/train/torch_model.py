@@ -273,12 +273,14 @@ class GraphNet(_EnhanceMixin, nn.Module):
 
     def __init__(self, architecture: dict):
         super().__init__()
-        from ..weights import expected_shapes, layer_inputs, validate_architecture
+        from ..plan import make_plan
+        from ..weights import expected_shapes, validate_architecture
 
         validate_architecture(architecture)
         self.architecture = architecture
+        self.plan = make_plan(architecture)  # the steps npdgru's executors run; P is a forward argument here
         self.specs = architecture["layers"]
-        self.inputs = [layer_inputs(self.specs, i) for i in range(len(self.specs))]
+        self.inputs = [list(s.inputs) for s in self.plan.steps]
         shapes = expected_shapes(architecture)
         for spec in self.specs:
             n = spec["name"]
@@ -297,40 +299,40 @@ class GraphNet(_EnhanceMixin, nn.Module):
         """(B, T, n_features) log-power features → (B, T, n_features) mask."""
         Bn, T = features.shape[:2]
         values = {"features": features}
-        for spec, ins in zip(self.specs, self.inputs):
-            kind, F = spec["kind"], spec.get("bands", 1)
-            xs = [values[n] for n in ins]
+        for s in self.plan.steps:
+            kind, F = s.kind, s.bands
+            xs = [values[n] for n in s.inputs]
             x = xs[0]
-            p = getattr(self, spec["name"], None)
+            p = getattr(self, s.name, None)
             if kind == "linear":
-                y = nn.functional.linear(x.reshape(Bn, T, F, spec["in"]), p.weight, p.bias).reshape(Bn, T, F * spec["out"])
-                y = _ACTIVATIONS[spec.get("activation", "none")]()(y)
+                y = nn.functional.linear(x.reshape(Bn, T, F, s.size_in), p.weight, p.bias).reshape(Bn, T, s.width)
+                y = _ACTIVATIONS[s.activation]()(y)
             elif kind == "gru":
-                I, H = spec["in"], spec["hidden"]
+                I, H = s.size_in, s.hidden
                 seq = x.reshape(Bn, T, F, I).permute(0, 2, 1, 3).reshape(Bn * F, T, I)  # row b·F + f, as npdgru
                 y = dgru_forward(seq, seq.new_zeros(Bn * F, H), p.weight_ih, p.weight_hh, p.bias_ih, p.bias_hh, update_percent=update_percent, training=self.training)
                 y = y.reshape(Bn, F, T, H).permute(0, 2, 1, 3).reshape(Bn, T, F * H)
             elif kind == "bigru":
-                I, H = spec["in"], spec["hidden"]
-                seq = x.reshape(Bn * T, F, I)
+                H = s.hidden
+                seq = x.reshape(Bn * T, F, s.size_in)
                 w = [p.weight_ih, p.weight_hh, p.bias_ih, p.bias_hh, p.weight_ih_reverse, p.weight_hh_reverse, p.bias_ih_reverse, p.bias_hh_reverse]
                 y, _ = torch._VF.gru(seq, seq.new_zeros(2, Bn * T, H), w, True, 1, 0.0, self.training, True, True)
                 y = y.reshape(Bn, T, F * 2 * H)
             elif kind == "layernorm":
-                C = spec["size"]
-                y = nn.functional.layer_norm(x.reshape(Bn, T, F, C), (C,), p.weight, p.bias, spec.get("eps", 1e-5)).reshape(Bn, T, F * C)
+                C = s.size_in
+                y = nn.functional.layer_norm(x.reshape(Bn, T, F, C), (C,), p.weight, p.bias, s.eps).reshape(Bn, T, F * C)
             elif kind == "pad":
-                y = nn.functional.pad(x, (0, spec["out"] - spec["in"]))
+                y = nn.functional.pad(x, (0, s.size_out - s.size_in))
             elif kind == "slice":
-                y = x[..., spec["start"] : spec["stop"]]
+                y = x[..., s.start : s.stop]
             elif kind == "add":
                 y = xs[0]
                 for z in xs[1:]:
                     y = y + z
             else:  # concat
                 y = torch.cat(xs, dim=-1)
-            values[spec["name"]] = y
-        return values[self.specs[-1]["name"]]
+            values[s.name] = y
+        return values[self.plan.steps[-1].name]
 
 
 class MaskNet(_EnhanceMixin, nn.Module):
