@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import AudioError, NpdgruError, ParameterError
@@ -26,76 +27,75 @@ def _error(msg: str) -> int:
     return 2
 
 
-def _collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
-    """(file, path relative to its input root) for every audio file named or inside a folder."""
-    from .enhance import AUDIO_SUFFIXES
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM ends the run like Ctrl-C: temporary outputs are removed, the journal is closed."""
+    import signal
+    import threading
 
-    found = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES)
-            if not files:
-                raise AudioError(f"{p}: folder holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
-            found += [(f, f.relative_to(p)) for f in files]
-        elif p.exists():
-            found.append((p, Path(p.name)))
-        else:
-            raise AudioError(f"{p}: no such file or folder")
-    return found
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
 
-def _plan_outputs(pairs, out: str, overwrite: bool) -> list[tuple[Path, Path]]:
-    from .enhance import AUDIO_SUFFIXES
-
-    out_p = Path(out)
-    single_file_out = len(pairs) == 1 and out_p.suffix.lower() in AUDIO_SUFFIXES and not out_p.is_dir()
-    plan = []
-    for src, rel in pairs:
-        dst = out_p if single_file_out else out_p / rel
-        plan.append((src, dst))
-    in_real = {os.path.realpath(s) for s, _ in plan}
-    seen = set()
-    for src, dst in plan:
-        r = os.path.realpath(dst)
-        if r in in_real:
-            raise ParameterError(f"{dst}: output would overwrite an input file; choose another -o")
-        if r in seen:
-            raise ParameterError(f"{dst}: two inputs would write the same output file")
-        seen.add(r)
-        if dst.exists() and not overwrite:
-            raise ParameterError(f"{dst}: output exists; pass --overwrite to replace it")
-    return plan
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def cmd_enhance(args) -> int:
-    import soundfile as sf
     from tqdm import tqdm
 
-    from .enhance import Enhancer, read_audio, write_audio
+    from . import distributed as dist
+    from .enhance import Enhancer
 
-    plan = _plan_outputs(_collect_inputs(args.inputs), args.output, args.overwrite)
+    if args.jobs and args.scheduler:
+        raise ParameterError("--jobs and --scheduler exclude each other: --jobs N starts N local workers, --scheduler attaches to a running cluster")
+    if args.jobs or args.scheduler:
+        dist._need_dask()
+    # The weights and P are checked here, before any file is planned or any worker starts.
     enh = Enhancer(args.weights, update_percent=args.update_percent, backend=args.backend, mask_floor_db=args.mask_floor_db)
+    weights_path = str(enh.weights.path) if getattr(enh.weights, "path", None) else args.weights
+    config = dist.Config(weights=weights_path, update_percent=enh.update_percent, backend=args.backend, mask_floor_db=enh.mask_floor_db,
+                         model=dist.model_id(weights_path) if weights_path else "")
+    dist._ENHANCERS.clear()
+    dist._ENHANCERS[config] = enh  # the in-process loop uses this one
+    items, skipped, journal = dist.plan_work(args.inputs, args.output, config=config, overwrite=args.overwrite)
     pct = 100.0 * enh.model.fraction_updated()
-    failures = 0
-    bar = tqdm(plan, unit="file", disable=args.quiet or len(plan) < 2, file=sys.stderr)
-    for src, dst in bar:
-        try:
-            x, sr = read_audio(src)
-            t0 = time.perf_counter()
-            y = enh.enhance(x, sr)
-            dt = time.perf_counter() - t0
-            info = sf.info(str(src))
-            same_format = Path(dst).suffix.lower() == Path(src).suffix.lower()
-            write_audio(dst, y, sr, subtype=info.subtype if same_format else None)
-        except NpdgruError as e:
-            failures += 1
-            tqdm.write(f"npdgru: error: {_one_line(e)}", file=sys.stderr)
-            continue
-        dur = len(x) / sr
-        if not args.quiet:
-            tqdm.write(f"{src} -> {dst}: {dur:.2f} s, {x.shape[1]} ch, {sr} Hz, real-time factor {dt / dur:.3f}, {pct:.1f}% of GRU neurons updated per frame (P={enh.update_percent:g})", file=sys.stdout)
-    return 2 if failures else 0
+    total = len(items) + len(skipped)
+    bar = tqdm(total=total, initial=len(skipped), unit="file", disable=args.quiet or total < 2, file=sys.stderr, desc="npdgru enhance")
+    counts = {"done": 0, "failed": 0, "skipped": len(skipped)}
+    audio = [0.0]
+    t_start = time.perf_counter()
+
+    def on_result(r):
+        counts[r.status] += 1
+        if r.status == "failed":
+            tqdm.write(f"npdgru: error: {_one_line(r.error)}", file=sys.stderr)
+        else:
+            audio[0] += r.seconds
+            if not args.quiet and r.seconds:
+                rtf = f", real-time factor {r.compute / r.seconds:.3f}" if r.rewritten else " (written by an earlier attempt)"
+                tqdm.write(f"{r.src} -> {r.dst}: {r.seconds:.2f} s, {r.channels} ch, {r.rate} Hz{rtf}, {pct:.1f}% of GRU neurons updated per frame (P={enh.update_percent:g})", file=sys.stdout)
+        wall = time.perf_counter() - t_start
+        bar.set_postfix_str(f"{audio[0] / 3600:.3f} h audio, RTF {wall / audio[0] if audio[0] else 0:.3f}, {counts['failed']} failed", refresh=False)
+        bar.update(1)
+
+    try:
+        with _sigterm_as_interrupt():
+            dist.run_items(items, config, journal=journal, jobs=args.jobs, scheduler=args.scheduler, on_result=on_result)
+    finally:
+        bar.close()
+    wall = time.perf_counter() - t_start
+    if not args.quiet and total > 1:
+        rtf = f", RTF {wall / audio[0]:.3f} (wall time / audio time)" if audio[0] else ""
+        print(f"npdgru enhance: {total} files: {counts['done']} done, {counts['skipped']} skipped (done before), {counts['failed']} failed; "
+              f"{audio[0] / 3600:.3f} h of audio in {wall:.1f} s{rtf}", file=sys.stdout)
+    return 2 if counts["failed"] else 0
 
 
 def cmd_info(args) -> int:
@@ -178,13 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("enhance", help="enhance audio files or folders")
-    e.add_argument("inputs", nargs="+", help="audio files or folders (searched recursively)")
+    e.add_argument("inputs", nargs="+", help="audio files, folders (searched recursively) or manifests (.csv or .jsonl with an input path column 'input' or 'audio_filepath', optionally 'output')")
     e.add_argument("-o", "--output", required=True, help="output file (one input) or folder")
     e.add_argument("--update-percent", "-P", type=float, default=100.0, help="P in (0, 100]: percent of GRU neurons updated per frame (default 100)")
     e.add_argument("--weights", default=None, help="weight file (default: the shipped weights/nsnet2-ft-anyp.safetensors)")
     e.add_argument("--backend", choices=("cpu", "reference", "cuda"), default="cpu")
     e.add_argument("--mask-floor-db", type=float, default=-80.0, help="lowest gain of the mask in dB (default -80, as NSNet2)")
     e.add_argument("--overwrite", action="store_true", help="replace existing output files (never an input)")
+    e.add_argument("--jobs", type=_positive_int, default=None, help="run on a local Dask cluster of N single-threaded worker processes (needs the distributed extra)")
+    e.add_argument("--scheduler", default=None, metavar="ADDRESS", help="run on the running Dask cluster at ADDRESS (tcp://host:8786); inputs and outputs on storage every worker sees")
     e.add_argument("--quiet", "-q", action="store_true")
     e.set_defaults(func=cmd_enhance)
 
