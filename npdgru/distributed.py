@@ -38,7 +38,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -480,7 +480,7 @@ def cluster(*, jobs: int | None = None, scheduler: str | None = None, allowed_fa
             return
         if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
             raise ParameterError(f"jobs={jobs!r} must be an integer >= 1")
-        with LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR) as lc, Client(lc) as client:
+        with LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR) as lc, Client(lc) as client:
             yield client
 
 
@@ -493,9 +493,13 @@ def iter_results(tasks: list[list[Item]], config: Config, *, jobs: int | None = 
     """Yield the results of each task as it finishes: in order in this process (neither jobs nor
     scheduler), in completion order on a cluster. A task whose worker died more than
     ``allowed_failures`` times yields its files as failed."""
-    if not jobs and not scheduler:
+    if not jobs and not scheduler:  # file by file (cuda: task by task, one batch each), journaled as they finish
         for items in tasks:
-            yield run_task(items, config, after_write)
+            if config.backend == "cuda":
+                yield run_task(items, config, after_write)
+            else:
+                for it in items:
+                    yield run_task([it], config, after_write)
         return
     with cluster(jobs=jobs, scheduler=scheduler, allowed_failures=allowed_failures) as client:
         from distributed import as_completed
@@ -503,6 +507,8 @@ def iter_results(tasks: list[list[Item]], config: Config, *, jobs: int | None = 
         stamp = f"{os.getpid()}-{time.time_ns()}"
         futures = {}
         for k, items in enumerate(tasks):
+            # Absolute paths: a worker on another node runs in its own folder (shared storage).
+            items = [replace(it, src=_key(it.src), dst=_key(it.dst)) for it in items]
             f = client.submit(run_task, items, config, after_write, key=_task_key(k, items, stamp), pure=False)
             futures[f] = items
         for f in as_completed(futures):
@@ -531,13 +537,13 @@ def run_items(items: list[Item], config: Config, *, journal: Journal | None = No
             if journal is not None:
                 journal.write(_record(r, config) for r in results)
             for r in results:
-                done[r.dst] = r
+                done[_key(r.dst)] = r
                 if on_result is not None:
                     on_result(r)
     finally:
         if journal is not None:
             journal.close()
-    return [done[it.dst] for it in items]
+    return [done[_key(it.dst)] for it in items]
 
 
 def _record(r: Result, config: Config) -> dict:
