@@ -466,6 +466,20 @@ def cluster(*, jobs: int | None = None, scheduler: str | None = None, allowed_fa
     _need_dask()
     import logging
 
+    quiet = logging.getLogger("distributed")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # no INFO lines of the cluster's start and close on the console
+    try:
+        with _cluster(jobs, scheduler, allowed_failures) as client:
+            yield client
+    finally:
+        quiet.setLevel(level)
+
+
+@contextmanager
+def _cluster(jobs, scheduler, allowed_failures):
+    import logging
+
     import dask
     from distributed import Client, LocalCluster
 
@@ -489,12 +503,16 @@ def _task_key(k: int, items: list[Item], stamp: str) -> str:
     return f"npdgru-enhance-{stamp}-{k}-{h}"
 
 
-def iter_results(tasks: list[list[Item]], config: Config, *, jobs: int | None = None, scheduler: str | None = None, after_write=None, allowed_failures: int = ALLOWED_FAILURES):
+def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, scheduler: str | None = None, task_seconds: float = TASK_SECONDS,
+                 after_write=None, allowed_failures: int = ALLOWED_FAILURES):
     """Yield the results of each task as it finishes: in order in this process (neither jobs nor
     scheduler), in completion order on a cluster. A task whose worker died more than
-    ``allowed_failures`` times yields its files as failed."""
+    ``allowed_failures`` times yields its files as failed.
+
+    Tasks hold ``task_seconds`` of audio, less for a small corpus: at least about 8 tasks per
+    worker thread, so that every worker has work until the end."""
     if not jobs and not scheduler:  # file by file (cuda: task by task, one batch each), journaled as they finish
-        for items in tasks:
+        for items in make_tasks(items, task_seconds=task_seconds):
             if config.backend == "cuda":
                 yield run_task(items, config, after_write)
             else:
@@ -504,6 +522,9 @@ def iter_results(tasks: list[list[Item]], config: Config, *, jobs: int | None = 
     with cluster(jobs=jobs, scheduler=scheduler, allowed_failures=allowed_failures) as client:
         from distributed import as_completed
 
+        threads = max(1, sum(client.nthreads().values()))
+        total = sum(it.seconds for it in items)
+        tasks = make_tasks(items, task_seconds=min(task_seconds, total / (8 * threads)))
         stamp = f"{os.getpid()}-{time.time_ns()}"
         futures = {}
         for k, items in enumerate(tasks):
@@ -527,13 +548,12 @@ def run_items(items: list[Item], config: Config, *, journal: Journal | None = No
 
     Returns the results in the order of ``items``.
     """
-    tasks = make_tasks(items, task_seconds=task_seconds)
     if journal is not None:
         journal.open()
         journal.write({"output": _key(it.dst), "input": _key(it.src), "status": "planned"} for it in items)
     done: dict[str, Result] = {}
     try:
-        for results in iter_results(tasks, config, jobs=jobs, scheduler=scheduler, after_write=after_write, allowed_failures=allowed_failures):
+        for results in iter_results(items, config, jobs=jobs, scheduler=scheduler, task_seconds=task_seconds, after_write=after_write, allowed_failures=allowed_failures):
             if journal is not None:
                 journal.write(_record(r, config) for r in results)
             for r in results:

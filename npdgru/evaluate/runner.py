@@ -388,7 +388,21 @@ def _enhance_onnx(sess, x: np.ndarray) -> np.ndarray:
 
 
 def _evaluate_pair(pair: Pair) -> list[dict]:
-    """Every system on one pair: one dict per row, in the order of the systems."""
+    """Every system on one pair: one dict per row, in the order of the systems.
+
+    BLAS runs on one thread here, in every process: a threaded BLAS dot product splits its sum
+    by the thread count, so the last bits of SI-SNR and ESTOI would depend on where the pair ran
+    (Dask's workers set OPENBLAS_NUM_THREADS=1); the rows are the same bits everywhere.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency of the eval extra
+        return _evaluate_pair_rows(pair)
+    with threadpool_limits(1, user_api="blas"):
+        return _evaluate_pair_rows(pair)
+
+
+def _evaluate_pair_rows(pair: Pair) -> list[dict]:
     from .metrics import estoi, pesq_wb, si_snr
 
     clean = _read_mono(pair.clean, pair.samples)
