@@ -19,8 +19,10 @@ the table shows medians. Outputs of every row are checked to be byte-identical t
 loop's before anything is printed.
 
 Columns: files/s, audio hours per hour (= 1 / real-time factor of the whole run), speed-up
-against 1 worker and against serial, and the per-file overhead against the serial loop
-((t - t_serial) / files, for one worker).
+against 1 worker and against serial, the per-file overhead against the serial loop
+((t - t_serial) / files), and the CPU seconds of all processes (this one, which holds the
+LocalCluster's scheduler, plus every worker): on a machine shared with other work the wall
+times measure the CPU left over, while the CPU seconds show what the cluster itself costs.
 """
 
 from __future__ import annotations
@@ -66,18 +68,26 @@ def tree_bytes(root: Path) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.wav"))}
 
 
-def run_once(corpus: Path, out: Path, config, scheduler=None) -> float:
-    """Seconds to enhance the corpus into a fresh ``out`` (planning included)."""
+def cpu_seconds(client) -> float:
+    """CPU time of this process (driver, and the scheduler of a LocalCluster) and of every worker."""
+    workers = sum(client.run(time.process_time).values()) if client is not None else 0.0
+    return time.process_time() + workers
+
+
+def run_once(corpus: Path, out: Path, config, scheduler=None, client=None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of all processes) to enhance the corpus into a fresh ``out``."""
     if out.exists():
         shutil.rmtree(out)
+    c0 = cpu_seconds(client)
     t0 = time.perf_counter()
     items, _, journal = dist.plan_work([corpus], out, config=config)
     results = dist.run_items(items, config, journal=journal, scheduler=scheduler)
     dt = time.perf_counter() - t0
+    cpu = cpu_seconds(client) - c0
     bad = [r.error for r in results if r.status != "done"]
     if bad:
         raise SystemExit(f"failed: {bad[:3]}")
-    return dt
+    return dt, cpu
 
 
 def main() -> int:
@@ -101,24 +111,28 @@ def main() -> int:
         make_corpus(corpus, args.files, args.seconds)
         make_corpus(warm, 4 * max(args.workers), 1.0)
         hours = args.files * args.seconds / 3600
-        rows = {"serial": (None, 0.0)}
+        rows = {"serial": (None, 0.0, None)}
         dist._enhancer(config)  # the in-process loop's Enhancer, loaded and compiled once
         run_once(warm, tmp / "warm-out", config)
         for n in args.workers:
             t0 = time.perf_counter()
             with dask.config.set({"distributed.scheduler.allowed-failures": dist.ALLOWED_FAILURES}):
                 lc = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR)
-            Client(lc).wait_for_workers(n)
+            client = Client(lc)
+            client.wait_for_workers(n)
             start = time.perf_counter() - t0
-            clusters.append(lc)
+            clusters.append((client, lc))
             run_once(warm, tmp / "warm-out", config, lc.scheduler_address)  # every worker: weights, kernels
-            rows[f"{n} worker{'s' if n > 1 else ''}"] = (lc.scheduler_address, start)
+            rows[f"{n} worker{'s' if n > 1 else ''}"] = (lc.scheduler_address, start, client)
         times = {name: [] for name in rows}
+        cpus = {name: [] for name in rows}
         reference = None
         for r in range(args.repeats):
-            for name, (address, _) in rows.items():
+            for name, (address, _, client) in rows.items():
                 out = tmp / f"out-{name.replace(' ', '')}"
-                times[name].append(run_once(corpus, out, config, address))
+                dt, cpu = run_once(corpus, out, config, address, client)
+                times[name].append(dt)
+                cpus[name].append(cpu)
                 got = tree_bytes(out)
                 if reference is None:
                     reference = got
@@ -126,22 +140,25 @@ def main() -> int:
                     raise SystemExit(f"{name}: outputs differ from the serial loop's")
             print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{n} {t[-1]:.1f} s" for n, t in times.items()), flush=True)
         med = {n: statistics.median(t) for n, t in times.items()}
+        med_cpu = {n: statistics.median(t) for n, t in cpus.items()}
         one = next((n for n in med if n.startswith("1 worker")), None)
         print()
         print(f"{args.files} files x {args.seconds:g} s ({hours:.2f} h of audio), nsnet2 P={args.update_percent:g}, cpu backend, one thread per process; "
               f"median of {args.repeats} interleaved rounds; {cpu_model()} ({os.cpu_count()} logical CPUs), {platform.system()} {platform.release()}")
         print()
-        print("| run | cluster start (s) | time (s) | files/s | audio h per h | vs 1 worker | vs serial | per-file overhead vs serial (ms) |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("| run | cluster start (s) | time (s) | files/s | audio h per h | vs 1 worker | vs serial | per-file overhead vs serial, wall (ms) | CPU s, all processes | per-file overhead vs serial, CPU (ms) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name, t in med.items():
             start = rows[name][1]
             vs1 = f"{med[one] / t:.2f}x" if one else ""
             over = f"{1e3 * (t - med['serial']) / args.files:+.1f}" if name != "serial" else ""
-            print(f"| {name} | {start:.1f} | {t:.1f} | {args.files / t:.2f} | {hours / (t / 3600):.0f} | {vs1} | {med['serial'] / t:.2f}x | {over} |")
+            over_cpu = f"{1e3 * (med_cpu[name] - med_cpu['serial']) / args.files:+.1f}" if name != "serial" else ""
+            print(f"| {name} | {start:.1f} | {t:.1f} | {args.files / t:.2f} | {hours / (t / 3600):.0f} | {vs1} | {med['serial'] / t:.2f}x | {over} | {med_cpu[name]:.1f} | {over_cpu} |")
         print()
         print("all rows: outputs byte-identical to the serial loop's")
     finally:
-        for lc in clusters:
+        for client, lc in clusters:
+            client.close()
             lc.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

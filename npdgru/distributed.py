@@ -34,7 +34,7 @@ import csv
 import hashlib
 import json
 import os
-import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -324,17 +324,26 @@ def make_tasks(items: list[Item], *, task_seconds: float = TASK_SECONDS, max_fil
 # per-file work (in the worker processes, or in this one)
 # --------------------------------------------------------------------------------------------
 
-_ENHANCERS: dict = {}
+_ENHANCERS: dict = {}  # the main thread's: the in-process loop
+_THREAD = threading.local()
 
 
 def _enhancer(config: Config):
-    """One Enhancer per configuration per process: the weights are loaded once."""
-    enh = _ENHANCERS.get(config)
+    """One Enhancer per configuration per worker thread, kept: the weights are loaded once.
+
+    A worker started with several threads (``dask worker --nthreads 4``) runs tasks
+    concurrently in one process: each thread gets its own Enhancer, whose buffers no other
+    thread touches."""
+    if threading.current_thread() is threading.main_thread():
+        cache = _ENHANCERS
+    else:  # a Dask worker's task thread
+        cache = _THREAD.__dict__.setdefault("enhancers", {})
+    enh = cache.get(config)
     if enh is None:
         from .enhance import Enhancer
 
-        _ENHANCERS.clear()
-        enh = _ENHANCERS[config] = Enhancer(config.weights, update_percent=config.update_percent, backend=config.backend, mask_floor_db=config.mask_floor_db)
+        cache.clear()
+        enh = cache[config] = Enhancer(config.weights, update_percent=config.update_percent, backend=config.backend, mask_floor_db=config.mask_floor_db)
     return enh
 
 

@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -346,6 +347,7 @@ def time_systems(systems: list[System], features: np.ndarray, *, repeats: int = 
 # --------------------------------------------------------------------------------------------
 
 _WORKER: dict = {}
+_WORKER_LOCK = threading.Lock()
 
 
 def _init_worker(systems: list[System], dnsmos_threads: int) -> None:
@@ -370,9 +372,10 @@ def _init_worker(systems: list[System], dnsmos_threads: int) -> None:
 def _evaluate_pair_on_worker(systems: list[System], pair: Pair) -> list[dict]:
     """``_evaluate_pair`` in a Dask worker: the worker is set up once per process (and again
     only for other systems)."""
-    if _WORKER.get("systems") != systems:
-        _init_worker(systems, 1)
-    return _evaluate_pair(pair)
+    with _WORKER_LOCK:  # a worker with several threads: one pair at a time per process
+        if _WORKER.get("systems") != systems:
+            _init_worker(systems, 1)
+        return _evaluate_pair(pair)
 
 
 def _enhance_onnx(sess, x: np.ndarray) -> np.ndarray:
