@@ -116,7 +116,7 @@ def main() -> int:
         run_once(warm, tmp / "warm-out", config)
         for n in args.workers:
             t0 = time.perf_counter()
-            with dask.config.set({"distributed.scheduler.allowed-failures": dist.ALLOWED_FAILURES}):
+            with dask.config.set(dist.CLUSTER_CONFIG | {"distributed.scheduler.allowed-failures": dist.ALLOWED_FAILURES}):
                 lc = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR)
             client = Client(lc)
             client.wait_for_workers(n)

@@ -59,7 +59,8 @@ def cmd_enhance(args) -> int:
         dist._need_dask()
     # The weights and P are checked here, before any file is planned or any worker starts.
     enh = Enhancer(args.weights, update_percent=args.update_percent, backend=args.backend, mask_floor_db=args.mask_floor_db)
-    weights_path = str(enh.weights.path) if getattr(enh.weights, "path", None) else args.weights
+    weights_path = getattr(enh.weights, "path", None) or args.weights
+    weights_path = os.path.abspath(weights_path) if weights_path else None  # workers run elsewhere
     config = dist.Config(weights=weights_path, update_percent=enh.update_percent, backend=args.backend, mask_floor_db=enh.mask_floor_db,
                          model=dist.model_id(weights_path) if weights_path else "")
     dist._ENHANCERS.clear()

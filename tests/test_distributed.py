@@ -214,6 +214,20 @@ def test_resume_redoes_changed_inputs_and_refuses_foreign_outputs(capsys, tmp_pa
     assert status == 2 and "output exists; pass --overwrite" in err
 
 
+def test_batched_tasks_equal_file_by_file(tmp_path, serial_out):
+    """The cuda path of a task (its files as one ``enhance_batch``), run here on the cpu backend:
+    the same bytes as file by file; a bad file in the batch is that file's error only."""
+    src, expected = serial_out
+    (tmp_path / "bad.wav").write_bytes(b"RIFF garbage")
+    out = tmp_path / "out"
+    items, _, _ = dist.plan_work([src], out, config=config())
+    bad = dist.Item(str(tmp_path / "bad.wav"), str(out / "bad.wav"), 0.0)
+    results = dist._process_batch(dist._enhancer(config()), items[:3] + [bad] + items[3:])
+    assert [r.status for r in results] == ["done"] * 3 + ["failed"] + ["done"] * 3
+    assert str(tmp_path / "bad.wav") in results[3].error
+    assert tree(out) == expected
+
+
 # ------------------------------------------------------------------------------ on a cluster
 
 
