@@ -50,9 +50,15 @@ TEMP_PREFIX = ".npdgru-"  # temporary outputs and the journal: never taken as in
 TASK_SECONDS = 60.0  # audio per task: a few seconds of compute, so scheduling costs little
 TASK_MAX_FILES = 64
 ALLOWED_FAILURES = 3  # a task whose worker dies more often than this is recorded as failed
-# Dask settings of the LocalCluster (a running cluster keeps its own): no statistical profiler
-# sampling the worker threads every 10 ms (measured: it costs CPU on every task).
-CLUSTER_CONFIG = {"distributed.worker.profile.enabled": False}
+# Dask settings of the LocalCluster (a running cluster keeps its own), each measured to cost CPU
+# on every task (benchmarks/bench_corpus.py): no statistical profiler sampling the worker
+# threads every 10 ms, and the workers' environment without MALLOC_TRIM_THRESHOLD_ (setting it
+# turns off glibc's adaptive mmap threshold, so every large array of every file is a fresh
+# mmap with its page faults); BLAS and OpenMP stay at one thread per worker, as Dask sets them.
+CLUSTER_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.nanny.pre-spawn-environ": {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1},
+}
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json")
 INPUT_KEYS = ("input", "audio_filepath", "path")  # npdgru, NeMo, plain
 OUTPUT_KEYS = ("output", "output_filepath")
