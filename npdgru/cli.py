@@ -10,9 +10,10 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import AudioError, NpdgruError, ParameterError
+from .errors import NpdgruError, ParameterError
 
 
 def _one_line(msg: str) -> str:
@@ -26,67 +27,24 @@ def _error(msg: str) -> int:
     return 2
 
 
-def _collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
-    """(file, path relative to its input root) for every audio file named or inside a folder."""
-    from .enhance import AUDIO_SUFFIXES
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM ends the run like Ctrl-C: temporary outputs are removed, the journal is closed."""
+    import signal
+    import threading
 
-    found = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES)
-            if not files:
-                raise AudioError(f"{p}: folder holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
-            found += [(f, f.relative_to(p)) for f in files]
-        elif p.exists():
-            found.append((p, Path(p.name)))
-        else:
-            raise AudioError(f"{p}: no such file or folder")
-    return found
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
 
-def _plan_outputs(pairs, out: str, overwrite: bool) -> list[tuple[Path, Path]]:
-    out_p = Path(out)
-    single_file_out = _check_output_name(out_p, len(pairs))
-    plan = []
-    for src, rel in pairs:
-        dst = out_p if single_file_out else out_p / rel
-        plan.append((src, dst))
-    in_real = {os.path.realpath(s) for s, _ in plan}
-    seen = set()
-    for src, dst in plan:
-        r = os.path.realpath(dst)
-        if r in in_real:
-            raise ParameterError(f"{dst}: output would overwrite an input file; choose another -o")
-        if r in seen:
-            raise ParameterError(f"{dst}: two inputs would write the same output file")
-        seen.add(r)
-        if dst.exists() and not overwrite:
-            raise ParameterError(f"{dst}: output exists; pass --overwrite to replace it")
-    return plan
-
-
-def _check_output_name(out: Path, n_inputs: int) -> bool:
-    """True if ``-o`` names one output file, False if a folder; ParameterError if it can be neither.
-
-    A name with an audio suffix is a file (for one input); one with another suffix (``out.txt``,
-    ``ok.mp3``) is refused rather than taken as a folder name, unless that folder exists.
-    """
-    from .enhance import AUDIO_SUFFIXES
-
-    if out.is_dir():
-        return False
-    if out.exists():  # a file (or a FIFO, a device): only as the one output file
-        if n_inputs > 1 or out.suffix.lower() not in AUDIO_SUFFIXES:
-            raise ParameterError(f"{out}: exists and is not a folder; for {n_inputs} input(s) name a folder or a .wav/.flac/.ogg/.aiff file")
-        return True
-    if out.suffix.lower() in AUDIO_SUFFIXES:
-        if n_inputs > 1:
-            raise ParameterError(f"{out}: {n_inputs} inputs need an output folder, not a file name")
-        return True
-    if out.suffix:
-        raise ParameterError(f"{out}: npdgru writes {', '.join(AUDIO_SUFFIXES)} files, not '{out.suffix}'; for a folder of that name create it first")
-    return False
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _format_percent(fraction: float) -> str:
@@ -126,39 +84,64 @@ def _warm_up(enh, quiet: bool) -> None:
 def cmd_enhance(args) -> int:
     from tqdm import tqdm
 
-    from .enhance import Enhancer, output_subtype, read_audio, write_audio
+    from . import distributed as dist
+    from .enhance import Enhancer, output_subtype
 
-    plan = _plan_outputs(_collect_inputs(args.inputs), args.output, args.overwrite)
+    if args.jobs and args.scheduler:
+        raise ParameterError("--jobs and --scheduler exclude each other: --jobs N starts N local workers, --scheduler attaches to a running cluster")
+    if args.jobs or args.scheduler:
+        dist._need_dask()
+    if args.model is not None and args.weights is not None:
+        raise ParameterError("pass either --model NAME or --weights FILE, not both")
+    # The weights and P are checked here, before any file is planned or any worker starts.
+    enh = Enhancer(args.weights, model=args.model, update_percent=args.update_percent, backend=args.backend, mask_floor_db=args.mask_floor_db)
+    weights_path = getattr(enh.weights, "path", None) or args.weights
+    weights_path = os.path.abspath(weights_path) if weights_path else None  # workers run elsewhere
+    config = dist.Config(weights=weights_path, update_percent=enh.update_percent, backend=args.backend, mask_floor_db=enh.mask_floor_db,
+                         model=dist.model_id(weights_path) if weights_path else "", subtype=args.subtype)
+    items, skipped, journal = dist.plan_work(args.inputs, args.output, config=config, overwrite=args.overwrite)
     if args.subtype is not None:  # a --subtype the output format cannot hold: once, before any work
         import numpy as np
 
-        for dst in {Path(d).suffix.lower(): d for _, d in plan}.values():
+        for dst in {Path(it.dst).suffix.lower(): it.dst for it in items}.values():
             output_subtype(dst, np.zeros(1, np.float32), subtype=args.subtype)
-    if args.model is not None and args.weights is not None:
-        raise ParameterError("pass either --model NAME or --weights FILE, not both")
-    enh = Enhancer(args.weights, model=args.model, update_percent=args.update_percent, backend=args.backend, mask_floor_db=args.mask_floor_db)
+    dist._ENHANCERS.clear()
+    dist._ENHANCERS[config] = enh  # the in-process loop uses this one
+    if items and not (args.jobs or args.scheduler):
+        _warm_up(enh, args.quiet)  # per-file times exclude JIT compilation
     pct = _format_percent(enh.model.fraction_updated())
-    _warm_up(enh, args.quiet)
-    failures = 0
-    bar = tqdm(plan, unit="file", disable=args.quiet or len(plan) < 2, file=sys.stderr)
-    for src, dst in bar:
-        try:
-            x, sr, info = read_audio(src, info=True)  # opened once: a FIFO or <(...) works
-            t0 = time.perf_counter()
-            y = enh.enhance(x, sr)
-            dt = time.perf_counter() - t0
-            subtype, warnings = output_subtype(dst, y, source_subtype=info["subtype"], subtype=args.subtype)
-            for w in warnings:
-                tqdm.write(f"npdgru: warning: {w}", file=sys.stderr)
-            write_audio(dst, y, sr, subtype=subtype)
-        except NpdgruError as e:
-            failures += 1
-            tqdm.write(f"npdgru: error: {_one_line(e)}", file=sys.stderr)
-            continue
-        dur = len(x) / sr
-        if not args.quiet:
-            tqdm.write(f"{src} -> {dst}: {dur:.2f} s, {x.shape[1]} ch, {sr} Hz, real-time factor {dt / dur:.3f}, {pct}% of GRU neurons updated per frame (P={enh.update_percent:g})", file=sys.stdout)
-    return 2 if failures else 0
+    total = len(items) + len(skipped)
+    bar = tqdm(total=total, initial=len(skipped), unit="file", disable=args.quiet or total < 2, file=sys.stderr, desc="npdgru enhance")
+    counts = {"done": 0, "failed": 0, "skipped": len(skipped)}
+    audio = [0.0]
+    t_start = time.perf_counter()
+
+    def on_result(r):
+        counts[r.status] += 1
+        for w in r.warnings:
+            tqdm.write(f"npdgru: warning: {w}", file=sys.stderr)
+        if r.status == "failed":
+            tqdm.write(f"npdgru: error: {_one_line(r.error)}", file=sys.stderr)
+        else:
+            audio[0] += r.seconds
+            if not args.quiet and r.seconds:
+                rtf = f", real-time factor {r.compute / r.seconds:.3f}" if r.rewritten else " (written by an earlier attempt)"
+                tqdm.write(f"{r.src} -> {r.dst}: {r.seconds:.2f} s, {r.channels} ch, {r.rate} Hz{rtf}, {pct}% of GRU neurons updated per frame (P={enh.update_percent:g})", file=sys.stdout)
+        wall = time.perf_counter() - t_start
+        bar.set_postfix_str(f"{audio[0] / 3600:.3f} h audio, RTF {wall / audio[0] if audio[0] else 0:.3f}, {counts['failed']} failed", refresh=False)
+        bar.update(1)
+
+    try:
+        with _sigterm_as_interrupt():
+            dist.run_items(items, config, journal=journal, jobs=args.jobs, scheduler=args.scheduler, on_result=on_result)
+    finally:
+        bar.close()
+    wall = time.perf_counter() - t_start
+    if not args.quiet and total > 1:
+        rtf = f", RTF {wall / audio[0]:.3f} (wall time / audio time)" if audio[0] else ""
+        print(f"npdgru enhance: {total} files: {counts['done']} done, {counts['skipped']} skipped (done before), {counts['failed']} failed; "
+              f"{audio[0] / 3600:.3f} h of audio in {wall:.1f} s{rtf}", file=sys.stdout)
+    return 2 if counts["failed"] else 0
 
 
 def cmd_models(args) -> int:
@@ -237,7 +220,7 @@ def cmd_eval(args) -> int:
 
     argv = getattr(args, "argv", None)
     command = "npdgru eval " + " ".join(argv) if argv is not None else None
-    summary = evaluate(args.data, args.out, weights=args.weights, percents=args.percents, onnx=args.onnx, jobs=args.jobs, limit=args.limit, timing_frames=args.timing_frames, timing_repeats=args.timing_repeats, progress=not args.quiet, command=command)
+    summary = evaluate(args.data, args.out, weights=args.weights, percents=args.percents, onnx=args.onnx, jobs=args.jobs, scheduler=args.scheduler, limit=args.limit, timing_frames=args.timing_frames, timing_repeats=args.timing_repeats, progress=not args.quiet, command=command)
     if not args.quiet:
         text = markdown(summary)
         start = text.index("## All")
@@ -264,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("enhance", help="enhance audio files or folders")
-    e.add_argument("inputs", nargs="+", help="audio files or folders (searched recursively)")
+    e.add_argument("inputs", nargs="+", help="audio files, folders (searched recursively) or manifests (.csv or .jsonl with an input path column 'input' or 'audio_filepath', optionally 'output')")
     e.add_argument("-o", "--output", required=True, help="output file (one input) or folder")
     e.add_argument("--update-percent", "-P", type=float, default=100.0, help="P in (0, 100]: percent of GRU neurons updated per frame (default 100)")
     e.add_argument("--model", "-m", default=None, metavar="NAME", help="a shipped model by name (npdgru models lists them; default nsnet2-ft-anyp)")
@@ -273,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=("cpu", "reference", "cuda"), default="cpu")
     e.add_argument("--mask-floor-db", type=float, default=-80.0, help="lowest gain of the mask in dB (default -80, as NSNet2)")
     e.add_argument("--overwrite", action="store_true", help="replace existing output files (never an input)")
+    e.add_argument("--jobs", type=_positive_int, default=None, help="run on a local Dask cluster of N single-threaded worker processes (needs the distributed extra)")
+    e.add_argument("--scheduler", default=None, metavar="ADDRESS", help="run on the running Dask cluster at ADDRESS (tcp://host:8786); inputs and outputs on storage every worker sees")
     e.add_argument("--quiet", "-q", action="store_true")
     e.set_defaults(func=cmd_enhance)
 
@@ -301,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--weights", nargs="+", default=None, help="weight files (default: every weights/*.safetensors); FILE@P1,P2 evaluates FILE only at those P")
     v.add_argument("--percents", nargs="+", type=float, default=[100, 75, 50, 25, 10], help="update percentages P (default 100 75 50 25 10)")
     v.add_argument("--onnx", default=None, help="NSNet2 ONNX model for the onnxruntime row (default: .cache/nsnet2/nsnet2-20ms-baseline.onnx; left out if absent)")
-    v.add_argument("--jobs", type=_positive_int, default=1, help="worker processes over files (default 1)")
+    v.add_argument("--jobs", type=_positive_int, default=1, help="worker processes over files (default 1: in this process; more: a local Dask cluster, the distributed extra)")
+    v.add_argument("--scheduler", default=None, metavar="ADDRESS", help="evaluate the files on the running Dask cluster at ADDRESS (tcp://host:8786)")
     v.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N pairs (sorted by name)")
     v.add_argument("--timing-frames", type=_positive_int, default=1000, help="frames of real features timed per row (default 1000)")
     v.add_argument("--timing-repeats", type=_positive_int, default=7, help="timed rounds over all rows, the best run of each row is kept (default 7)")

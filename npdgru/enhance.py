@@ -760,7 +760,12 @@ def output_subtype(path, y: np.ndarray, *, source_subtype: str | None = None, su
 
 
 def write_audio(path, y: np.ndarray, sample_rate: int, *, subtype: str | None = None) -> None:
-    """Write audio atomically: a temporary file in the same folder, then rename."""
+    """Write audio atomically: a temporary file in the same folder, then rename.
+
+    The temporary file is ``.npdgru-XXXX.<ext>.part``: folder scans never take it as an input,
+    and it is removed on any failure (a full disk, an unwritable folder: an AudioError naming
+    ``path``) and on KeyboardInterrupt or the SIGTERM that ``npdgru enhance`` turns into one.
+    """
     import tempfile
 
     import soundfile as sf
@@ -774,7 +779,7 @@ def write_audio(path, y: np.ndarray, sample_rate: int, *, subtype: str | None = 
         raise AudioError(f"{path}: cannot create the output folder ({e.strerror or e})") from None
     ext = os.path.splitext(path)[1] or ".wav"
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".npdgru-", suffix=ext, dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=".npdgru-", suffix=ext + ".part", dir=folder)
     except OSError as e:
         raise AudioError(f"{path}: cannot write there ({e.strerror or e})") from None
     os.close(fd)
@@ -786,6 +791,8 @@ def write_audio(path, y: np.ndarray, sample_rate: int, *, subtype: str | None = 
         os.replace(tmp, path)
     except OSError as e:
         raise AudioError(f"{path}: cannot write the output ({e.strerror or e})") from None
+    except (sf.LibsndfileError, RuntimeError) as e:  # libsndfile: disk full, I/O error
+        raise AudioError(f"{path}: cannot write the output ({' '.join(str(e).split())})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

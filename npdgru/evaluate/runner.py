@@ -20,21 +20,22 @@ paper's count, ours with accumulators, and the rest of the model) and the measur
 frame on this CPU (one thread, best of ``repeats`` runs over ``timing_frames`` frames of real
 features, measured in this process before any worker starts).
 
-Files are evaluated by ``jobs`` worker processes (``spawn``: each builds its own onnxruntime
-sessions and Numba models; no thread or session crosses a fork); the results do not depend on
-``jobs``.
+Files are evaluated in this process (``jobs=1``) or one task per pair on ``npdgru.distributed``
+(a local Dask cluster of ``jobs`` worker processes, or the cluster at ``scheduler``): each
+worker process builds its own onnxruntime sessions and Numba models once; the rows, in the
+order of the pairs, do not depend on where they ran.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-import multiprocessing
 import os
 import platform
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -344,6 +345,7 @@ def time_systems(systems: list[System], features: np.ndarray, *, repeats: int = 
 # --------------------------------------------------------------------------------------------
 
 _WORKER: dict = {}
+_WORKER_LOCK = threading.Lock()
 
 
 def _init_worker(systems: list[System], dnsmos_threads: int) -> None:
@@ -365,6 +367,15 @@ def _init_worker(systems: list[System], dnsmos_threads: int) -> None:
     _WORKER["engines"] = engines
 
 
+def _evaluate_pair_on_worker(systems: list[System], pair: Pair) -> list[dict]:
+    """``_evaluate_pair`` in a Dask worker: the worker is set up once per process (and again
+    only for other systems)."""
+    with _WORKER_LOCK:  # a worker with several threads: one pair at a time per process
+        if _WORKER.get("systems") != systems:
+            _init_worker(systems, 1)
+        return _evaluate_pair(pair)
+
+
 def _enhance_onnx(sess, x: np.ndarray) -> np.ndarray:
     """NSNet2 through onnxruntime, framed exactly as npdgru.enhance.Enhancer does."""
     from .. import stft
@@ -378,7 +389,21 @@ def _enhance_onnx(sess, x: np.ndarray) -> np.ndarray:
 
 
 def _evaluate_pair(pair: Pair) -> list[dict]:
-    """Every system on one pair: one dict per row, in the order of the systems."""
+    """Every system on one pair: one dict per row, in the order of the systems.
+
+    BLAS runs on one thread here, in every process: a threaded BLAS dot product splits its sum
+    by the thread count, so the last bits of SI-SNR and ESTOI would depend on where the pair ran
+    (Dask's workers set OPENBLAS_NUM_THREADS=1); the rows are the same bits everywhere.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency of the eval extra
+        return _evaluate_pair_rows(pair)
+    with threadpool_limits(1, user_api="blas"):
+        return _evaluate_pair_rows(pair)
+
+
+def _evaluate_pair_rows(pair: Pair) -> list[dict]:
     from .metrics import estoi, pesq_wb, si_snr
 
     clean = _read_mono(pair.clean, pair.samples)
@@ -439,7 +464,7 @@ def _versions() -> dict:
     return out
 
 
-def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx=None, jobs: int = 1, limit: int | None = None, timing_frames: int = 1000, timing_repeats: int = 7, progress: bool = True, command: str | None = None, log=print) -> dict:
+def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx=None, jobs: int = 1, limit: int | None = None, timing_frames: int = 1000, timing_repeats: int = 7, progress: bool = True, command: str | None = None, log=print, scheduler: str | None = None) -> dict:
     """Run the evaluation and write ``per_file.csv``, ``summary.md``, ``summary.json`` and
     ``quality_vs_compute.png`` into ``out_dir``. Returns the summary (as in summary.json).
 
@@ -450,7 +475,9 @@ def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx
     percents : update percentages P in (0, 100]
     onnx : NSNet2 ONNX file; None looks in the default places and leaves the row out (with a note)
         when absent; a path that is given must exist.
-    jobs : worker processes over files (1: in this process)
+    jobs : worker processes over files (1: in this process; more: a local Dask cluster of
+        ``jobs`` single-threaded workers, the distributed extra)
+    scheduler : address of a running Dask cluster to evaluate the files on (instead of ``jobs``)
     limit : only the first ``limit`` pairs, sorted by name
     log : where notes go (a print-like function)
     """
@@ -459,6 +486,12 @@ def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx
     t_start = time.perf_counter()
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ParameterError(f"jobs={jobs!r} must be an integer >= 1")
+    if scheduler and jobs != 1:
+        raise ParameterError("--jobs and --scheduler exclude each other: --jobs N starts N local workers, --scheduler attaches to a running cluster")
+    if scheduler or jobs > 1:
+        from ..distributed import _need_dask
+
+        _need_dask()
     percents = list(dict.fromkeys(float(p) for p in percents))
     if not percents:
         raise ParameterError("no update percentages given")
@@ -484,7 +517,7 @@ def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx
     except OSError as e:
         raise ParameterError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
 
-    log(f"evaluating {len(pairs)} pairs of {data_dir} x {len(systems)} rows ({', '.join(s.name for s in systems)}), {jobs} job(s)")
+    log(f"evaluating {len(pairs)} pairs of {data_dir} x {len(systems)} rows ({', '.join(s.name for s in systems)}), " + (f"on the Dask cluster at {scheduler}" if scheduler else f"{jobs} job(s)"))
     t0 = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     features = _timing_features(pairs, timing_frames)
@@ -496,7 +529,7 @@ def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx
     from tqdm import tqdm
 
     bar = tqdm(total=len(pairs), unit="file", disable=not progress, file=sys.stderr, mininterval=2.0 if sys.stderr.isatty() else 30.0, desc="npdgru eval")
-    if jobs == 1:
+    if jobs == 1 and not scheduler:
         _init_worker(systems, 1)
         try:
             for p in pairs:
@@ -505,11 +538,16 @@ def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx
         finally:
             _WORKER.clear()
     else:
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(min(jobs, len(pairs)), initializer=_init_worker, initargs=(systems, 1)) as pool:
-            for r in pool.imap(_evaluate_pair, pairs, chunksize=1):
-                rows += r
-                bar.update(1)
+        from functools import partial
+
+        from ..distributed import map_ordered
+
+        # Absolute paths: a worker on another node runs in its own folder (shared storage).
+        remote_systems = [replace(s, path=os.path.abspath(s.path) if s.path else None) for s in systems]
+        remote_pairs = [replace(p, clean=os.path.abspath(p.clean), noisy=os.path.abspath(p.noisy)) for p in pairs]
+        per_pair = map_ordered(partial(_evaluate_pair_on_worker, remote_systems), remote_pairs, jobs=None if scheduler else min(jobs, len(pairs)), scheduler=scheduler, on_done=lambda: bar.update(1))
+        for r in per_pair:
+            rows += r
     bar.close()
     t_files = time.perf_counter() - t0
 
@@ -522,6 +560,7 @@ def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx
         "percents": percents,
         "onnx": str(onnx_path) if onnx_path else None,
         "jobs": jobs,
+        "scheduler": scheduler,
         "machine": f"{cpu_model()} ({os.cpu_count()} logical CPUs), {platform.system()} {platform.release()}",
         "versions": _versions(),
         "timing": f"model only (features -> mask), {features.shape[0]} frames of real features in one call, one thread, best of {timing_repeats} interleaved rounds after a warm-up",

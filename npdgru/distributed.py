@@ -1,0 +1,659 @@
+"""Many files: the work list, the journal, and their execution in-process or on a Dask cluster.
+
+    inputs (files, folders, manifests) -o OUT
+        -> plan_work: one Item (input, output) per file; collisions refused up front;
+           what the journal OUT/.npdgru-journal.jsonl says is done and current is skipped
+        -> run_items: tasks of about TASK_SECONDS of audio each, run in this process
+           (neither jobs nor scheduler) or on dask.distributed (a LocalCluster of ``jobs``
+           single-threaded worker processes, or the running cluster at ``scheduler``)
+        -> every output written atomically (npdgru.enhance.write_audio); one journal line per
+           file: input, output, sha256 of the input, model, P, status, error
+
+Nothing lost, nothing twice:
+
+* A worker process keeps one :class:`~npdgru.enhance.Enhancer` per configuration (weights are
+  loaded once per process) and catches every per-file failure: a bad file is one line naming it,
+  the task goes on.
+* A worker that dies is replaced by its nanny and the task is retried (``allowed_failures``
+  times, then its files are recorded as failed). Before writing an output the worker compares
+  it with the ``os.stat`` the driver took when it planned the run: an output that changed since
+  was written by an earlier attempt of the same task in this run (the rename is atomic, so it
+  is complete) and is not written again.
+* Only the driver writes the journal (one writer, also on shared storage). It first records
+  every output of the run as ``planned``: a killed run leaves outputs that the next run may
+  redo without ``--overwrite`` (they are npdgru's own), and the next run skips exactly those
+  whose journal line says ``done`` with the same input (size and mtime, else sha256), weights,
+  P and mask floor, and whose output is still there with the recorded size.
+
+dask is imported only when a cluster is asked for (``pip install -e ".[distributed]"``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AudioError, NpdgruError, ParameterError
+
+JOURNAL_NAME = ".npdgru-journal.jsonl"
+TEMP_PREFIX = ".npdgru-"  # temporary outputs and the journal: never taken as inputs
+TASK_SECONDS = 60.0  # audio per task: a few seconds of compute, so scheduling costs little
+TASK_MAX_FILES = 64
+ALLOWED_FAILURES = 3  # a task whose worker dies more often than this is recorded as failed
+# Dask settings of the LocalCluster (a running cluster keeps its own), each measured to cost CPU
+# on every task (benchmarks/bench_corpus.py): no statistical profiler sampling the worker
+# threads every 10 ms, and the workers' environment without MALLOC_TRIM_THRESHOLD_ (setting it
+# turns off glibc's adaptive mmap threshold, so every large array of every file is a fresh
+# mmap with its page faults); BLAS and OpenMP stay at one thread per worker, as Dask sets them.
+CLUSTER_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.nanny.pre-spawn-environ": {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1},
+}
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json")
+INPUT_KEYS = ("input", "audio_filepath", "path")  # npdgru, NeMo, plain
+OUTPUT_KEYS = ("output", "output_filepath")
+
+__all__ = ["Item", "Config", "Result", "collect_inputs", "plan_work", "run_items", "cluster", "Journal", "JOURNAL_NAME"]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One file to enhance."""
+
+    src: str
+    dst: str
+    seconds: float  # duration from the header (0 when the header is unreadable: the worker says why)
+    before: tuple | None = None  # (st_ino, st_mtime_ns, st_size) of dst when planned; None: absent
+
+
+@dataclass(frozen=True)
+class Config:
+    """What a worker needs to build its Enhancer (and what the journal records as the model)."""
+
+    weights: str | None
+    update_percent: float
+    backend: str = "cpu"
+    mask_floor_db: float = -80.0
+    model: str = ""  # weights file name @ first 16 hex digits of its sha256
+    subtype: str | None = None  # --subtype; None: the input's where the output format holds it
+
+
+@dataclass
+class Result:
+    src: str
+    dst: str
+    status: str  # "done" | "failed" | "skipped"
+    error: str | None = None
+    sha256: str | None = None
+    seconds: float = 0.0  # audio
+    channels: int = 0
+    rate: int = 0
+    compute: float = 0.0  # seconds of enhancement (not reading, not writing)
+    rewritten: bool = True  # False: an earlier attempt of this run had written it already
+    warnings: list = field(default_factory=list)  # format changes that lose bits or clip
+
+
+# --------------------------------------------------------------------------------------------
+# work list
+# --------------------------------------------------------------------------------------------
+
+
+def _audio_suffixes():
+    from .enhance import AUDIO_SUFFIXES
+
+    return AUDIO_SUFFIXES
+
+
+def _is_audio_name(p: Path) -> bool:
+    return p.suffix.lower() in _audio_suffixes() and not p.name.startswith(TEMP_PREFIX)
+
+
+def _read_manifest(path: Path, out_root: Path) -> list[tuple[Path, Path]]:
+    """(input, output) of every row of a CSV or JSON-lines manifest.
+
+    Inputs relative to the manifest's folder; outputs relative to OUT, or, where the manifest
+    gives none, the input's path under the manifest's folder (else its whole path) below OUT.
+    """
+    base = path.parent
+    rows: list[tuple[int, dict]] = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if path.suffix.lower() == ".csv":
+                reader = csv.DictReader(f)
+                rows = [(k, r) for k, r in enumerate(reader, start=2)]
+            else:
+                for k, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ParameterError(f"{path}, line {k}: not JSON ({e.msg})") from None
+                    if not isinstance(r, dict):
+                        raise ParameterError(f"{path}, line {k}: expected a JSON object per line")
+                    rows.append((k, r))
+    except OSError as e:
+        raise ParameterError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ParameterError(f"{path}: the manifest is not UTF-8 text") from None
+    if not rows:
+        raise ParameterError(f"{path}: the manifest lists no files")
+    pairs = []
+    for k, r in rows:
+        key = next((c for c in INPUT_KEYS if r.get(c)), None)
+        if key is None:
+            raise ParameterError(f"{path}, line {k}: no input path (a column or key named {' or '.join(INPUT_KEYS)})")
+        src = Path(str(r[key]))
+        src = src if src.is_absolute() else base / src
+        out_key = next((c for c in OUTPUT_KEYS if r.get(c)), None)
+        if out_key is not None:
+            dst = Path(str(r[out_key]))
+            dst = dst if dst.is_absolute() else out_root / dst
+        else:
+            try:
+                rel = src.resolve().relative_to(base.resolve())
+            except ValueError:
+                rel = Path(*src.resolve().parts[1:])
+            dst = out_root / rel
+        pairs.append((src, dst))
+    return pairs
+
+
+def _check_output_name(out: Path, n_inputs: int) -> bool:
+    """True if ``-o`` names one output file, False if a folder; ParameterError if it can be neither.
+
+    A name with an audio suffix is a file (for one input); one with another suffix (``out.txt``,
+    ``ok.mp3``) is refused rather than taken as a folder name, unless that folder exists.
+    """
+    if out.is_dir():
+        return False
+    if out.exists():  # a file (or a FIFO, a device): only as the one output file
+        if n_inputs > 1 or out.suffix.lower() not in _audio_suffixes():
+            raise ParameterError(f"{out}: exists and is not a folder; for {n_inputs} input(s) name a folder or a .wav/.flac/.ogg/.aiff file")
+        return True
+    if out.suffix.lower() in _audio_suffixes():
+        if n_inputs > 1:
+            raise ParameterError(f"{out}: {n_inputs} inputs need an output folder, not a file name")
+        return True
+    if out.suffix:
+        raise ParameterError(f"{out}: npdgru writes {', '.join(_audio_suffixes())} files, not '{out.suffix}'; for a folder of that name create it first")
+    return False
+
+
+def collect_inputs(inputs, out) -> tuple[list[tuple[Path, Path]], bool]:
+    """(input, output) for every file named, inside a folder (recursively) or in a manifest, and
+    whether OUT is a single output file (one input file and an audio suffix)."""
+    out_p = Path(out)
+    found: list[tuple[Path, Path]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and _is_audio_name(f))
+            if not files:
+                raise AudioError(f"{p}: folder holds no audio files ({', '.join(_audio_suffixes())})")
+            found += [(f, out_p / f.relative_to(p)) for f in files]
+        elif p.is_file() and p.suffix.lower() in MANIFEST_SUFFIXES:
+            found += _read_manifest(p, out_p)
+        elif p.exists():
+            found.append((p, out_p / p.name))
+        else:
+            raise AudioError(f"{p}: no such file or folder")
+    single = _check_output_name(out_p, len(found))
+    if single:
+        found = [(found[0][0], out_p)]
+    return found, single
+
+
+def _stat_key(path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _duration(path) -> float:
+    import soundfile as sf
+
+    if not _is_regular(path):  # a FIFO or pipe is read once, by the worker
+        return 0.0
+    try:
+        info = sf.info(str(path))
+        return info.frames / info.samplerate if info.samplerate else 0.0
+    except Exception:  # unreadable: the worker reports it with the file's name
+        return 0.0
+
+
+class Journal:
+    """``OUT/.npdgru-journal.jsonl``: one JSON line per event, appended by the driver only.
+
+    The last line of an output decides: ``planned`` (this run or a killed one means to write
+    it), ``done`` (written from this input by this model), ``failed`` (with the error).
+    A torn last line (a run killed while writing it) is ignored.
+    """
+
+    def __init__(self, folder):
+        self.path = Path(folder) / JOURNAL_NAME
+        self.last: dict[str, dict] = {}
+        if self.path.is_file():
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(rec, dict) and "output" in rec:
+                        self.last[rec["output"]] = rec
+        self._f = None
+
+    def open(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise ParameterError(f"{self.path}: cannot write the journal ({e.strerror or e})") from None
+        return self
+
+    def write(self, records) -> None:
+        if self._f is None:
+            return
+        self._f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+            try:
+                os.fsync(self._f.fileno())
+            except OSError:
+                pass
+            self._f.close()
+            self._f = None
+
+
+def _key(path) -> str:
+    return os.path.abspath(path)
+
+
+def _is_current(rec: dict | None, src: Path, dst: Path, config: Config) -> bool:
+    """The journal says dst is done from this very input by this model, and dst is still there."""
+    if not rec or rec.get("status") != "done" or rec.get("input") != _key(src) or not _is_regular(src):
+        return False
+    if (rec.get("model"), rec.get("P"), rec.get("mask_floor_db")) != (config.model, config.update_percent, config.mask_floor_db):
+        return False
+    try:
+        d, s = os.stat(dst), os.stat(src)
+    except OSError:
+        return False
+    if d.st_size != rec.get("output_size"):
+        return False
+    if (s.st_size, s.st_mtime_ns) == (rec.get("input_size"), rec.get("input_mtime_ns")):
+        return True
+    return _sha256(src) == rec.get("sha256")  # touched but maybe the same bytes
+
+
+def plan_work(inputs, out, *, config: Config, overwrite: bool = False) -> tuple[list[Item], list[Result], Journal | None]:
+    """The files to do, the files the journal says are done (skipped), and the journal
+    (None when OUT is a single file). Refuses up front, naming the files: an output that is an
+    input, two inputs with one output, an existing output that is not npdgru's without
+    ``overwrite``."""
+    pairs, single = collect_inputs(inputs, out)
+    in_real = {os.path.realpath(s) for s, _ in pairs}
+    seen: dict[str, Path] = {}
+    for src, dst in pairs:
+        r = os.path.realpath(dst)
+        if r in in_real:
+            raise ParameterError(f"{dst}: output would overwrite an input file; choose another -o")
+        if r in seen:
+            raise ParameterError(f"{dst}: two inputs would write the same output file: {seen[r]} and {src}")
+        seen[r] = src
+    journal = None if single else Journal(out)
+    todo, skipped = [], []
+    for src, dst in pairs:
+        rec = journal.last.get(_key(dst)) if journal else None
+        if _is_current(rec, src, dst, config):
+            skipped.append(Result(str(src), str(dst), "skipped", sha256=rec.get("sha256"), seconds=float(rec.get("seconds") or 0.0)))
+            continue
+        before = _stat_key(dst)
+        if before is not None and not overwrite and rec is None:
+            raise ParameterError(f"{dst}: output exists; pass --overwrite to replace it")
+        todo.append(Item(str(src), str(dst), _duration(src), before))
+    return todo, skipped, journal
+
+
+def make_tasks(items: list[Item], *, task_seconds: float = TASK_SECONDS, max_files: int = TASK_MAX_FILES) -> list[list[Item]]:
+    """Consecutive files grouped into tasks of about ``task_seconds`` of audio (at least one file)."""
+    tasks, cur, acc = [], [], 0.0
+    for it in items:
+        cur.append(it)
+        acc += it.seconds
+        if acc >= task_seconds or len(cur) >= max_files:
+            tasks.append(cur)
+            cur, acc = [], 0.0
+    if cur:
+        tasks.append(cur)
+    return tasks
+
+
+# --------------------------------------------------------------------------------------------
+# per-file work (in the worker processes, or in this one)
+# --------------------------------------------------------------------------------------------
+
+_ENHANCERS: dict = {}  # the main thread's: the in-process loop
+_THREAD = threading.local()
+
+
+def _enhancer(config: Config):
+    """One Enhancer per configuration per worker thread, kept: the weights are loaded once.
+
+    A worker started with several threads (``dask worker --nthreads 4``) runs tasks
+    concurrently in one process: each thread gets its own Enhancer, whose buffers no other
+    thread touches."""
+    if threading.current_thread() is threading.main_thread():
+        cache = _ENHANCERS
+    else:  # a Dask worker's task thread
+        cache = _THREAD.__dict__.setdefault("enhancers", {})
+    enh = cache.get(config)
+    if enh is None:
+        from .enhance import Enhancer
+
+        cache.clear()
+        enh = cache[config] = Enhancer(config.weights, update_percent=config.update_percent, backend=config.backend, mask_floor_db=config.mask_floor_db)
+    return enh
+
+
+def _named(src: str, e: BaseException) -> str:
+    """One line naming the file."""
+    msg = " ".join(str(e).split()) if str(e).strip() else type(e).__name__
+    if not isinstance(e, NpdgruError):
+        msg = f"{type(e).__name__}: {msg}"
+    return msg if src in msg else f"{src}: {msg}"
+
+
+@contextmanager
+def _quiet_numerics():
+    """Overflow in a file's numbers (e.g. samples near float32's limit) is reported as that
+    file's error by the checks downstream, not as a RuntimeWarning on the console."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with np.errstate(all="ignore"):
+            yield
+
+
+def _write(item: Item, y, sr: int, after_write=None, *, source_subtype=None, subtype=None) -> list[str]:
+    """Write one output atomically in the subtype ``output_subtype`` chooses; its warnings."""
+    from .enhance import output_subtype, write_audio
+
+    chosen, warns = output_subtype(item.dst, y, source_subtype=source_subtype, subtype=subtype)
+    write_audio(item.dst, y, sr, subtype=chosen)
+    if after_write is not None:
+        after_write(item)
+    return [w if item.dst in w else f"{item.dst}: {w}" for w in warns]
+
+
+def _already_written(item: Item) -> bool:
+    """An earlier attempt of this task in this run wrote the output (it changed since planning)."""
+    now = _stat_key(item.dst)
+    return now is not None and now != item.before
+
+
+def _is_regular(path) -> bool:
+    """A regular file; a FIFO or pipe (``<(cat x.wav)``) can be read once only."""
+    import stat
+
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _process_one(enh, item: Item, after_write=None, subtype=None) -> Result:
+    from .enhance import read_audio
+
+    r = Result(item.src, item.dst, "failed")
+    try:
+        with _quiet_numerics():
+            x, sr, info = read_audio(item.src, info=True)  # opened once
+            r.sha256 = _sha256(item.src) if _is_regular(item.src) else None
+            r.seconds, r.channels, r.rate = x.shape[0] / sr, x.shape[1], sr
+            if _already_written(item):
+                r.status, r.rewritten = "done", False
+                return r
+            t0 = time.perf_counter()
+            y = enh.enhance(x, sr)
+            r.compute = time.perf_counter() - t0
+            r.warnings = _write(item, y, sr, after_write, source_subtype=info["subtype"], subtype=subtype)
+        r.status = "done"
+    except (Exception, MemoryError) as e:  # noqa: BLE001 - every per-file failure is that file's line
+        r.error = _named(item.src, e)
+    return r
+
+
+def _process_batch(enh, items: list[Item], after_write=None, subtype=None) -> list[Result]:
+    """cuda: the readable files of a task as one GPU batch (``Enhancer.enhance_batch``, which
+    equals ``enhance`` per file bit for bit); a batch that fails falls back to file by file."""
+    from .enhance import read_audio
+
+    results = [Result(it.src, it.dst, "failed") for it in items]
+    subtypes = {}
+    ready = []  # (index, x, sr)
+    for k, (it, r) in enumerate(zip(items, results)):
+        try:
+            with _quiet_numerics():
+                x, sr, info = read_audio(it.src, info=True)  # opened once
+                r.sha256 = _sha256(it.src) if _is_regular(it.src) else None
+            r.seconds, r.channels, r.rate = x.shape[0] / sr, x.shape[1], sr
+            subtypes[k] = info["subtype"]
+            if _already_written(it):
+                r.status, r.rewritten = "done", False
+                continue
+            ready.append((k, x, sr))
+        except (Exception, MemoryError) as e:  # noqa: BLE001
+            r.error = _named(it.src, e)
+    if not ready:
+        return results
+    try:
+        t0 = time.perf_counter()
+        with _quiet_numerics():
+            ys = enh.enhance_batch([x for _, x, _ in ready], [sr for _, _, sr in ready])
+        dt = (time.perf_counter() - t0) / len(ready)
+    except (Exception, MemoryError):  # noqa: BLE001 - one bad file must not fail the others
+        for k, _, _ in ready:
+            results[k] = _process_one(enh, items[k], after_write, subtype)
+        return results
+    for (k, _, sr), y in zip(ready, ys):
+        r = results[k]
+        r.compute = dt
+        try:
+            r.warnings = _write(items[k], y, sr, after_write, source_subtype=subtypes[k], subtype=subtype)
+            r.status = "done"
+        except (Exception, MemoryError) as e:  # noqa: BLE001
+            r.error = _named(items[k].src, e)
+    return results
+
+
+def run_task(items: list[Item], config: Config, after_write=None) -> list[Result]:
+    """One task: every file of ``items`` with this process's Enhancer; never raises for a file."""
+    enh = _enhancer(config)
+    if config.backend == "cuda" and len(items) > 1:
+        return _process_batch(enh, items, after_write, config.subtype)
+    return [_process_one(enh, it, after_write, config.subtype) for it in items]
+
+
+# --------------------------------------------------------------------------------------------
+# execution
+# --------------------------------------------------------------------------------------------
+
+
+def _need_dask():
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise ParameterError('--jobs/--scheduler need dask.distributed (the distributed extra): pip install -e ".[distributed]"') from None
+
+
+@contextmanager
+def cluster(*, jobs: int | None = None, scheduler: str | None = None, allowed_failures: int = ALLOWED_FAILURES):
+    """A dask Client: on the running cluster at ``scheduler``, or on a LocalCluster of ``jobs``
+    single-threaded worker processes (each under a nanny that replaces it if it dies)."""
+    _need_dask()
+    import logging
+
+    quiet = logging.getLogger("distributed")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # no INFO lines of the cluster's start and close on the console
+    try:
+        with _cluster(jobs, scheduler, allowed_failures) as client:
+            yield client
+    finally:
+        quiet.setLevel(level)
+
+
+@contextmanager
+def _cluster(jobs, scheduler, allowed_failures):
+    import logging
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    with dask.config.set(CLUSTER_CONFIG | {"distributed.scheduler.allowed-failures": allowed_failures}):
+        if scheduler:
+            try:
+                client = Client(scheduler, timeout="20s")
+            except (OSError, TimeoutError, ValueError) as e:
+                raise ParameterError(f"--scheduler {scheduler}: cannot connect ({' '.join(str(e).split()) or type(e).__name__})") from None
+            with client:
+                yield client
+            return
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise ParameterError(f"jobs={jobs!r} must be an integer >= 1")
+        with LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR) as lc, Client(lc) as client:
+            yield client
+
+
+def _task_key(k: int, items: list[Item], stamp: str) -> str:
+    h = hashlib.sha1("\0".join(it.src for it in items).encode()).hexdigest()[:12]
+    return f"npdgru-enhance-{stamp}-{k}-{h}"
+
+
+def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, scheduler: str | None = None, task_seconds: float = TASK_SECONDS,
+                 after_write=None, allowed_failures: int = ALLOWED_FAILURES):
+    """Yield the results of each task as it finishes: in order in this process (neither jobs nor
+    scheduler), in completion order on a cluster. A task whose worker died more than
+    ``allowed_failures`` times yields its files as failed.
+
+    Tasks hold ``task_seconds`` of audio, less for a small corpus: at least about 8 tasks per
+    worker thread, so that every worker has work until the end."""
+    if not jobs and not scheduler:  # file by file (cuda: task by task, one batch each), journaled as they finish
+        for items in make_tasks(items, task_seconds=task_seconds):
+            if config.backend == "cuda":
+                yield run_task(items, config, after_write)
+            else:
+                for it in items:
+                    yield run_task([it], config, after_write)
+        return
+    with cluster(jobs=jobs, scheduler=scheduler, allowed_failures=allowed_failures) as client:
+        from distributed import as_completed
+
+        threads = max(1, sum(client.nthreads().values()))
+        total = sum(it.seconds for it in items)
+        tasks = make_tasks(items, task_seconds=min(task_seconds, total / (8 * threads)))
+        stamp = f"{os.getpid()}-{time.time_ns()}"
+        futures = {}
+        for k, items in enumerate(tasks):
+            # Absolute paths: a worker on another node runs in its own folder (shared storage).
+            items = [replace(it, src=_key(it.src), dst=_key(it.dst)) for it in items]
+            f = client.submit(run_task, items, config, after_write, key=_task_key(k, items, stamp), pure=False)
+            futures[f] = items
+        for f in as_completed(futures):
+            items = futures.pop(f)
+            try:
+                yield f.result()
+            except Exception as e:  # noqa: BLE001 - KilledWorker, lost connection: these files failed
+                why = "worker died" if type(e).__name__ == "KilledWorker" else f"{type(e).__name__}: {' '.join(str(e).split())}"
+                yield [Result(it.src, it.dst, "failed", error=f"{it.src}: {why} (tried {allowed_failures + 1} times)") for it in items]
+            f.release()
+
+
+def run_items(items: list[Item], config: Config, *, journal: Journal | None = None, jobs: int | None = None, scheduler: str | None = None,
+              task_seconds: float = TASK_SECONDS, on_result=None, after_write=None, allowed_failures: int = ALLOWED_FAILURES) -> list[Result]:
+    """Enhance ``items``; journal every file; call ``on_result(result)`` as each file finishes.
+
+    Returns the results in the order of ``items``.
+    """
+    if journal is not None:
+        journal.open()
+        journal.write({"output": _key(it.dst), "input": _key(it.src), "status": "planned"} for it in items)
+    done: dict[str, Result] = {}
+    try:
+        for results in iter_results(items, config, jobs=jobs, scheduler=scheduler, task_seconds=task_seconds, after_write=after_write, allowed_failures=allowed_failures):
+            if journal is not None:
+                journal.write(_record(r, config) for r in results)
+            for r in results:
+                done[_key(r.dst)] = r
+                if on_result is not None:
+                    on_result(r)
+    finally:
+        if journal is not None:
+            journal.close()
+    return [done[_key(it.dst)] for it in items]
+
+
+def _record(r: Result, config: Config) -> dict:
+    rec = {"output": _key(r.dst), "input": _key(r.src), "status": r.status, "sha256": r.sha256, "model": config.model,
+           "P": config.update_percent, "mask_floor_db": config.mask_floor_db, "seconds": round(r.seconds, 6)}
+    if r.status == "done":
+        rec["output_size"] = os.path.getsize(r.dst) if os.path.exists(r.dst) else None
+        try:
+            st = os.stat(r.src)
+            rec["input_size"], rec["input_mtime_ns"] = st.st_size, st.st_mtime_ns
+        except OSError:
+            pass
+    else:
+        rec["error"] = r.error
+    return rec
+
+
+def model_id(weights_path) -> str:
+    """``name@sha256[:16]`` of a weight file: the model as the journal records it."""
+    return f"{Path(weights_path).name}@{_sha256(weights_path)[:16]}"
+
+
+# --------------------------------------------------------------------------------------------
+# generic map for npdgru eval
+# --------------------------------------------------------------------------------------------
+
+
+def map_ordered(fn, args: list, *, jobs: int | None = None, scheduler: str | None = None, on_done=None) -> list:
+    """``[fn(a) for a in args]`` on a cluster (one task per argument), in the order of ``args``;
+    ``on_done()`` after each. Worker failures propagate (an evaluation is all or nothing)."""
+    out = [None] * len(args)
+    with cluster(jobs=jobs, scheduler=scheduler) as client:
+        from distributed import as_completed
+
+        stamp = f"{os.getpid()}-{time.time_ns()}"
+        futures = {client.submit(fn, a, key=f"npdgru-{getattr(fn, '__name__', 'task')}-{stamp}-{k}", pure=False): k for k, a in enumerate(args)}
+        for f in as_completed(futures):
+            out[futures[f]] = f.result()
+            f.release()
+            if on_done is not None:
+                on_done()
+    return out

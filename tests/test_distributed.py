@@ -1,0 +1,372 @@
+"""Many files: the work list, the journal, the in-process loop and a Dask cluster (npdgru.distributed).
+
+The cluster tests run a LocalCluster of 2 single-threaded worker processes. The killed-worker
+test is deterministic: a hook in the worker kills its own process (SIGKILL) right after the
+first output of one chosen file is on disk and before the task can report; the task is then
+retried on a replacement worker. Every run is compared byte for byte with the serial loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from npdgru import distributed as dist
+from npdgru.cli import main
+from npdgru.errors import ParameterError
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "weights" / "nsnet2.safetensors"
+SR = 16000
+
+pytestmark = pytest.mark.skipif(not SHIPPED.is_file(), reason="weights/nsnet2.safetensors missing")
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    x, sr = sf.read(str(REPO / "examples" / "noisy_dishes_5db.flac"), dtype="float32")
+    assert sr == SR
+    return np.ascontiguousarray(x[: SR // 2])
+
+
+def make_corpus(root: Path, speech, n=6) -> list[Path]:
+    """n short files (different lengths and contents) in a small tree."""
+    files = []
+    for k in range(n):
+        p = root / ("a" if k % 2 else "b") / f"f{k}.wav"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(p, np.roll(speech, 997 * k)[: 2000 + 500 * k], SR, subtype="PCM_16")
+        files.append(p)
+    return files
+
+
+def run(capsys, *argv):
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def tree(root: Path) -> dict:
+    """{relative path: bytes} of every file under root (the journal apart)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != dist.JOURNAL_NAME}
+
+
+def journal(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / dist.JOURNAL_NAME).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def serial_out(tmp_path_factory, speech):
+    """The serial loop's outputs of the corpus: the bytes every other run must reproduce."""
+    root = tmp_path_factory.mktemp("serial")
+    make_corpus(root / "in", speech)
+    assert main(["enhance", str(root / "in"), "-o", str(root / "out"), "--weights", str(SHIPPED), "-q"]) == 0
+    return root / "in", tree(root / "out")
+
+
+def config():
+    return dist.Config(weights=str(SHIPPED), update_percent=100.0, model=dist.model_id(SHIPPED))
+
+
+# ------------------------------------------------------------------------------- work list
+
+
+def test_manifests_csv_and_jsonl(tmp_path, speech):
+    files = make_corpus(tmp_path / "in", speech, n=3)
+    (tmp_path / "m.csv").write_text("audio_filepath,duration\n" + "".join(f"in/{f.parent.name}/{f.name},1\n" for f in files))
+    lines = [json.dumps({"input": str(files[0])}), json.dumps({"audio_filepath": f"in/a/{files[1].name}", "output": "x/one.wav"})]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    pairs, single = dist.collect_inputs([tmp_path / "m.csv"], tmp_path / "out")
+    assert not single
+    assert pairs == [(tmp_path / "in" / f.parent.name / f.name, tmp_path / "out" / "in" / f.parent.name / f.name) for f in files]
+    pairs, _ = dist.collect_inputs([tmp_path / "m.jsonl"], tmp_path / "out")
+    assert pairs[0][1] == tmp_path / "out" / "in" / "b" / "f0.wav"  # mirrors the tree under the manifest's folder
+    assert pairs[1] == (tmp_path / "in" / "a" / files[1].name, tmp_path / "out" / "x" / "one.wav")
+
+
+@pytest.mark.parametrize("text, needle", [("name\nx.wav\n", "no input path"), ('{"input": "a.wav"}\nnot json\n', "line 2: not JSON"), ("", "lists no files")])
+def test_bad_manifest_is_named(tmp_path, text, needle):
+    m = tmp_path / ("m.csv" if text.startswith("name") or not text else "m.jsonl")
+    m.write_text(text)
+    with pytest.raises(ParameterError, match=needle) as e:
+        dist.collect_inputs([m], tmp_path / "out")
+    assert str(m) in str(e.value)
+
+
+def test_collision_names_both_inputs(capsys, tmp_path, speech):
+    files = make_corpus(tmp_path / "in", speech, n=2)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"input": str(f), "output": "same.wav"}) + "\n" for f in files))
+    status, _, err = run(capsys, "enhance", tmp_path / "m.jsonl", "-o", tmp_path / "out", "--weights", SHIPPED)
+    assert status == 2 and "Traceback" not in err
+    assert "two inputs would write the same output" in err and str(files[0]) in err and str(files[1]) in err
+    assert not (tmp_path / "out").exists()  # refused up front: nothing written, no journal
+
+
+def test_tasks_group_a_few_seconds_of_audio():
+    items = [dist.Item(f"{k}.wav", f"o{k}.wav", 4.0) for k in range(10)]
+    tasks = dist.make_tasks(items, task_seconds=10.0)
+    assert [len(t) for t in tasks] == [3, 3, 3, 1]
+    assert [it for t in tasks for it in t] == items
+    assert [len(t) for t in dist.make_tasks(items, task_seconds=1e9, max_files=4)] == [4, 4, 2]
+
+
+# --------------------------------------------------------------------- the in-process loop
+
+
+def test_rows_3_and_8_bad_files_among_good_ones(capsys, tmp_path, speech, monkeypatch):
+    """7 files, 3 bad (corrupt, samples that overflow float32, a disk full on writing): every
+    error line names its file, no RuntimeWarning, the run goes on, a final count, exit 2."""
+    src = tmp_path / "in"
+    good = make_corpus(src, speech, n=4)
+    (src / "corrupt.wav").write_bytes(b"RIFF garbage")
+    sf.write(src / "huge.wav", np.full(4000, 3e38, np.float32), SR, subtype="FLOAT")
+    sf.write(src / "full.wav", speech[:3333], SR)
+    real_write = sf.write
+
+    def write(file, data, *a, **k):  # the disk fills up while full.wav's output is written
+        real_write(file, data, *a, **k)
+        if len(data) == 3333:
+            raise sf.LibsndfileError(0, prefix="Error writing file: No space left on device ")
+
+    monkeypatch.setattr(sf, "write", write)
+    out = tmp_path / "out"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status, stdout, err = run(capsys, "enhance", src, "-o", out, "--weights", SHIPPED)
+    assert status == 2
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+    assert "Traceback" not in err and "RuntimeWarning" not in err
+    errors = [line for line in err.splitlines() if line.startswith("npdgru: error:")]
+    assert len(errors) == 3, err
+    for name in ("corrupt.wav", "huge.wav", "full.wav"):
+        assert sum(str(src / name) in line or str(out / name) in line for line in errors) == 1, (name, errors)
+    assert any("No space left on device" in line for line in errors)
+    assert "7 files: 4 done, 0 skipped (done before), 3 failed" in stdout
+    assert sorted(p.name for p in out.rglob("*.wav")) == sorted(f.name for f in good)
+    assert not list(out.rglob(".npdgru-*.part"))  # the temporary file of full.wav is gone
+    status_by_file = {Path(r["output"]).name: r["status"] for r in journal(out) if r["status"] != "planned"}
+    assert status_by_file == {**{f.name: "done" for f in good}, "corrupt.wav": "failed", "huge.wav": "failed", "full.wav": "failed"}
+
+
+def test_row_7_temporary_files_are_never_inputs(capsys, tmp_path, speech, serial_out):
+    """A temporary output left by a killed run (old or new naming) is not taken as an input."""
+    src = tmp_path / "in"
+    make_corpus(src, speech)
+    (src / "a" / ".npdgru-k3j2x.wav").write_bytes(b"RIFF half-written")
+    (src / "a" / ".npdgru-k3j2y.wav.part").write_bytes(b"RIFF half-written")
+    status, _, err = run(capsys, "enhance", src, "-o", tmp_path / "out", "--weights", SHIPPED, "-q")
+    assert status == 0, err
+    assert tree(tmp_path / "out") == serial_out[1]
+
+
+def test_row_7_sigterm_while_writing_then_resume(capsys, tmp_path, speech, serial_out, monkeypatch):
+    """SIGTERM while the third output is written: its temporary file is removed, the run stops
+    with one line; the run started again does only what is missing, and the outputs are the
+    serial run's, byte for byte."""
+    src = tmp_path / "in"
+    make_corpus(src, speech)
+    out = tmp_path / "out"
+    real_write = sf.write
+    calls = []
+
+    def write(path, *a, **k):
+        real_write(path, *a, **k)  # the temporary file is on disk, not yet renamed
+        calls.append(path)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(sf, "write", write)
+    status, _, err = run(capsys, "enhance", src, "-o", out, "--weights", SHIPPED, "-q")
+    assert status == 2 and "interrupted" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is restored
+    assert not Path(calls[2]).exists() and not list(out.rglob(".npdgru-*.part"))
+    assert len(list(out.rglob("*.wav"))) == 2
+    first = {p: p.stat().st_ino for p in out.rglob("*.wav")}
+    monkeypatch.setattr(sf, "write", real_write)
+
+    status, stdout, err = run(capsys, "enhance", src, "-o", out, "--weights", SHIPPED)  # no --overwrite needed
+    assert status == 0, err
+    assert "6 files: 4 done, 2 skipped (done before), 0 failed" in stdout
+    assert {p: p.stat().st_ino for p in first} == first  # the two done before were not rewritten
+    assert tree(out) == serial_out[1]
+
+
+def test_resume_redoes_changed_inputs_and_refuses_foreign_outputs(capsys, tmp_path, speech):
+    src = tmp_path / "in"
+    files = make_corpus(src, speech, n=3)
+    out = tmp_path / "out"
+    assert run(capsys, "enhance", src, "-o", out, "--weights", SHIPPED, "-q")[0] == 0
+    sf.write(files[1], speech[:1234], SR, subtype="PCM_16")  # a changed input is redone
+    status, stdout, err = run(capsys, "enhance", src, "-o", out, "--weights", SHIPPED)
+    assert status == 0, err
+    assert "3 files: 1 done, 2 skipped" in stdout and sf.info(out / files[1].relative_to(src)).frames == 1234
+    status, stdout, _ = run(capsys, "enhance", src, "-o", out, "--weights", SHIPPED, "-P", "50")  # another P: all redone
+    assert status == 0 and "3 files: 3 done, 0 skipped" in stdout
+    (out / dist.JOURNAL_NAME).unlink()  # outputs not known to be npdgru's are not replaced silently
+    status, _, err = run(capsys, "enhance", src, "-o", out, "--weights", SHIPPED)
+    assert status == 2 and "output exists; pass --overwrite" in err
+
+
+def test_batched_tasks_equal_file_by_file(tmp_path, serial_out):
+    """The cuda path of a task (its files as one ``enhance_batch``), run here on the cpu backend:
+    the same bytes as file by file; a bad file in the batch is that file's error only."""
+    src, expected = serial_out
+    (tmp_path / "bad.wav").write_bytes(b"RIFF garbage")
+    out = tmp_path / "out"
+    items, _, _ = dist.plan_work([src], out, config=config())
+    bad = dist.Item(str(tmp_path / "bad.wav"), str(out / "bad.wav"), 0.0)
+    results = dist._process_batch(dist._enhancer(config()), items[:3] + [bad] + items[3:])
+    assert [r.status for r in results] == ["done"] * 3 + ["failed"] + ["done"] * 3
+    assert str(tmp_path / "bad.wav") in results[3].error
+    assert tree(out) == expected
+
+
+# ------------------------------------------------------------------------------ on a cluster
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    """2 single-threaded worker processes under nannies; tasks retried after a worker dies."""
+    pytest.importorskip("distributed")
+    import logging
+
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": dist.ALLOWED_FAILURES}):
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL) as lc:
+            yield lc
+
+
+def test_scheduler_folder_equals_serial(capsys, tmp_path, local_cluster, serial_out):
+    src, expected = serial_out
+    status, stdout, err = run(capsys, "enhance", src, "-o", tmp_path / "out", "--weights", SHIPPED, "--scheduler", local_cluster.scheduler_address)
+    assert status == 0, err
+    assert tree(tmp_path / "out") == expected
+    assert "6 files: 6 done, 0 skipped (done before), 0 failed" in stdout
+
+
+def test_jobs_2_manifest_with_bad_files(capsys, tmp_path, speech, serial_out):
+    """--jobs 2 starts its own LocalCluster: a manifest of the corpus plus two bad files."""
+    pytest.importorskip("distributed")
+    src, expected = serial_out
+    (tmp_path / "bad.wav").write_bytes(b"RIFF garbage")
+    rows = [{"input": str(p)} for p in sorted(src.rglob("*.wav"))] + [{"input": str(tmp_path / "bad.wav")}, {"input": str(tmp_path / "missing.wav")}]
+    manifest = src / "all.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        status, stdout, err = run(capsys, "enhance", manifest, "-o", tmp_path / "out", "--weights", SHIPPED, "--jobs", "2")
+    finally:
+        manifest.unlink()
+    assert status == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("npdgru: error:")]
+    assert len(errors) == 2 and str(tmp_path / "bad.wav") in err and str(tmp_path / "missing.wav") in err, err
+    assert "8 files: 6 done, 0 skipped (done before), 2 failed" in stdout
+    got = tree(tmp_path / "out")
+    bad_dst = [k for k in got if k.endswith("bad.wav") or k.endswith("missing.wav")]
+    assert not bad_dst
+    assert got == expected
+
+
+def test_killed_worker_loses_nothing_and_writes_nothing_twice(tmp_path, local_cluster, serial_out):
+    src, expected = serial_out
+    marker = tmp_path / "killed.json"
+
+    def after_write(item, marker=str(marker)):
+        """In the worker: die (SIGKILL) right after f3's output is on disk, once."""
+        import json as _json
+        import os as _os
+        import signal as _signal
+
+        if item.src.endswith("f3.wav") and not _os.path.exists(marker):
+            st = _os.stat(item.dst)
+            with open(marker, "w") as f:
+                _json.dump({"ino": st.st_ino, "mtime_ns": st.st_mtime_ns, "pid": _os.getpid()}, f)
+            _os.kill(_os.getpid(), _signal.SIGKILL)
+
+    out = tmp_path / "out"
+    items, skipped, jr = dist.plan_work([src], out, config=config())
+    assert not skipped and len(items) == 6
+    results = dist.run_items(items, config(), journal=jr, scheduler=local_cluster.scheduler_address, task_seconds=0.3, after_write=after_write)
+    killed = json.loads(marker.read_text())  # the worker did die after writing f3's output
+    assert [r.status for r in results] == ["done"] * 6, [r.error for r in results]
+    assert tree(out) == expected  # none missing, none corrupt: the serial run's bytes
+    f3 = next(out.rglob("f3.wav")).stat()
+    assert (f3.st_ino, f3.st_mtime_ns) == (killed["ino"], killed["mtime_ns"])  # not written a second time
+    assert [r.rewritten for r in results if r.src.endswith("f3.wav")] == [False]
+    done = [r["output"] for r in journal(out) if r["status"] == "done"]
+    assert sorted(done) == sorted(os.path.abspath(it.dst) for it in items)  # each once
+    assert not list(out.rglob(".npdgru-*.part"))
+
+
+def test_worker_that_keeps_dying_is_recorded_as_failed(tmp_path, local_cluster, speech):
+    files = make_corpus(tmp_path / "in", speech, n=2)
+
+    def after_write(item):
+        import os as _os
+        import signal as _signal
+
+        if item.src.endswith("f1.wav"):
+            _os.unlink(item.dst)  # so that every attempt writes again, and dies again
+            _os.kill(_os.getpid(), _signal.SIGKILL)
+
+    out = tmp_path / "out"
+    items, _, jr = dist.plan_work([tmp_path / "in"], out, config=config())
+    results = dist.run_items(items, config(), journal=jr, scheduler=local_cluster.scheduler_address, task_seconds=0.01, after_write=after_write)
+    by = {Path(r.src).name: r for r in results}
+    assert by["f0.wav"].status == "done"
+    assert by["f1.wav"].status == "failed" and "worker died" in by["f1.wav"].error and str(files[1]) in by["f1.wav"].error
+
+
+def test_eval_on_the_cluster_gives_the_same_rows(tmp_path, local_cluster, monkeypatch):
+    """The per-pair rows of ``npdgru eval`` on the cluster (what ``--jobs``/``--scheduler`` run)
+    are the in-process rows, in the order of the pairs (generated pairs; the CLI end to end on
+    the test set: tests/test_eval.py::test_jobs_and_missing_onnx)."""
+    from functools import partial
+
+    from npdgru.evaluate import missing_dependencies
+
+    if missing_dependencies():
+        pytest.skip(f"eval extra missing: {missing_dependencies()}")
+    from npdgru.evaluate import runner
+
+    clean, _ = sf.read(str(REPO / "examples" / "clean_dishes_5db.flac"), dtype="float32")
+    noisy, _ = sf.read(str(REPO / "examples" / "noisy_dishes_5db.flac"), dtype="float32")
+    data = tmp_path / "data"
+    for sub, x in (("clean", clean), ("noisy", noisy)):
+        (data / sub).mkdir(parents=True)
+        for k in range(2):
+            sf.write(data / sub / f"p{k}.wav", np.roll(x, 3001 * k)[: 2 * SR], SR, subtype="FLOAT")
+    pairs = runner.find_pairs(data)
+    systems = runner._build_systems([SHIPPED], [50.0], None)
+    here = [runner._evaluate_pair_on_worker(systems, p) for p in pairs]
+    runner._WORKER.clear()
+    there = dist.map_ordered(partial(runner._evaluate_pair_on_worker, systems), pairs, scheduler=local_cluster.scheduler_address)
+    assert [r["file"] for rows in there for r in rows] == ["p0.wav"] * 3 + ["p1.wav"] * 3
+    from npdgru.evaluate.report import write_csv
+
+    write_csv(tmp_path / "here.csv", [r for rows in here for r in rows])
+    write_csv(tmp_path / "there.csv", [r for rows in there for r in rows])
+    assert (tmp_path / "there.csv").read_bytes() == (tmp_path / "here.csv").read_bytes()  # per_file.csv: the same bytes
+    # The float64 values themselves: pystoi's ESTOI varies in its last bits with the memory
+    # alignment of its numpy temporaries (even within one process), so 1e-13, not bit for bit.
+    for a, b in zip((r for rows in here for r in rows), (r for rows in there for r in rows)):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], float) and a[k] != b[k]:
+                assert k == "estoi" and abs(a[k] - b[k]) <= 1e-13 * abs(a[k]), (a["file"], a["row"], k, a[k], b[k])
+            else:
+                assert a[k] == b[k], (a["file"], a["row"], k, a[k], b[k])
+
+
+def test_jobs_and_scheduler_exclude_each_other(capsys, tmp_path, speech):
+    make_corpus(tmp_path / "in", speech, n=1)
+    status, _, err = run(capsys, "enhance", tmp_path / "in", "-o", tmp_path / "out", "--jobs", "2", "--scheduler", "tcp://127.0.0.1:1")
+    assert status == 2 and "exclude each other" in err
