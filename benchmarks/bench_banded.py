@@ -15,9 +15,11 @@ row once, in turn; medians reported), so that ratios hold on a busy machine:
    float bits: a candidate kept in this script, checked against NumPy before it is timed), and the
    gate arithmetic of a row (u of 64 neurons, r and n of 64).
 2. The layer (``GRULayer`` with the weights of ``inter1`` in ``weights/dprnn-anyp.safetensors``)
-   over --frames steps of 41 rows at P = 100 / 75 / 50 / 25: us per frame and x own P = 100; and
-   the same steps with the selection replaced by a fixed set of A neurons (not a D-GRU: what the
-   step costs without selecting, measured in place, input product included).
+   over --frames steps of 41 rows at P = 100 / 75 / 50 / 25: us per frame and x own P = 100; the
+   same layer with the one-pass selection in place of ``_top_a`` row by row (its output checked
+   equal to the layer's, bit for bit, before timing); and the same steps with the selection
+   replaced by a fixed set of A neurons (not a D-GRU: what the step costs without selecting,
+   measured in place). Every column includes the input product.
 
 A step at P < 100 pays the accumulate of A columns plus the selection where P = 100 pays the dense
 product; the last column of table 1 says what the selection may cost at most for P < 100 to win.
@@ -176,6 +178,59 @@ def _dgru_fixed_set(gi, whh_t, b_hh, A, h, m, ubuf, qbuf, idx, dh):
             cpu._accumulate(mb, whh_t, idx, dh, A)
 
 
+@njit(**JIT)
+def _dgru_one_pass(gi, whh_t, b_hh, A, refresh_every, h, m, out, urows, keys, cnt, cand, thr, qbuf, idx, dh):
+    """cpu._dgru_forward (B rows, dense input) with the selection of all rows in one pass: u of
+    every row, their keys, _kth_largest_lanes, then per row the index pass of cpu._top_a and the
+    same update and accumulate as cpu._dgru_cell. Selects exactly what _top_a selects, so the
+    output equals the layer's bit for bit (checked before timing)."""
+    T, B, H3 = gi.shape
+    n = H3 // 3
+    for t in range(T):
+        g = gi[t]
+        refresh = t % refresh_every == 0
+        for b in range(B):
+            if refresh:
+                cpu._dense_columns(m[b], whh_t, b_hh, h[b])
+            mb = m[b]
+            gb = g[b]
+            ub = urows[b]
+            for i in range(n):
+                ub[i] = np.float32(1.0) - cpu._sigmoid(gb[n + i] + mb[n + i])
+        _keys_of(urows, keys)
+        _kth_largest_lanes(keys, A, cnt, cand, thr)
+        for b in range(B):
+            k = thr[b]
+            thr[b] = k ^ (np.int32(0x7FFFFFFF) & (k >> np.int32(31)))  # the key map is its own inverse
+        tau = thr.view(np.float32)
+        for b in range(B):
+            ub = urows[b]
+            hb = h[b]
+            mb = m[b]
+            gb = g[b]
+            n_gt = 0
+            for i in range(n):
+                n_gt += ub[i] > tau[b]
+            n_eq = A - n_gt
+            c = 0
+            for i in range(n):  # the index pass of cpu._top_a
+                eq = (ub[i] == tau[b]) & (n_eq > 0)
+                idx[c] = i
+                c += (ub[i] > tau[b]) | eq
+                n_eq -= eq
+            for i in range(n):  # as cpu._dgru_cell for A·8 >= H
+                r = cpu._sigmoid(gb[i] + mb[i])
+                qbuf[i] = cpu._tanh(gb[2 * n + i] + r * mb[2 * n + i])
+            for k in range(A):
+                i = idx[k]
+                hi = hb[i]
+                hn = hi + ub[i] * (qbuf[i] - hi)
+                dh[k] = hn - hi
+                hb[i] = hn
+            cpu._accumulate(mb, whh_t, idx, dh, A)
+            out[t, b] = hb
+
+
 def interleaved(fns: dict, repeats: int) -> dict:
     """Median seconds of each function; every repeat runs all of them once, in turn."""
     for fn in fns.values():
@@ -263,9 +318,24 @@ def main(argv=None) -> int:
             return mm
 
         fns[("fixed set", P)] = lambda f=fixed: (cpu._affine_columns(x.reshape(N * ROWS, -1), layers[100].wih_t, layers[100].bias_ih, gi.reshape(N * ROWS, 3 * H)), f())
+    def one_pass(P):
+        A = ref.num_selected(P, H)
+        layer = layers[P]
+        cpu._affine_columns(x.reshape(N * ROWS, -1), layer.wih_t, layer.bias_ih, gi.reshape(N * ROWS, 3 * H))
+        out = np.empty((N, ROWS, H), np.float32)
+        z = np.zeros(H, np.float32)
+        _dgru_one_pass(gi, whh, bhh, A, layer.refresh_every, np.zeros((ROWS, H), np.float32), np.zeros((ROWS, 3 * H), np.float32), out,
+                       np.zeros((R, H), np.float32), keys, cnt, cand, thr, z, np.zeros(H, np.int64), z.copy())
+        return out
+
+    for P in PERCENTS[1:]:
+        if not np.array_equal(one_pass(P), layers[P]._run(x, layers[P].init_state(ROWS))):
+            print(f"MISMATCH: the layer with the one-pass selection differs from GRULayer at P={P}; nothing timed", file=sys.stderr)
+            return 1
+        fns[("one pass", P)] = lambda P=P: one_pass(P)
     med = interleaved(fns, args.repeats)
 
-    per_row = {k: 1e6 * v / (N * ROWS) for k, v in med.items() if k[0] not in ("layer", "fixed set")}
+    per_row = {k: 1e6 * v / (N * ROWS) for k, v in med.items() if k[0] not in ("layer", "fixed set", "one pass")}
     dense = per_row[("dense product, 64 columns, per row", None)]
     print(f"## One step of 41 band rows, H = 64 (DPRNN inter1 weights): us per row, median of {args.repeats} interleaved runs of {N} steps\n")
     print("| piece | A | us / row | selection must cost below (us / row) for P < 100 to win |")
@@ -276,13 +346,16 @@ def main(argv=None) -> int:
     print()
     base = med[("layer", 100)]
     print(f"## The layer: {N} steps of 41 band rows (GRULayer, inter1 of dprnn-anyp), median of {args.repeats} interleaved runs\n")
-    print("| P | A | us / frame (41 rows) | x own P=100 | without the selection (a fixed set of A): us / frame, x own P=100 |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| P | A | us / frame (41 rows) | x own P=100 | selecting all rows in one pass: us / frame, x own P=100 | without the selection (a fixed set of A): us / frame, x own P=100 |")
+    print("|---:|---:|---:|---:|---:|---:|")
+
+    def cell(key):
+        v = med.get(key)
+        return f"{1e6 * v / N:.1f}, {v / base:.2f}" if v is not None else ""
+
     for P in PERCENTS:
         v = med[("layer", P)]
-        f = med.get(("fixed set", P))
-        fixed = f"{1e6 * f / N:.1f}, {f / base:.2f}" if f is not None else ""
-        print(f"| {P} | {ref.num_selected(P, H)} | {1e6 * v / N:.1f} | {v / base:.2f} | {fixed} |")
+        print(f"| {P} | {ref.num_selected(P, H)} | {1e6 * v / N:.1f} | {v / base:.2f} | {cell(('one pass', P))} | {cell(('fixed set', P))} |")
     print()
     return 0
 

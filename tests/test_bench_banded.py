@@ -22,3 +22,4 @@ def test_bench_banded_smoke():
     assert "MISMATCH" not in r.stdout + r.stderr
     layer = [line.split("|")[1].strip() for line in rows[-4:]]
     assert layer == ["100", "75", "50", "25"], r.stdout
+    assert all(line.count(",") == 2 for line in rows[-3:]), r.stdout  # P < 100: one-pass and fixed-set columns
