@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 from numba import njit  # noqa: E402
 
 from npdgru import reference as ref  # noqa: E402
+from npdgru.evaluate.runner import cpu_model  # noqa: E402
 from npdgru.kernels import cpu  # noqa: E402
 from npdgru.kernels._config import JIT  # noqa: E402
 from npdgru.weights import load_weights  # noqa: E402
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import numba
 
-    print(f"Machine: {platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs), {platform.system()} {platform.release()}")
+    print(f"Machine: {cpu_model()} ({os.cpu_count()} logical CPUs), {platform.system()} {platform.release()}")
     print(f"Versions: Python {platform.python_version()}, NumPy {np.__version__}, Numba {numba.__version__}; one thread\n")
     rng = np.random.default_rng(0)
     t = load_weights(REPO / "weights" / "dprnn-anyp.safetensors").tensors
