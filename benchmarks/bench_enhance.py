@@ -52,7 +52,7 @@ from npdgru.weights import load_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NOISY_DIR = REPO.parent / "shared" / "data" / "testset" / "noisy"
-MODELS = ("nsnet2", "nsnet2-ft-anyp", "dprnn-anyp", "mpt-anyp")
+MODELS = ("nsnet2", "nsnet2-kd-anyp", "dprnn-anyp", "mpt-anyp")
 SR = 16000
 HOP = stft.HOP
 PARITY_ATOL = 1e-4

@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("inputs", nargs="+", help="audio files, folders (searched recursively) or manifests (.csv or .jsonl with an input path column 'input' or 'audio_filepath', optionally 'output')")
     e.add_argument("-o", "--output", required=True, help="output file (one input) or folder")
     e.add_argument("--update-percent", "-P", type=float, default=100.0, help="P in (0, 100]: percent of GRU neurons updated per frame (default 100)")
-    e.add_argument("--model", "-m", default=None, metavar="NAME", help="a shipped model by name (npdgru models lists them; default nsnet2-ft-anyp)")
+    e.add_argument("--model", "-m", default=None, metavar="NAME", help="a shipped model by name (npdgru models lists them; default nsnet2-kd-anyp)")
     e.add_argument("--weights", default=None, help="a weight file (instead of --model)")
     e.add_argument("--subtype", default=None, help="output sample format, e.g. PCM_16, PCM_24, FLOAT (default: the input's where the output format holds it)")
     e.add_argument("--backend", choices=("cpu", "reference", "cuda"), default="cpu")

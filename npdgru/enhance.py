@@ -235,7 +235,7 @@ class Enhancer:
     Parameters
     ----------
     weights : path to an npdgru weight file, a loaded :class:`Weights`, or None for the shipped
-        default (``weights/nsnet2-ft-anyp.safetensors``, NSNet2 fine-tuned for any P).
+        default (``weights/nsnet2-kd-anyp.safetensors``, NSNet2 distilled for any P).
     model : instead of ``weights``, the name of a shipped model (``"dprnn"``, ``"mpt"``,
         ``"nsnet2"``, ...; :func:`npdgru.shipped_models` lists them).
     update_percent : P in (0, 100]; each GRU layer updates ceil(P·H/100) neurons per frame.

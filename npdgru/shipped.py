@@ -1,7 +1,7 @@
 """The shipped models, by name: ``Enhancer(model="dprnn")``, ``npdgru enhance --model dprnn``.
 
 A shipped model's name is its file name in ``weights/`` without ``.safetensors``
-(``nsnet2-ft-anyp``, ``dprnn-anyp``, ...); the short aliases below name the usual choice of each
+(``nsnet2-kd-anyp``, ``dprnn-anyp``, ...); the short aliases below name the usual choice of each
 architecture. ``npdgru models`` prints :func:`shipped_models`.
 """
 
@@ -14,9 +14,7 @@ from .weights import DEFAULT_MODEL, default_weights_path
 
 # one line per shipped file (weights/README.md is the model card with the details)
 DESCRIPTIONS = {
-    "nsnet2-ft-anyp": "NSNet2 fine-tuned with the D-GRU select gate for any P (the default)",
-    "nsnet2-ft-p100": "NSNet2 fine-tuned at P = 100",
-    "nsnet2-ft-p50": "NSNet2 fine-tuned at P = 50",
+    "nsnet2-kd-anyp": "NSNet2 distilled from the original with the D-GRU select gate, for any P (the default)",
     "nsnet2": "NSNet2, the original DNS Challenge weights (trained dense)",
     "dprnn-anyp": "DPRNN (dual-path, 41 bands), trained from scratch for any P",
     "mpt-anyp": "MPT, our reconstruction (4 sub-band + 1 full-band D-GRU paths), trained for any P",

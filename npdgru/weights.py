@@ -210,11 +210,11 @@ def load_weights(path) -> Weights:
     return Weights(architecture=arch, tensors=tensors, metadata=meta, path=path)
 
 
-DEFAULT_MODEL = "nsnet2-ft-anyp.safetensors"  # NSNet2 fine-tuned with the select gate at any P
+DEFAULT_MODEL = "nsnet2-kd-anyp.safetensors"  # NSNet2 distilled with the select gate for any P
 
 
 def default_weights_path() -> Path:
-    """The shipped default model (``weights/nsnet2-ft-anyp.safetensors``, packaged as npdgru._shipped).
+    """The shipped default model (``weights/nsnet2-kd-anyp.safetensors``, packaged as npdgru._shipped).
 
     The any-P fine-tune: one file that keeps its quality at whatever P the user picks (the
     evaluation table in the README); ``weights/nsnet2.safetensors`` is the original NSNet2.

@@ -423,7 +423,7 @@ def test_shipped_models_by_name(capsys, tmp_path):
     from npdgru import model_path, shipped_models
 
     names = {m["name"] for m in shipped_models()}
-    assert {"nsnet2-ft-anyp", "dprnn-anyp", "mpt-anyp", "nsnet2"} <= names
+    assert {"nsnet2-kd-anyp", "dprnn-anyp", "mpt-anyp", "nsnet2"} <= names
     assert all(m["description"] for m in shipped_models())
     assert model_path("dprnn").name == "dprnn-anyp.safetensors"
     assert model_path("nsnet2").name == "nsnet2.safetensors"

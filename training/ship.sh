@@ -13,11 +13,11 @@ ship() {  # run name, trained P ("any" for the any-P run), output stem
     --source "NSNet2 fine-tuned by npdgru with the D-GRU select gate in place ($1: $steps steps of 16 x 4 s; recipe in weights/README.md; training/lanes.sh)" \
     --meta "training_run=$1" --meta "training_steps=$steps" "${@:4}"
 }
-ship p100 100 nsnet2-ft-p100
+# ship p100 100 nsnet2-ft-p100   # not shipped since the distilled model (recipe v2): git history keeps it
 # ship p75 75 nsnet2-ft-p75   # no longer shipped (size budget): git show deff58b:weights/nsnet2-ft-p75.safetensors
-ship p50 50 nsnet2-ft-p50
+# ship p50 50 nsnet2-ft-p50   # not shipped since the distilled model (recipe v2)
 # ship p25 25 nsnet2-ft-p25   # no longer shipped (size budget): git show deff58b:weights/nsnet2-ft-p25.safetensors
-ship anyp any nsnet2-ft-anyp --meta "trained_update_range=25-100"
+# ship anyp any nsnet2-ft-anyp --meta "trained_update_range=25-100"   # replaced by nsnet2-kd-anyp
 
 # DPRNN and MPT: trained from scratch with any-P on an H200 (recipe: weights/README.md)
 ship_scratch() {  # run name, architecture
@@ -32,3 +32,16 @@ ship_scratch() {  # run name, architecture
 SCRATCH_LICENSE="CC BY 4.0. Trained on speechocean762 (Junbo Zhang et al., OpenSLR SLR101, CC BY 4.0) and Speech Commands v0.02 background noise (Pete Warden, Google, CC BY 4.0)"
 ship_scratch dprnn-anyp dprnn
 ship_scratch mpt-anyp mpt
+
+# The distilled NSNet2 (the default since recipe v2): best.pt of the mix run (chosen by validation loss)
+ship_distill() {  # run name, output stem
+  local run=training/runs/$1
+  local steps
+  steps=$(python3 -c "import torch; print(torch.load('$run/best.pt', weights_only=True)['step'])")
+  npdgru convert "$run/best.pt" -o "weights/$2.safetensors" --overwrite --arch nsnet2 \
+    --trained-update-percent any --license "$DISTILL_LICENSE" \
+    --source "NSNet2 distilled from the original NSNet2 (teacher, dense) with the D-GRU select gate in place, P drawn per batch from U[25, 100] ($1: step $steps of 16 x 4 s, chosen by validation loss; recipe v2 and loss in weights/README.md; training/cpu_distill.sh)" \
+    --meta "training_run=$1" --meta "training_steps=$steps" --meta "trained_update_range=25-100" --meta "distill_weight=0.5" --meta "recipe=v2"
+}
+DISTILL_LICENSE="CC BY 4.0. Distilled from NSNet2 (c) Microsoft Corporation, CC BY 4.0 (https://github.com/microsoft/DNS-Challenge); trained on speechocean762 (Junbo Zhang et al., OpenSLR SLR101, CC BY 4.0), Speech Commands v0.02 background noise (Pete Warden, Google, CC BY 4.0) and the noise clips and RIRs listed with their licences (CC0, CC BY, public domain) and attribution in weights/ATTRIBUTION.md"
+ship_distill nsnet2-mix nsnet2-kd-anyp
