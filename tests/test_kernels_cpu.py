@@ -262,9 +262,10 @@ def test_ties_from_identical_rows_go_to_the_lower_index():
 
 
 @settings(deadline=None, max_examples=300)
-@given(u=st.lists(st.integers(-3, 3), min_size=1, max_size=40), data=st.data())
+@given(u=st.lists(st.integers(-3, 3), min_size=1, max_size=200), data=st.data())
 def test_top_a_kernel_matches_reference_with_many_ties(u, data):
-    """cpu._top_a (quickselect) == reference.top_a (stable sort) on values full of ties."""
+    """cpu._top_a == reference.top_a (stable sort) on values full of ties, on every path:
+    counting ranks (H < 64) and the histogram-narrowed quickselect (H >= 64)."""
     H = len(u)
     A = data.draw(st.integers(1, H))
     u32 = np.array(u, np.float32) * np.float32(0.25)
@@ -275,6 +276,20 @@ def test_top_a_kernel_matches_reference_with_many_ties(u, data):
     mask = np.zeros(H, bool)
     mask[idx[:A]] = True
     np.testing.assert_array_equal(mask, ref.top_a(u32.astype(np.float64), A), err_msg=f"u={u} A={A}")
+
+
+@pytest.mark.parametrize("H", [63, 64, 65, 128, 400])
+def test_top_a_paths_on_boundary_sizes(H):
+    """Both selection paths around their switch (H = 64) with ties and distinct values, A = 1..H."""
+    rng = np.random.default_rng(H)
+    for u32 in (rng.integers(-3, 4, H).astype(np.float32), rng.standard_normal(H).astype(np.float32)):
+        for A in sorted({1, 2, H // 4, H // 2, H - 1, H} - {0}):
+            buf = np.zeros(H, np.float32)
+            idx = np.full(H, -1, np.int64)
+            cpu._top_a(u32, A, buf, idx)
+            mask = np.zeros(H, bool)
+            mask[idx[:A]] = True
+            np.testing.assert_array_equal(mask, ref.top_a(u32.astype(np.float64), A), err_msg=f"H={H} A={A}")
 
 
 # ---------------------------------------------------------------------------- corner cases
