@@ -177,6 +177,36 @@ def test_jobs_and_missing_onnx(smoke, tmp_path, capsys, monkeypatch):
         assert r == first[r["file"], r["row"]], r
 
 
+def _merge_eval():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("merge_eval", REPO / "tools" / "merge_eval.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+@needs_testset
+def test_merge_eval_retime(smoke, tmp_path, capsys):
+    """tools/merge_eval.py keeps the quality of the runs it merges and, with --retime, times every
+    kept row again in one run; a model that no run holds is named."""
+    merge = _merge_eval()
+    assert merge([str(smoke), "--models", "nsnet2", "--out", str(tmp_path / "m"), "--retime", "--timing-frames", "100", "--timing-repeats", "1"]) == 0
+    before = json.loads((smoke / "summary.json").read_text())
+    after = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert [r["name"] for r in after["rows"]] == [r["name"] for r in before["rows"]]
+    for a, b in zip(after["rows"], before["rows"]):
+        assert a["mean"] == b["mean"], a["name"]
+        if a["engine"] in ("npdgru", "onnxruntime"):
+            assert math.isfinite(a["us_per_frame"]) and a["us_per_frame"] > 0, a
+            assert a["us_per_frame_median"] >= a["us_per_frame"]
+    assert after["meta"]["timing"].startswith("re-timed together") and "100 frames" in after["meta"]["timing"]
+    assert (tmp_path / "m" / "quality_vs_compute.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "| nsnet2 P=50 |" in (tmp_path / "m" / "summary.md").read_text()
+    assert merge([str(smoke), "--models", "no-such-model", "--out", str(tmp_path / "x")]) == 1
+    assert "no-such-model" in capsys.readouterr().err
+
+
 def test_without_manifest_the_snr_is_measured(tmp_path, capsys):
     """No manifest.csv: the SNR comes from the audio and groups to the nearest 5 dB."""
     data = tmp_path / "d"

@@ -7,8 +7,11 @@
 Reads each run's ``summary.json`` (same test set: the script checks the pair count and data
 folder agree), keeps the rows of the named models (plus noisy, clean and onnxruntime from the
 first run), and writes ``OUT/summary.md`` (the overall means) and ``OUT/quality_vs_compute.png``
-(``npdgru.evaluate.report.plot``). Timings come from the runs they were measured in: compare
-them within a run, not across runs.
+(``npdgru.evaluate.report.plot``) and ``OUT/summary.json``. Timings come from the runs they were
+measured in: compare them within a run, not across runs, or pass ``--retime``, which times every
+kept row again here, in one run (``npdgru.evaluate.runner.time_systems``: interleaved rounds,
+one thread, the best run), on the noisy files of the first run's data folder, and replaces the
+timings of every row with those.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", help="npdgru eval output folders")
     ap.add_argument("--models", nargs="+", required=True, help="model names (weight file stems) to keep")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--retime", action="store_true", help="time every kept row again, in one run on this machine (compare times within one run)")
+    ap.add_argument("--timing-frames", type=int, default=1000, help="with --retime: frames of real features timed per row")
+    ap.add_argument("--timing-repeats", type=int, default=7, help="with --retime: timed rounds, the best run of each row is kept")
     args = ap.parse_args(argv)
     summaries = [json.loads((Path(r) / "summary.json").read_text()) for r in args.runs]
     first = summaries[0]
@@ -50,12 +56,40 @@ def main(argv=None) -> int:
         return 1
     merged = dict(first, rows=rows)
     merged["meta"] = dict(first["meta"], command=" ".join(["python", "tools/merge_eval.py"] + list(argv if argv is not None else sys.argv[1:])))
+    if args.retime:
+        merged["meta"].update(_retime(rows, first["meta"]["data"], args.timing_frames, args.timing_repeats))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(markdown(merged) + "\n")
+    (out / "summary.json").write_text(json.dumps(merged, indent=1, allow_nan=False) + "\n")
     plot(out / "quality_vs_compute.png", merged)
-    print(f"wrote {out / 'summary.md'} and {out / 'quality_vs_compute.png'}")
+    print(f"wrote {out / 'summary.md'}, {out / 'summary.json'} and {out / 'quality_vs_compute.png'}")
     return 0
+
+
+def _retime(rows: list[dict], data: str, frames: int, repeats: int) -> dict:
+    """Time the npdgru and onnxruntime rows again, all in this one run; write the timings into
+    ``rows``; return the timing metadata."""
+    import os
+    import time
+
+    from npdgru.evaluate.runner import System, _timing_features, cpu_model, find_pairs, time_systems
+
+    systems = [System(r["name"], r["engine"], r["model"], r["percent"], r["path"]) for r in rows if r["engine"] in ("npdgru", "onnxruntime")]
+    for s in systems:
+        if not Path(s.path).is_file():
+            raise SystemExit(f"--retime: {s.path}: the file of row {s.name!r} is not here")
+    load = os.getloadavg()[0]
+    features = _timing_features(find_pairs(data), frames)
+    t0 = time.perf_counter()
+    time_systems(systems, features, repeats=repeats)
+    by_name = {s.name: s for s in systems}
+    for r in rows:
+        if r["name"] in by_name:
+            r["us_per_frame"] = by_name[r["name"]].us_per_frame
+            r["us_per_frame_median"] = by_name[r["name"]].us_per_frame_median
+    print(f"re-timed {len(systems)} rows in {time.perf_counter() - t0:.0f} s (1-minute load average {load:.2f})")
+    return {"timing": f"re-timed together by tools/merge_eval.py --retime: model only (features -> mask), {features.shape[0]} frames of real features in one call, one thread, best of {repeats} interleaved rounds after a warm-up", "load_average_at_timing": load, "machine": f"{cpu_model()} ({os.cpu_count()} logical CPUs)"}
 
 
 if __name__ == "__main__":
