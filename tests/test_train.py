@@ -359,3 +359,22 @@ def test_distillation_run_keeps_the_best_model_and_converts(tmp_path):
     assert cli(["convert", str(tmp_path / "run" / "best.pt"), "-o", str(out), "--arch", str(arch)]) == 0
     got = load_weights(out).tensors
     assert any(not np.array_equal(got[k], w.tensors[k]) for k in w.tensors) or best["step"] == 0
+
+
+def test_p_skew_draws_low_p_more_often(tmp_path):
+    """--p-skew K draws P = LO + (HI - LO) u^K: the share below the middle of the range is
+    0.5^(1/K) (0.5 uniform, 0.707 at K = 2), every draw stays in [LO, HI]; K <= 0 is refused."""
+    from npdgru.train.loop import _draw_percent, build_parser
+
+    for k, share in ((1.0, 0.5), (2.0, 0.5 ** 0.5)):
+        args = build_parser().parse_args(["--out", "x", "--any-p", "25", "100", "--p-skew", str(k)])
+        rng = np.random.default_rng(0)
+        draws = np.array([_draw_percent(args, rng) for _ in range(20000)])
+        assert draws.min() >= 25.0 and draws.max() <= 100.0
+        assert abs(np.mean(draws < 62.5) - share) < 0.015, (k, np.mean(draws < 62.5))
+    args = build_parser().parse_args(["--out", str(tmp_path / "run"), "--any-p", "25", "100", "--p-skew", "0"])
+    with pytest.raises(ValueError, match="--p-skew"):
+        from npdgru.train.loop import train
+
+        train(args)
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made

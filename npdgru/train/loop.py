@@ -167,7 +167,7 @@ class BatchSource:
 def _draw_percent(args, rng) -> float:
     if args.any_p:
         lo, hi = args.any_p
-        return float(rng.uniform(lo, hi))
+        return float(lo + (hi - lo) * rng.uniform(0.0, 1.0) ** getattr(args, "p_skew", 1.0))
     return args.update_percent
 
 
@@ -184,6 +184,9 @@ def build_parser(p=None):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--update-percent", type=float, default=100.0, help="P of the select gate during training")
     g.add_argument("--any-p", type=float, nargs=2, metavar=("LO", "HI"), help="draw P per batch uniformly from [LO, HI]")
+    p.add_argument("--p-skew", type=float, default=1.0,
+                   help="with --any-p: draw P = LO + (HI - LO) u^K, u uniform in [0, 1]; K > 1 draws low P more often (K = 2: "
+                        "58%% of batches below the middle of the range), K = 1 is uniform")
     p.add_argument("--continue", dest="continue_run", action="store_true",
                    help="with --init a shipped fine-tune and no last.pt in --out: continue its step count (metadata training_steps)")
     p.add_argument("--steps", type=int, default=1000, help="stop after this many optimiser steps in total")
@@ -204,6 +207,10 @@ def build_parser(p=None):
 
 
 def train(args) -> pathlib.Path:
+    if not 0.0 <= args.distill_weight <= 1.0:
+        raise ValueError(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
+    if not 0.0 < getattr(args, "p_skew", 1.0) < float("inf"):
+        raise ValueError(f"--p-skew must be a positive number, got {args.p_skew}")
     torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,8 +223,6 @@ def train(args) -> pathlib.Path:
         from ..weights import default_weights_path
 
         init = default_weights_path()
-    if not 0.0 <= args.distill_weight <= 1.0:
-        raise ValueError(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
     if init is not None:
         init_weights = load_weights(init)
         model = _model_from_weights(init_weights, args.arch)
