@@ -220,7 +220,7 @@ def cmd_eval(args) -> int:
 
     argv = getattr(args, "argv", None)
     command = "npdgru eval " + " ".join(argv) if argv is not None else None
-    summary = evaluate(args.data, args.out, weights=args.weights, percents=args.percents, onnx=args.onnx, jobs=args.jobs, scheduler=args.scheduler, limit=args.limit, timing_frames=args.timing_frames, timing_repeats=args.timing_repeats, progress=not args.quiet, command=command)
+    summary = evaluate(args.data, args.out, weights=args.weights, percents=args.percents, onnx=args.onnx, jobs=args.jobs, scheduler=args.scheduler, limit=args.limit, timing_frames=args.timing_frames, timing_repeats=args.timing_repeats, progress=not args.quiet, command=command, reference=not args.no_reference)
     if not args.quiet:
         text = markdown(summary)
         start = text.index("## All")
@@ -288,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--onnx", default=None, help="NSNet2 ONNX model for the onnxruntime row (default: .cache/nsnet2/nsnet2-20ms-baseline.onnx; left out if absent)")
     v.add_argument("--jobs", type=_positive_int, default=1, help="worker processes over files (default 1: in this process; more: a local Dask cluster, the distributed extra)")
     v.add_argument("--scheduler", default=None, metavar="ADDRESS", help="evaluate the files on the running Dask cluster at ADDRESS (tcp://host:8786)")
+    v.add_argument("--no-reference", action="store_true", help="only the weight files' rows: no clean, noisy or onnxruntime rows (a run to merge with tools/merge_eval.py, which takes them from its first run)")
     v.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N pairs (sorted by name)")
     v.add_argument("--timing-frames", type=_positive_int, default=1000, help="frames of real features timed per row (default 1000)")
     v.add_argument("--timing-repeats", type=_positive_int, default=7, help="timed rounds over all rows, the best run of each row is kept (default 7)")

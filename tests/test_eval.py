@@ -177,6 +177,18 @@ def test_jobs_and_missing_onnx(smoke, tmp_path, capsys, monkeypatch):
         assert r == first[r["file"], r["row"]], r
 
 
+@needs_testset
+def test_no_reference_keeps_only_the_model_rows(smoke, tmp_path, capsys):
+    """--no-reference: only the weight files' rows, with the numbers of the full run."""
+    status, out, err = _run(capsys, "eval", "--data", TESTSET, "--out", tmp_path / "nr", "--limit", "1", "--percents", "50",
+                            "--weights", SHIPPED, "--no-reference", "--timing-frames", "100", "--timing-repeats", "1", "--quiet")
+    assert status == 0, err
+    _, rows = _read_csv(tmp_path / "nr" / "per_file.csv")
+    assert [r["row"] for r in rows] == ["nsnet2 P=50"]
+    _, first = _read_csv(smoke / "per_file.csv")
+    assert rows[0] == next(r for r in first if r["file"] == rows[0]["file"] and r["row"] == "nsnet2 P=50")
+
+
 def _merge_eval():
     import importlib.util
 

@@ -267,13 +267,13 @@ def _weights_entry(entry, percents) -> tuple[str, list[float]]:
     return str(entry), list(percents)
 
 
-def _build_systems(weight_files, percents, onnx_path) -> list[System]:
+def _build_systems(weight_files, percents, onnx_path, reference: bool = True) -> list[System]:
     from ..convert.onnx_nsnet2 import NSNET2_ARCHITECTURE
     from ..model import MaskModel
     from ..weights import load_weights
 
-    systems = [System("clean", "reference", "clean"), System("noisy", "reference", "noisy")]
-    if onnx_path is not None:
+    systems = [System("clean", "reference", "clean"), System("noisy", "reference", "noisy")] if reference else []
+    if onnx_path is not None and reference:
         systems.append(System("NSNet2 ONNX (onnxruntime)", "onnxruntime", "nsnet2-onnx", 100.0, str(onnx_path), 100.0, 1.0, _dense_macs(NSNET2_ARCHITECTURE)))
     entries = [_weights_entry(w, percents) for w in weight_files]
     stems = [Path(w).stem for w, _ in entries]
@@ -464,7 +464,7 @@ def _versions() -> dict:
     return out
 
 
-def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx=None, jobs: int = 1, limit: int | None = None, timing_frames: int = 1000, timing_repeats: int = 7, progress: bool = True, command: str | None = None, log=print, scheduler: str | None = None) -> dict:
+def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx=None, jobs: int = 1, limit: int | None = None, timing_frames: int = 1000, timing_repeats: int = 7, progress: bool = True, command: str | None = None, log=print, scheduler: str | None = None, reference: bool = True) -> dict:
     """Run the evaluation and write ``per_file.csv``, ``summary.md``, ``summary.json`` and
     ``quality_vs_compute.png`` into ``out_dir``. Returns the summary (as in summary.json).
 
@@ -479,6 +479,8 @@ def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx
         ``jobs`` single-threaded workers, the distributed extra)
     scheduler : address of a running Dask cluster to evaluate the files on (instead of ``jobs``)
     limit : only the first ``limit`` pairs, sorted by name
+    reference : False leaves out the clean, noisy and onnxruntime rows (only the weight files'
+        rows; for runs merged by ``tools/merge_eval.py``, which takes those rows from its first run)
     log : where notes go (a print-like function)
     """
     from . import report
@@ -503,6 +505,8 @@ def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx
         onnx_path = Path(onnx)
         if not onnx_path.is_file():
             raise ParameterError(f"{onnx_path}: no such ONNX file (tools/fetch_nsnet2.sh fetches NSNet2)")
+    elif not reference:
+        onnx_path = None
     else:
         onnx_path = default_onnx_path()
         if not onnx_path.is_file():
@@ -510,7 +514,7 @@ def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx
             onnx_path = None
 
     pairs = find_pairs(data_dir, limit=limit)
-    systems = _build_systems(weight_files, percents, onnx_path)
+    systems = _build_systems(weight_files, percents, onnx_path, reference)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
