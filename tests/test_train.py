@@ -378,3 +378,50 @@ def test_p_skew_draws_low_p_more_often(tmp_path):
 
         train(args)
     assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+def test_ema_update_follows_the_formula():
+    """ema_update: p_ema <- d p_ema + (1 - d) p with d = min(decay, (1 + n) / (10 + n)), worked
+    out here by hand on a one-layer net; buffers are copied."""
+    from npdgru.train.loop import ema_update
+
+    torch.manual_seed(0)
+    model = torch.nn.BatchNorm1d(3)  # parameters and buffers
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        model.running_mean.copy_(torch.tensor([5.0, 6.0, 7.0]))
+    ema = torch.nn.BatchNorm1d(3)  # weight 1, running_mean 0
+    ema_update(ema, model, 0, 0.99)  # d = 1/10
+    assert torch.allclose(ema.weight, torch.tensor([1.0, 1.9, 2.8]))
+    assert torch.equal(ema.running_mean, model.running_mean)
+    ema_update(ema, model, 1000, 0.5)  # d = min(0.5, 1001/1010) = 0.5
+    assert torch.allclose(ema.weight, torch.tensor([1.0, 1.95, 2.9]))
+
+
+def test_ema_run_validates_the_average_and_resumes(tmp_path):
+    """--ema: last.pt carries the average and its update count, best.pt is the average (not the
+    raw weights), and a resume with other options records them in config.json."""
+    from npdgru.train.loop import main as train_main
+    from npdgru.weights import save_weights
+
+    _fake_corpus(tmp_path / "data")
+    w = _tiny_nsnet2()
+    save_weights(tmp_path / "init.safetensors", w.tensors, architecture=w.architecture)
+    common = ["--data", str(tmp_path / "data"), "--init", str(tmp_path / "init.safetensors"), "--recipe", "v1",
+              "--out", str(tmp_path / "run"), "--batch", "2", "--seconds", "0.5", "--val-count", "2", "--val-every", "2",
+              "--log-every", "1", "--update-percent", "50", "--lr", "1e-2", "--ema", "0.9"]
+    assert train_main(common + ["--steps", "3"]) == 0
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert last["ema_updates"] == 3 and set(last["ema"]) == set(last["model"])
+    assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in last["model"])
+    if best["step"] == 3:
+        assert all(torch.equal(best["model"][k], last["ema"][k]) for k in last["model"])
+    with open(tmp_path / "run" / "log.csv", "a") as f:  # a row logged after the checkpoint by a run then killed
+        f.write("9,99.0,0.5,0.01\n")
+    assert train_main(common + ["--steps", "4", "--lr", "5e-3"]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["lr"] == 0.01 and config["resumes"] == [{"step": 3, "changed": {"steps": 4, "lr": 0.005}}]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["ema_updates"] == 4
+    steps = [int(r.split(",")[0]) for r in (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]]
+    assert 9 not in steps and steps == sorted(steps) and steps[-1] == 4, steps  # the row after the checkpoint is dropped on resume

@@ -36,6 +36,7 @@ the best model is kept as ``best.pt`` (``npdgru convert best.pt`` ships it).
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -164,6 +165,18 @@ class BatchSource:
         return q.get(timeout=600)
 
 
+def ema_update(ema, model, updates: int, decay: float) -> None:
+    """One step of the exponential moving average of the weights: every parameter of ``ema``
+    becomes d * ema + (1 - d) * model with d = min(decay, (1 + n) / (10 + n)), n = ``updates``
+    before this one (a short average while few steps exist); buffers are copied."""
+    d = min(decay, (1.0 + updates) / (10.0 + updates))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.mul_(d).add_(pm.detach(), alpha=1.0 - d)
+        for be, bm in zip(ema.buffers(), model.buffers()):
+            be.copy_(bm)
+
+
 def _draw_percent(args, rng) -> float:
     if args.any_p:
         lo, hi = args.any_p
@@ -200,6 +213,9 @@ def build_parser(p=None):
     p.add_argument("--val-count", type=int, default=64, help="fixed validation mixtures from speech/val")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--snapshot-every", type=int, default=0, help="also keep step<N>.pt every N steps (comparisons at equal steps)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="keep an exponential moving average of the weights with this decay (e.g. 0.99; 0: off); "
+                        "validation, best.pt and the shipped file use the average")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=0, help="processes making training mixtures (0: in the training process)")
     p.add_argument("--seed", type=int, default=0)
@@ -211,6 +227,8 @@ def train(args) -> pathlib.Path:
         raise ValueError(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
     if not 0.0 < getattr(args, "p_skew", 1.0) < float("inf"):
         raise ValueError(f"--p-skew must be a positive number, got {args.p_skew}")
+    if not 0.0 <= getattr(args, "ema", 0.0) < 1.0:
+        raise ValueError(f"--ema must be in [0, 1) (0: off), got {args.ema}")
     torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -238,10 +256,16 @@ def train(args) -> pathlib.Path:
     sampler = MixtureSampler(args.data, split="train", seconds=args.seconds, seed=args.seed, recipe=args.recipe)
     step = 0
     note = ""
+    ema = copy.deepcopy(model) if getattr(args, "ema", 0.0) > 0 else None
+    ema_updates = 0
     if resumed:
         ckpt = torch.load(last, weights_only=True, map_location=args.device)
         model.load_state_dict(ckpt["model"])
         step = int(ckpt["step"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
+            ema_updates = int(ckpt.get("ema_updates", 0))
+        _record_resume(out / "config.json", args, step)
         sampler.rng = np.random.default_rng(int(ckpt["seed"]) + step)  # a fresh, reproducible stream
         if (out / "optim.pt").exists():
             opt.load_state_dict(torch.load(out / "optim.pt", weights_only=True, map_location=args.device))
@@ -257,6 +281,11 @@ def train(args) -> pathlib.Path:
     val_percents = [25.0, 50.0, 100.0] if args.any_p else [args.update_percent]
 
     log_path = out / "log.csv"
+    if resumed and log_path.exists():  # rows after the checkpoint (a run stopped between two) are redone: drop them
+        rows = log_path.read_text().splitlines(keepends=True)
+        kept = rows[:1] + [r for r in rows[1:] if int(r.split(",", 1)[0]) <= step]
+        if len(kept) < len(rows):
+            log_path.write_text("".join(kept))
     new_log = not log_path.exists()
     log = open(log_path, "a", newline="")
     writer = csv.writer(log)
@@ -267,7 +296,11 @@ def train(args) -> pathlib.Path:
 
     def checkpoint():
         cpu_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # converts without a GPU
-        torch.save({"model": cpu_state, "step": step, "seed": args.seed}, last.with_suffix(".tmp"))
+        ckpt = {"model": cpu_state, "step": step, "seed": args.seed}
+        if ema is not None:
+            ckpt["ema"] = {k: v.detach().cpu() for k, v in ema.state_dict().items()}
+            ckpt["ema_updates"] = ema_updates
+        torch.save(ckpt, last.with_suffix(".tmp"))
         os.replace(last.with_suffix(".tmp"), last)
         torch.save(opt.state_dict(), out / "optim.tmp")
         os.replace(out / "optim.tmp", out / "optim.pt")
@@ -278,11 +311,13 @@ def train(args) -> pathlib.Path:
         best["loss"] = float(torch.load(best_path, weights_only=True)["val_loss"])
 
     def validation_row(train_loss):
-        v = validate(model, val, val_percents)
+        judged = ema if ema is not None else model  # with --ema the averaged weights are validated and kept
+        v = validate(judged, val, val_percents)
+        model.train()
         mean_loss = float(np.mean([v[P][0] for P in val_percents]))
         if mean_loss < best["loss"]:
             best["loss"] = mean_loss
-            cpu_state = {k: val_.detach().cpu() for k, val_ in model.state_dict().items()}
+            cpu_state = {k: val_.detach().cpu() for k, val_ in judged.state_dict().items()}
             torch.save({"model": cpu_state, "step": step, "seed": args.seed, "val_loss": mean_loss}, best_path.with_suffix(".tmp"))
             os.replace(best_path.with_suffix(".tmp"), best_path)
         cells = [f"{v[P][k]:.5f}" for P in val_percents for k in (0, 1)]
@@ -314,6 +349,9 @@ def train(args) -> pathlib.Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
+        if ema is not None:
+            ema_update(ema, model, ema_updates, args.ema)
+            ema_updates += 1
         step += 1
         running.append(loss.item())
         if not math.isfinite(running[-1]):
@@ -332,6 +370,19 @@ def train(args) -> pathlib.Path:
     checkpoint()
     log.close()
     return out
+
+
+def _record_resume(config_path: pathlib.Path, args, step: int) -> None:
+    """A resumed run whose options differ from its config.json: append what changed, and at
+    which step, to the config's "resumes" list."""
+    if not config_path.exists():
+        return
+    config = json.loads(config_path.read_text())
+    now = json.loads(json.dumps(vars(args)))
+    changed = {k: v for k, v in now.items() if config.get(k) != v and k != "resumes"}
+    if changed:
+        config.setdefault("resumes", []).append({"step": step, "changed": changed})
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def main(argv=None) -> int:
