@@ -4,7 +4,9 @@
 #   bash training/cpu_distill.sh 1   the candidate default: NSNet2, teacher + clean (W = 0.5)
 #   bash training/cpu_distill.sh 2   the comparison at equal steps: supervised only (W = 0), teacher only (W = 1)
 #   bash training/cpu_distill.sh 3   the default continued from weights/nsnet2-kd-anyp.safetensors with low P drawn
-#                                    more often (--p-skew 2: P = 25 + 75 u^2)
+#                                    more often (--p-skew 2: P = 25 + 75 u^2) and a moving average of the weights
+#                                    (--ema 0.99; the runs of training/runs/ resumed with it at step 600 / 1300: their
+#                                    config.json records it)
 #   bash training/cpu_distill.sh 4   MPT distilled from its current weights (teacher + clean, W = 0.5)
 #   bash training/cpu_distill.sh 5   DPRNN distilled from its current weights (teacher + clean, W = 0.5)
 # Recipe v2, P drawn per batch from U[25, 100], teacher = the original NSNet2 (dense), student
@@ -19,9 +21,9 @@ case "$1" in
      python3 -m npdgru.train --out training/runs/nsnet2-dis "${common[@]}" --distill-weight 1 --steps 225 ;;
   3) python3 -m npdgru.train --out training/runs/nsnet2-mix3 --init weights/nsnet2-kd-anyp.safetensors --continue \
        --teacher weights/nsnet2.safetensors --distill-weight 0.5 --any-p 25 100 --p-skew 2 --recipe v2 --batch 16 --seconds 4 \
-       --lr 1e-4 --warmup 30 --val-every 100 --val-count 64 --log-every 20 --threads 1 --steps 100000 --seed 11 --minutes "${MINUTES:-95}" ;;
+       --lr 1e-4 --warmup 30 --val-every 100 --val-count 64 --log-every 20 --threads 1 --steps 100000 --seed 11 --ema 0.99 --minutes "${MINUTES:-95}" ;;
   4|5) arch=$([ "$1" = 4 ] && echo mpt || echo dprnn)
      python3 -m npdgru.train --out "training/runs/$arch-kd" --init "weights/$arch-anyp.safetensors" --continue \
        --teacher weights/nsnet2.safetensors --distill-weight 0.5 --any-p 25 100 --recipe v2 --batch 16 --seconds 4 \
-       --lr 3e-4 --warmup 50 --val-every 100 --val-count 64 --log-every 20 --threads 1 --steps 100000 --seed 3 --minutes "${MINUTES:-105}" ;;
+       --lr 3e-4 --warmup 50 --val-every 100 --val-count 64 --log-every 20 --threads 1 --steps 100000 --seed 3 --ema 0.99 --minutes "${MINUTES:-105}" ;;
 esac
