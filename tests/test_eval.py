@@ -215,6 +215,15 @@ def test_merge_eval_retime(smoke, tmp_path, capsys):
     assert after["meta"]["timing"].startswith("re-timed together") and "100 frames" in after["meta"]["timing"]
     assert (tmp_path / "m" / "quality_vs_compute.png").read_bytes()[:8] == PNG_SIGNATURE
     assert "| nsnet2 P=50 |" in (tmp_path / "m" / "summary.md").read_text()
+    # a later run replaces the rows of the same model and P: here the --no-reference-style rerun at P = 50
+    later = json.loads((smoke / "summary.json").read_text())
+    later["rows"] = [dict(r, mean=dict(r["mean"], pesq=9.0)) for r in later["rows"] if r["name"] == "nsnet2 P=50"]
+    (tmp_path / "later").mkdir()
+    (tmp_path / "later" / "summary.json").write_text(json.dumps(later))
+    assert merge([str(smoke), str(tmp_path / "later"), "--models", "nsnet2", "--out", str(tmp_path / "m2")]) == 0
+    merged = {r["name"]: r for r in json.loads((tmp_path / "m2" / "summary.json").read_text())["rows"]}
+    assert merged["nsnet2 P=50"]["mean"]["pesq"] == 9.0 and merged["nsnet2 P=100"]["mean"] == next(r["mean"] for r in before["rows"] if r["name"] == "nsnet2 P=100")
+    assert list(merged)[-2:] == ["nsnet2 P=100", "nsnet2 P=50"]
     assert merge([str(smoke), "--models", "no-such-model", "--out", str(tmp_path / "x")]) == 1
     assert "no-such-model" in capsys.readouterr().err
 

@@ -6,7 +6,8 @@
 
 Reads each run's ``summary.json`` (same test set: the script checks the pair count and data
 folder agree), keeps the rows of the named models (plus noisy, clean and onnxruntime from the
-first run), and writes ``OUT/summary.md`` (the overall means) and ``OUT/quality_vs_compute.png``
+first run; a model at a P that several runs hold comes from the last of them, so a run of a
+retrained file listed after the older run replaces its rows), and writes ``OUT/summary.md`` (the overall means) and ``OUT/quality_vs_compute.png``
 (``npdgru.evaluate.report.plot``) and ``OUT/summary.json``. Timings come from the runs they were
 measured in: compare them within a run, not across runs, or pass ``--retime``, which times every
 kept row again here, in one run (``npdgru.evaluate.runner.time_systems``: interleaved rounds,
@@ -45,8 +46,10 @@ def main(argv=None) -> int:
                 print(f"{r}: meta {key}={s['meta'][key]!r} differs from {args.runs[0]} ({first['meta'][key]!r})", file=sys.stderr)
                 return 1
     rows = [s for s in first["rows"] if s["engine"] != "npdgru"]
+    kept = {}  # (model, P) -> row; a later run replaces the row of an earlier one
     for s in summaries:
-        rows += [row for row in s["rows"] if row["engine"] == "npdgru" and row["model"] in args.models]
+        kept.update({(row["model"], row["percent"]): row for row in s["rows"] if row["engine"] == "npdgru" and row["model"] in args.models})
+    rows += [kept[k] for k in sorted(kept, key=lambda k: (args.models.index(k[0]), -k[1]))]
     for row in rows:  # summary.json stores NaN (trained at any P) as null: ask the weight file
         if row["engine"] == "npdgru" and row.get("trained_percent") is None and Path(row["path"]).is_file():
             row["trained_percent"] = load_weights(row["path"]).trained_update_percent
