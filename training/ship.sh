@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Convert the fine-tuned runs into shipped npdgru weights with `npdgru convert` (the user path).
-# Usage: bash training/ship.sh      (after the runs of training/lanes.sh)
+# Usage: bash training/ship.sh WHAT   WHAT: default (the distilled NSNet2 default, run nsnet2-mix3), mpt (run mpt-kd),
+#        dprnn (run dprnn-kd); the functions below record how the earlier files were made
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LICENSE="CC BY 4.0. Fine-tuned from NSNet2 (c) Microsoft Corporation, CC BY 4.0 (https://github.com/microsoft/DNS-Challenge); trained on speechocean762 (Junbo Zhang et al., OpenSLR SLR101, CC BY 4.0) and Speech Commands v0.02 background noise (Pete Warden, Google, CC BY 4.0)"
@@ -30,18 +31,25 @@ ship_scratch() {  # run name, architecture
     --meta "training_run=$1" --meta "training_steps=$steps" --meta "trained_update_range=25-100"
 }
 SCRATCH_LICENSE="CC BY 4.0. Trained on speechocean762 (Junbo Zhang et al., OpenSLR SLR101, CC BY 4.0) and Speech Commands v0.02 background noise (Pete Warden, Google, CC BY 4.0)"
-ship_scratch dprnn-anyp dprnn
-ship_scratch mpt-anyp mpt
+# ship_scratch dprnn-anyp dprnn   # dprnn-anyp.safetensors until it is distilled
+# ship_scratch mpt-anyp mpt   # replaced by the distilled MPT (git history keeps it)
 
 # The distilled NSNet2 (the default since recipe v2): best.pt of the mix run (chosen by validation loss)
-ship_distill() {  # run name, output stem
+ship_distill() {  # run name, output stem, architecture, how P was drawn, what the student started from
   local run=training/runs/$1
   local steps
   steps=$(python3 -c "import torch; print(torch.load('$run/best.pt', weights_only=True)['step'])")
-  npdgru convert "$run/best.pt" -o "weights/$2.safetensors" --overwrite --arch nsnet2 \
+  npdgru convert "$run/best.pt" -o "weights/$2.safetensors" --overwrite --arch "$3" \
     --trained-update-percent any --license "$DISTILL_LICENSE" \
-    --source "NSNet2 distilled from the original NSNet2 (teacher, dense) with the D-GRU select gate in place, P drawn per batch from U[25, 100] ($1: step $steps of 16 x 4 s, chosen by validation loss; recipe v2 and loss in weights/README.md; training/cpu_distill.sh)" \
+    --source "$3 distilled from the original NSNet2 (teacher, dense) with the D-GRU select gate in place, $5, P drawn per batch from $4 ($1: step $steps of 16 x 4 s, chosen by validation loss; recipe v2 and loss in weights/README.md; training/cpu_distill.sh)" \
     --meta "training_run=$1" --meta "training_steps=$steps" --meta "trained_update_range=25-100" --meta "distill_weight=0.5" --meta "recipe=v2"
 }
 DISTILL_LICENSE="CC BY 4.0. Distilled from NSNet2 (c) Microsoft Corporation, CC BY 4.0 (https://github.com/microsoft/DNS-Challenge); trained on speechocean762 (Junbo Zhang et al., OpenSLR SLR101, CC BY 4.0), Speech Commands v0.02 background noise (Pete Warden, Google, CC BY 4.0) and the noise clips and RIRs listed with their licences (CC0, CC BY, public domain) and attribution in weights/ATTRIBUTION.md"
-ship_distill nsnet2-mix nsnet2-kd-anyp
+# ship_distill nsnet2-mix nsnet2-kd-anyp nsnet2 "U[25, 100]" "initialised from the teacher"   # the first distilled default
+case "${1:-}" in
+  default) ship_distill nsnet2-mix3 nsnet2-kd-anyp nsnet2 "25 + 75 u^2, u ~ U[0, 1] (--p-skew 2), weights averaged (--ema 0.99)" \
+             "initialised from the teacher, continued from the first distilled default (run nsnet2-mix, step 300)" ;;
+  mpt) ship_distill mpt-kd mpt-anyp mpt "U[25, 100], weights averaged (--ema 0.99)" "continued from the MPT trained from scratch (mpt-anyp, 600 steps of 64 x 4 s, recipe v1)" ;;
+  dprnn) ship_distill dprnn-kd dprnn-anyp dprnn "U[25, 100], weights averaged (--ema 0.99)" "continued from the DPRNN trained from scratch (dprnn-anyp, 1200 steps of 64 x 4 s, recipe v1)" ;;
+  *) echo "usage: bash training/ship.sh default|mpt|dprnn" >&2; exit 2 ;;
+esac
