@@ -35,9 +35,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", default=str(REPO / "training" / "runs"))
     p.add_argument("--out", default=str(REPO / "weights" / "training_curves.png"))
-    p.add_argument("--runs-glob", default="*", help="which run folders (e.g. '*-anyp' for the from-scratch models)")
+    p.add_argument("--runs-glob", nargs="+", default=["*"], help="which run folders (e.g. '*-anyp' for the from-scratch models; several globs: their union)")
     args = p.parse_args(argv)
-    logs = sorted(pathlib.Path(args.runs).glob(f"{args.runs_glob}/log.csv"))
+    logs = sorted({log for g in args.runs_glob for log in pathlib.Path(args.runs).glob(f"{g}/log.csv")})
     if not logs:
         raise SystemExit(f"no log.csv under {args.runs}")
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
