@@ -15,7 +15,8 @@ Nothing lost, nothing twice:
   loaded once per process) and catches every per-file failure: a bad file is one line naming it,
   the task goes on.
 * A worker that dies is replaced by its nanny and the task is retried (``allowed_failures``
-  times, then its files are recorded as failed). Before writing an output the worker compares
+  times; then each of its files is run again alone, since a file may only have shared the worker
+  with the one that kills it, and a file that kills its worker alone too is recorded as failed). Before writing an output the worker compares
   it with the ``os.stat`` the driver took when it planned the run: an output that changed since
   was written by an earlier attempt of the same task in this run (the rename is atomic, so it
   is complete) and is not written again.
@@ -583,13 +584,27 @@ def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, 
             items = [replace(it, src=_key(it.src), dst=_key(it.dst)) for it in items]
             f = client.submit(run_task, items, config, after_write, key=_task_key(k, items, stamp), pure=False)
             futures[f] = items
+        suspects = []  # files of tasks whose workers died: maybe only beside the file that kills them
         for f in as_completed(futures):
             items = futures.pop(f)
             try:
                 yield f.result()
             except Exception as e:  # noqa: BLE001 - KilledWorker, lost connection: these files failed
+                if type(e).__name__ == "KilledWorker":
+                    suspects += items
+                else:
+                    why = f"{type(e).__name__}: {' '.join(str(e).split())}"
+                    yield [Result(it.src, it.dst, "failed", error=f"{it.src}: {why} (tried {allowed_failures + 1} times)") for it in items]
+            f.release()
+        # Each suspect again, alone on the cluster: a file that shared a dying worker (in its task or
+        # queued on that worker) is done now; the file that kills its worker fails on its own.
+        for k, it in enumerate(suspects):
+            f = client.submit(run_task, [it], config, after_write, key=_task_key(len(tasks) + k, [it], stamp), pure=False)
+            try:
+                yield f.result()
+            except Exception as e:  # noqa: BLE001
                 why = "worker died" if type(e).__name__ == "KilledWorker" else f"{type(e).__name__}: {' '.join(str(e).split())}"
-                yield [Result(it.src, it.dst, "failed", error=f"{it.src}: {why} (tried {allowed_failures + 1} times)") for it in items]
+                yield [Result(it.src, it.dst, "failed", error=f"{it.src}: {why} (tried {allowed_failures + 1} times with others, then {allowed_failures + 1} times alone)")]
             f.release()
 
 
