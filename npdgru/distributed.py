@@ -555,6 +555,11 @@ def _task_key(k: int, items: list[Item], stamp: str) -> str:
     return f"npdgru-enhance-{stamp}-{k}-{h}"
 
 
+def _why(e: BaseException) -> str:
+    """One line for a task that failed on the cluster."""
+    return "worker died" if type(e).__name__ == "KilledWorker" else f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, scheduler: str | None = None, task_seconds: float = TASK_SECONDS,
                  after_write=None, allowed_failures: int = ALLOWED_FAILURES):
     """Yield the results of each task as it finishes: in order in this process (neither jobs nor
@@ -593,8 +598,7 @@ def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, 
                 if type(e).__name__ == "KilledWorker":
                     suspects += items
                 else:
-                    why = f"{type(e).__name__}: {' '.join(str(e).split())}"
-                    yield [Result(it.src, it.dst, "failed", error=f"{it.src}: {why} (tried {allowed_failures + 1} times)") for it in items]
+                    yield [Result(it.src, it.dst, "failed", error=f"{it.src}: {_why(e)} (tried {allowed_failures + 1} times)") for it in items]
             f.release()
         # Each suspect again, alone on the cluster: a file that shared a dying worker (in its task or
         # queued on that worker) is done now; the file that kills its worker fails on its own.
@@ -603,8 +607,7 @@ def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, 
             try:
                 yield f.result()
             except Exception as e:  # noqa: BLE001
-                why = "worker died" if type(e).__name__ == "KilledWorker" else f"{type(e).__name__}: {' '.join(str(e).split())}"
-                yield [Result(it.src, it.dst, "failed", error=f"{it.src}: {why} (tried {allowed_failures + 1} times with others, then {allowed_failures + 1} times alone)")]
+                yield [Result(it.src, it.dst, "failed", error=f"{it.src}: {_why(e)} (tried {allowed_failures + 1} times with others, then {allowed_failures + 1} times alone)")]
             f.release()
 
 

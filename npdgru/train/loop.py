@@ -313,7 +313,6 @@ def train(args) -> pathlib.Path:
     def validation_row(train_loss):
         judged = ema if ema is not None else model  # with --ema the averaged weights are validated and kept
         v = validate(judged, val, val_percents)
-        model.train()
         mean_loss = float(np.mean([v[P][0] for P in val_percents]))
         if mean_loss < best["loss"]:
             best["loss"] = mean_loss
