@@ -199,7 +199,7 @@ def build_parser(p=None):
     g.add_argument("--any-p", type=float, nargs=2, metavar=("LO", "HI"), help="draw P per batch uniformly from [LO, HI]")
     p.add_argument("--p-skew", type=float, default=1.0,
                    help="with --any-p: draw P = LO + (HI - LO) u^K, u uniform in [0, 1]; K > 1 draws low P more often (K = 2: "
-                        "58%% of batches below the middle of the range), K = 1 is uniform")
+                        "71%% of batches in the lower half of the range), K = 1 is uniform")
     p.add_argument("--continue", dest="continue_run", action="store_true",
                    help="with --init a shipped fine-tune and no last.pt in --out: continue its step count (metadata training_steps)")
     p.add_argument("--steps", type=int, default=1000, help="stop after this many optimiser steps in total")
