@@ -16,7 +16,7 @@ from .weights import DEFAULT_MODEL, default_weights_path
 DESCRIPTIONS = {
     "nsnet2-kd-anyp": "NSNet2 distilled from the original with the D-GRU select gate, for any P (the default)",
     "nsnet2": "NSNet2, the original DNS Challenge weights (trained dense)",
-    "dprnn-anyp": "DPRNN (dual-path, 41 bands), trained from scratch for any P",
+    "dprnn-anyp": "DPRNN (dual-path, 41 bands), distilled from NSNet2, for any P",
     "mpt-anyp": "MPT, our reconstruction (4 sub-band + 1 full-band D-GRU paths), distilled from NSNet2, for any P",
 }
 ALIASES = {"default": DEFAULT_MODEL.removesuffix(".safetensors"), "dprnn": "dprnn-anyp", "mpt": "mpt-anyp"}
