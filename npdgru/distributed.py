@@ -601,7 +601,8 @@ def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, 
                     yield [Result(it.src, it.dst, "failed", error=f"{it.src}: {_why(e)} (tried {allowed_failures + 1} times)") for it in items]
             f.release()
         # Each suspect again, alone on the cluster: a file that shared a dying worker (in its task or
-        # queued on that worker) is done now; the file that kills its worker fails on its own.
+        # queued on that worker) is done now; the file that kills its worker fails on its own. One
+        # at a time on purpose: two submitted together may share a worker thread pool again.
         for k, it in enumerate(suspects):
             f = client.submit(run_task, [it], config, after_write, key=_task_key(len(tasks) + k, [it], stamp), pure=False)
             try:

@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from npdgru.evaluate.report import _finite, _json_default, markdown, plot  # noqa: E402
+from npdgru.evaluate.report import write_summary  # noqa: E402
 from npdgru.weights import load_weights  # noqa: E402
 
 
@@ -63,9 +63,7 @@ def main(argv=None) -> int:
         merged["meta"].update(_retime(rows, first["meta"]["data"], args.timing_frames, args.timing_repeats))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(markdown(merged) + "\n")
-    (out / "summary.json").write_text(json.dumps(_finite(merged), indent=1, default=_json_default) + "\n")
-    plot(out / "quality_vs_compute.png", merged)
+    write_summary(out, merged)
     print(f"wrote {out / 'summary.md'}, {out / 'summary.json'} and {out / 'quality_vs_compute.png'}")
     return 0
 

@@ -256,6 +256,13 @@ def write_all(out: Path, rows: list[dict], summary: dict) -> None:
     """per_file.csv, summary.md, summary.json, quality_vs_compute.png into ``out``."""
     out = Path(out)
     write_csv(out / "per_file.csv", rows)
+    write_summary(out, summary)
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    """summary.md, summary.json (inf/NaN as null), quality_vs_compute.png into ``out`` (also the
+    output of ``tools/merge_eval.py``)."""
+    out = Path(out)
     (out / "summary.md").write_text(markdown(summary) + "\n")
     tmp = out / ".summary.json.tmp"
     tmp.write_text(json.dumps(_finite(summary), indent=1, default=_json_default) + "\n")
