@@ -1,7 +1,7 @@
 """Mask-estimation models built from a weight file's architecture.
 
 A model is the architecture resolved into a plan (``plan.py``) and run by the executor of one
-backend (``kernels/``) on log-power features, e.g. NSNet2 (DESIGN.md section 3)::
+backend (``kernels/``) on log-power features, e.g. NSNet2 (``docs/design.md``)::
 
     log-power (161) -> FC 400 + ReLU -> GRU 400 -> GRU 400 -> FC 600 + ReLU -> FC 600 + ReLU
                     -> FC 161 + sigmoid = mask on the noisy STFT
@@ -23,7 +23,6 @@ import numpy as np
 from .kernels import BACKENDS, get_backend
 from .kernels._graph import ExecState, HostOps
 from .plan import make_plan
-from .reference import num_selected
 from .weights import Weights
 
 __all__ = ["MaskModel", "ModelState", "HostOps", "get_backend", "BACKENDS"]
@@ -48,11 +47,10 @@ class MaskModel:
         self.weights = weights
         self.architecture = weights.architecture
         self.n_features = self.architecture["n_features"]
-        num_selected(update_percent, 1)  # validates P first: "50", None, True are refused, not cast
-        self.update_percent = float(update_percent)
         self.sparse_inputs = bool(sparse_inputs)
         self.backend_name = backend
-        self.plan = make_plan(self.architecture, update_percent=self.update_percent, sparse_inputs=self.sparse_inputs)
+        self.plan = make_plan(self.architecture, update_percent=update_percent, sparse_inputs=self.sparse_inputs)  # checks P
+        self.update_percent = self.plan.update_percent
         self.executor = get_backend(backend).Executor(self.plan, weights.tensors, refresh_every=refresh_every)
 
     @property

@@ -9,52 +9,54 @@ once, into :class:`Step` records that every consumer walks without interpreting 
   else.
 
 A step knows its kind, its inputs (earlier steps or "features", as buffer slots), its bands F,
-its widths, for a D-GRU layer the number A of neurons updated per step, whether its input product
-runs from the changed columns of a previous D-GRU state (``sparse_input``), and the tensors it
-reads. This module is the only code that gives a layer kind its meaning: it also checks an
-architecture dict (:func:`validate_architecture`), names the tensors each kind needs
-(:func:`expected_shapes`) and describes a layer for ``npdgru info``; ``weights.py`` keeps the file
-I/O and the tensor checks.
+its buffer widths, for a D-GRU layer the number A of neurons updated per step (resolved here, once,
+from P), whether its input product runs from the changed columns of a previous D-GRU state
+(``sparse_input``, with that state's A), and the tensors it
+reads. What a kind means lives in its class in ``kinds.py``; this module only loops over that
+table: it checks an architecture dict (:func:`validate_architecture`), names the tensors it needs
+(:func:`expected_shapes`), describes a layer for ``npdgru info`` and resolves the steps.
+``weights.py`` keeps the file I/O and the tensor checks.
 
-    >>> from npdgru.architectures import NSNET2_ARCHITECTURE      # doctest: +SKIP
-    >>> p = make_plan(NSNET2_ARCHITECTURE, update_percent=50)      # doctest: +SKIP
-    >>> [s.kind for s in p.steps], p.steps[1].A                    # doctest: +SKIP
+    >>> from npdgru.architectures import architecture
+    >>> p = make_plan(architecture("nsnet2"), update_percent=50)
+    >>> [s.kind for s in p.steps], p.steps[1].A
     (['linear', 'gru', 'gru', 'linear', 'linear', 'linear'], 200)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from .errors import ParameterError, WeightsError
-from .reference import count_macs, num_selected
+from .kinds import ACTIVATIONS, KINDS, KINDS_V1, check_percent  # noqa: F401 (ACTIVATIONS: importable from weights.py)
 
-__all__ = ["Step", "Plan", "make_plan", "KINDS_WITH_STATE", "FEATURES", "validate_architecture", "expected_shapes", "describe_layer", "layer_inputs", "LAYER_KINDS"]
+__all__ = ["Step", "Plan", "make_plan", "FEATURES", "validate_architecture", "expected_shapes", "describe_layer", "layer_inputs", "LAYER_KINDS"]
 
 FEATURES = "features"
-LAYER_KINDS_V1 = ("linear", "gru")
-LAYER_KINDS = ("linear", "gru", "bigru", "layernorm", "pad", "slice", "add", "concat")
-ACTIVATIONS = ("relu", "sigmoid", "tanh", "none")
-KINDS_WITH_STATE = ("gru",)  # kinds that carry state from frame to frame (one state per step)
-_GLUE = ("add", "concat", "pad", "slice")
+LAYER_KINDS = tuple(KINDS)
+LAYER_KINDS_V1 = KINDS_V1
+KINDS_WITH_STATE = tuple(n for n, k in KINDS.items() if k.carries_state)  # one state per step, carried along time
 
 
 @dataclass(frozen=True)
 class Step:
     """One layer of the plan.
 
-    name, kind   the layer's name and kind (linear, gru, bigru, layernorm, pad, slice, add, concat)
+    name, kind   the layer's name and kind (a key of :data:`npdgru.kinds.KINDS`)
     inputs       names read ("features" or earlier steps), in order; ``slots`` the same as indices
                  into the executor's value list (0 = features, k + 1 = step k)
     slot         where this step's output lives (its index + 1)
+    in_widths    widths of the inputs (entries per frame and stream)
     bands        F: the step runs the same weights on F bands of its input
     size_in      per-band input size (linear, gru, bigru, pad), C for layernorm, the input width else
     size_out     per-band output size: out (linear), hidden (gru), 2·hidden (bigru), size (norm)
     width        entries of the output per frame and stream (F · size_out, or the glue's width)
+    hidden       H of a gru or bigru step (0 otherwise)
     A            D-GRU steps: neurons updated per step (= hidden at P = 100); None otherwise
     dense        gru steps: P = 100, the dense GRU kernel runs (no accumulators)
     sparse_input gru steps: the input product is kept from the changed columns of the input (the
-                 state of a previous D-GRU step with the same bands)
+                 state of a previous D-GRU step with the same bands, which changes A_in entries)
+    state_index  the step's state among the plan's carried states (-1: it carries none)
     activation, eps, start, stop   per kind (linear, layernorm, slice)
     tensors      names of the tensors the step reads, e.g. ("fc1.weight", "fc1.bias")
     frees        names whose last reader this step is (the executor may drop them after it)
@@ -69,9 +71,13 @@ class Step:
     size_in: int
     size_out: int
     width: int
+    in_widths: tuple = ()
+    hidden: int = 0
     A: int | None = None
+    A_in: int | None = None
     dense: bool = True
     sparse_input: bool = False
+    state_index: int = -1
     activation: str = "none"
     eps: float = 1e-5
     start: int = 0
@@ -80,13 +86,8 @@ class Step:
     frees: tuple = ()
 
     @property
-    def hidden(self) -> int:
-        """H of a gru or bigru step."""
-        return self.size_out // 2 if self.kind == "bigru" else self.size_out
-
-    @property
     def carries_state(self) -> bool:
-        return self.kind in KINDS_WITH_STATE
+        return self.state_index >= 0
 
 
 @dataclass
@@ -122,21 +123,14 @@ class Plan:
         counts F times. The dense bidirectional GRUs across frequency (DPRNN) are in *other*, with
         the linear layers; normalisation and shape glue are not counted.
         """
-        dense = paper = ours = other = 0
+        total = {"gru_dense": 0, "gru_paper": 0, "gru_ours": 0, "other": 0}
         for s in self.steps:
-            F = s.bands
-            if s.kind == "gru":
-                prev_A = self.step(s.inputs[0]).A if s.sparse_input else None
-                m = count_macs(s.size_in, s.hidden, self.update_percent, input_changed=prev_A)
-                dense, paper, ours = dense + F * m.dense, paper + F * m.paper, ours + F * m.sparse
-            elif s.kind == "bigru":
-                other += F * 2 * 3 * s.hidden * (s.size_in + s.hidden)
-            elif s.kind == "linear":
-                other += F * s.size_in * s.size_out
-        return {"gru_dense": dense, "gru_paper": paper, "gru_ours": ours, "other": other}
+            for k, v in KINDS[s.kind].macs(s).items():
+                total[k] += v
+        return total
 
     def weight_bytes(self) -> dict:
-        """Bytes of float32 weights one streaming hop (one frame of one stream) reads, per step kind.
+        """Bytes of float32 weights one streaming hop (one frame of one stream) reads.
 
         ``dense``: every weight once. ``ours``: a D-GRU step reads its recurrent columns of the
         changed entries only (at most min(H, F·A) columns of 3H floats, the bands sharing the
@@ -145,26 +139,13 @@ class Plan:
         """
         dense = ours = 0
         for s in self.steps:
-            if s.kind == "linear":
-                b = 4 * (s.size_in * s.size_out + s.size_out)
-                dense, ours = dense + b, ours + b
-            elif s.kind == "bigru":
-                b = 4 * 2 * (3 * s.hidden * (s.size_in + s.hidden) + 6 * s.hidden)
-                dense, ours = dense + b, ours + b
-            elif s.kind == "layernorm":
-                dense, ours = dense + 8 * s.size_in, ours + 8 * s.size_in
-            elif s.kind == "gru":
-                H, I, F = s.hidden, s.size_in, s.bands
-                dense += 4 * (3 * H * (I + H) + 6 * H)
-                rec = H if s.dense else min(H, F * s.A)
-                inp = min(I, F * self.step(s.inputs[0]).A) if s.sparse_input else I
-                ours += 4 * (3 * H * (inp + rec) + 6 * H)
+            d, o = KINDS[s.kind].weight_bytes(s)
+            dense, ours = dense + d, ours + o
         return {"dense": dense, "ours": ours}
 
-
-def _tensor_names(spec) -> tuple:
-    """The tensors a layer reads, in the order its kernels take them (expected_shapes' order)."""
-    return tuple(expected_shapes({"layers": [spec]}))
+    def as_data(self) -> dict:
+        """The plan as plain data (dicts, lists, numbers, strings): what :func:`npdgru.reference.forward` walks."""
+        return {"n_features": self.n_features, "update_percent": self.update_percent, "steps": [asdict(s) for s in self.steps]}
 
 
 def make_plan(architecture: dict, *, update_percent: float = 100.0, sparse_inputs: bool = False) -> Plan:
@@ -173,63 +154,39 @@ def make_plan(architecture: dict, *, update_percent: float = 100.0, sparse_input
     ``sparse_inputs``: a D-GRU step whose input is the state of another D-GRU step with the same
     bands keeps its input product from the changed columns (only when P < 100).
     """
-    num_selected(update_percent, 1)  # validates P first: "50", None, True are refused, not cast
-    P = float(update_percent)
+    P = check_percent(update_percent)  # the one check of P on the way to the kernels
     layers = architecture["layers"]
     names = [FEATURES] + [s["name"] for s in layers]
     widths = {FEATURES: architecture["n_features"]}
-    kinds = {FEATURES: None}
-    bands = {FEATURES: 1}
-    A_of = {FEATURES: None}
+    by_name = {}
     ins_all = [layer_inputs(layers, i) for i in range(len(layers))]
     last = {}
     for i, ins in enumerate(ins_all):
         for x in ins:
             last[x] = i
     steps = []
+    n_state = 0
     for i, spec in enumerate(layers):
-        kind, name, F = spec["kind"], spec["name"], spec.get("bands", 1)
+        name = spec["name"]
+        kind = KINDS.get(spec["kind"])
+        if kind is None:
+            raise ParameterError(f"architecture layer {name}: kind {spec['kind']!r} has no plan (not one of {', '.join(KINDS)})")
         ins = ins_all[i]
-        in_w = [widths[x] for x in ins]
-        kw = {}
-        if kind == "linear":
-            size_in, size_out, width = spec["in"], spec["out"], F * spec["out"]
-            kw["activation"] = spec.get("activation", "none")
-        elif kind == "gru":
-            size_in, size_out, width = spec["in"], spec["hidden"], F * spec["hidden"]
-            A = num_selected(P, size_out)
-            src = ins[0]
-            sparse = bool(sparse_inputs) and P < 100.0 and kinds[src] == "gru" and bands[src] == F
-            kw.update(A=A, dense=P == 100.0, sparse_input=sparse)
-        elif kind == "bigru":
-            size_in, size_out, width = spec["in"], 2 * spec["hidden"], F * 2 * spec["hidden"]
-        elif kind == "layernorm":
-            size_in = size_out = spec["size"]
-            width = F * spec["size"]
-            kw["eps"] = float(spec.get("eps", 1e-5))
-        elif kind == "pad":
-            size_in, size_out, width = spec["in"], spec["out"], spec["out"]
-        elif kind == "slice":
-            size_in, size_out = in_w[0], spec["stop"] - spec["start"]
-            width = size_out
-            kw.update(start=spec["start"], stop=spec["stop"])
-        elif kind == "concat":
-            size_in, size_out = in_w[0], sum(in_w)
-            width = size_out
-        elif kind == "add":
-            size_in = size_out = width = in_w[0]
-        else:
-            raise ParameterError(f"architecture layer {name}: kind {kind!r} has no plan (not one of linear, gru, bigru, layernorm, {', '.join(_GLUE)})")
+        in_w = tuple(widths[x] for x in ins)
+        fields = kind.resolve(spec, in_w, P, by_name.get(ins[0]), sparse_inputs)
+        if kind.carries_state:
+            fields["state_index"], n_state = n_state, n_state + 1
         frees = tuple(x for x in dict.fromkeys(ins) if last.get(x) == i)
-        steps.append(Step(name=name, kind=kind, inputs=tuple(ins), slots=tuple(names.index(x) for x in ins), slot=i + 1,
-                          bands=F, size_in=size_in, size_out=size_out, width=width, tensors=_tensor_names(spec), frees=frees, **kw))
-        widths[name], kinds[name], bands[name], A_of[name] = width, kind, F, kw.get("A")
+        step = Step(name=name, kind=spec["kind"], inputs=tuple(ins), slots=tuple(names.index(x) for x in ins), slot=i + 1, in_widths=in_w,
+                    bands=spec.get("bands", 1), width=kind.width(spec, in_w), tensors=tuple(kind.shapes(spec)), frees=frees, **fields)
+        steps.append(step)
+        widths[name], by_name[name] = step.width, step
     return Plan(architecture=architecture, n_features=architecture["n_features"], update_percent=P, steps=steps)
 
 
 # --------------------------------------------------------------------------------------------
-# the architecture dict itself: what each kind needs, its output width, its tensors, its check
-# (weights.py reads and writes files and checks tensors; what a kind means is decided here)
+# the architecture dict itself, checked and described kind by kind (weights.py reads and writes
+# files and checks tensors; what a kind means is decided in kinds.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -239,21 +196,8 @@ def _fail(path, msg):
 
 def describe_layer(layer) -> str:
     """One line per layer for ``npdgru info``: kind, sizes, bands and inputs."""
-    kind, F = layer["kind"], layer.get("bands", 1)
-    if kind == "gru":
-        desc = f"D-GRU {layer['in']} -> {layer['hidden']} (along time)"
-    elif kind == "bigru":
-        desc = f"BiGRU {layer['in']} -> 2x{layer['hidden']} (across the bands of a frame, dense)"
-    elif kind == "linear":
-        desc = f"Linear {layer['in']} -> {layer['out']} + {layer.get('activation', 'none')}"
-    elif kind == "layernorm":
-        desc = f"LayerNorm {layer['size']}"
-    elif kind == "pad":
-        desc = f"Pad {layer['in']} -> {layer['out']}"
-    elif kind == "slice":
-        desc = f"Slice [{layer['start']}:{layer['stop']}]"
-    else:
-        desc = kind.capitalize()
+    desc = KINDS[layer["kind"]].describe(layer)
+    F = layer.get("bands", 1)
     if F > 1:
         desc += f", {F} bands"
     if "inputs" in layer:
@@ -261,16 +205,6 @@ def describe_layer(layer) -> str:
     return desc
 
 
-_SIZE_KEYS = {
-    "linear": ("in", "out"),
-    "gru": ("in", "hidden"),
-    "bigru": ("in", "hidden"),
-    "layernorm": ("size",),
-    "pad": ("in", "out"),
-    "slice": ("start", "stop"),
-    "add": (),
-    "concat": (),
-}
 _V2_KEYS = ("inputs", "bands")  # fields a format-1 reader does not know
 
 
@@ -279,33 +213,20 @@ def layer_inputs(layers, i) -> list[str]:
     spec = layers[i]
     if "inputs" in spec:
         return list(spec["inputs"])
-    return ["features" if i == 0 else layers[i - 1]["name"]]
+    return [FEATURES if i == 0 else layers[i - 1]["name"]]
 
 
 def layer_width(spec, in_widths) -> int:
     """Output width of a layer (entries per frame and stream), given its input widths."""
-    kind, F = spec["kind"], spec.get("bands", 1)
-    if kind == "linear":
-        return F * spec["out"]
-    if kind == "gru":
-        return F * spec["hidden"]
-    if kind == "bigru":
-        return F * 2 * spec["hidden"]
-    if kind == "pad":
-        return spec["out"]
-    if kind == "slice":
-        return spec["stop"] - spec["start"]
-    if kind == "concat":
-        return sum(in_widths)
-    return in_widths[0]  # layernorm, add
+    return KINDS[spec["kind"]].width(spec, in_widths)
 
 
 def format_version_of(arch) -> int:
-    """1 for a plain chain of linear and GRU layers (NSNet2), 2 when a layer needs the graph
-    fields (``inputs``, ``bands``) or the kinds added with them (bigru, layernorm, pad, slice, add,
-    concat): a format-1 reader then refuses the file as newer instead of misreading it."""
+    """1 for a plain chain of format-1 kinds (NSNet2's linear and GRU layers), 2 when a layer needs
+    the graph fields (``inputs``, ``bands``) or a kind added with them: a format-1 reader then
+    refuses the file as newer instead of misreading it."""
     for spec in arch["layers"]:
-        if spec["kind"] not in LAYER_KINDS_V1 or any(k in spec for k in _V2_KEYS):
+        if spec["kind"] not in KINDS_V1 or any(k in spec for k in _V2_KEYS):
             return 2
     return 1
 
@@ -322,23 +243,24 @@ def validate_architecture(arch, path=None) -> dict:
     nf = arch.get("n_features")
     if not isinstance(nf, int) or isinstance(nf, bool) or nf < 1:
         _fail(path, f"architecture n_features={nf!r} must be a positive integer")
-    widths = {"features": nf}
+    widths = {FEATURES: nf}
     layers = arch["layers"]
     for i, layer in enumerate(layers):
         if not isinstance(layer, dict):
             _fail(path, f"architecture layer {i} is not a dict")
-        kind, name = layer.get("kind"), layer.get("name")
-        if kind not in LAYER_KINDS:
-            _fail(path, f"architecture layer {i} ({name}): kind {kind!r} is not one of {LAYER_KINDS}")
+        name = layer.get("name")
+        kind = KINDS.get(layer.get("kind")) if isinstance(layer.get("kind"), str) else None
+        if kind is None:
+            _fail(path, f"architecture layer {i} ({name}): kind {layer.get('kind')!r} is not one of {LAYER_KINDS}")
         if not isinstance(name, str) or not name.isidentifier() or name.startswith("_") or name in widths:
             _fail(path, f"architecture layer {i}: name {name!r} must be a unique identifier without dots (not 'features', not starting with '_')")
-        for k in _SIZE_KEYS[kind] + (("bands",) if "bands" in layer else ()):
+        for k in kind.keys + (("bands",) if "bands" in layer else ()):
             v = layer.get(k)
             low = 0 if k == "start" else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 _fail(path, f"architecture layer {name}: '{k}'={v!r} must be an integer >= {low}")
-        if "bands" in layer and kind not in ("linear", "gru", "bigru", "layernorm"):
-            _fail(path, f"architecture layer {name}: kind {kind!r} takes no 'bands'")
+        if "bands" in layer and not kind.takes_bands:
+            _fail(path, f"architecture layer {name}: kind {kind.name!r} takes no 'bands'")
         inputs = layer.get("inputs", None)
         if inputs is not None and (not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) for x in inputs)):
             _fail(path, f"architecture layer {name}: 'inputs' must be a non-empty list of layer names")
@@ -347,28 +269,15 @@ def validate_architecture(arch, path=None) -> dict:
             if x not in widths:
                 _fail(path, f"architecture layer {name}: input {x!r} is not 'features' or an earlier layer")
         n_in = len(inputs)
-        if kind in ("add", "concat") and n_in < 2:
-            _fail(path, f"architecture layer {name}: {kind} needs at least two inputs")
-        if kind not in ("add", "concat") and n_in != 1:
-            _fail(path, f"architecture layer {name}: {kind} takes one input, got {n_in}")
+        if kind.many_inputs and n_in < 2:
+            _fail(path, f"architecture layer {name}: {kind.name} needs at least two inputs")
+        if not kind.many_inputs and n_in != 1:
+            _fail(path, f"architecture layer {name}: {kind.name} takes one input, got {n_in}")
         in_w = [widths[x] for x in inputs]
-        F = layer.get("bands", 1)
-        if kind in ("linear", "gru", "bigru", "pad") and in_w[0] != F * layer["in"]:
-            band = f" ({F} bands x {layer['in']})" if F > 1 else ""
-            _fail(path, f"architecture layer {name}: input size {F * layer['in']}{band} does not match the width {in_w[0]} of {inputs[0]}")
-        if kind == "layernorm" and in_w[0] != F * layer["size"]:
-            _fail(path, f"architecture layer {name}: {F} bands x size {layer['size']} does not match the width {in_w[0]} of {inputs[0]}")
-        if kind == "pad" and layer["out"] < layer["in"]:
-            _fail(path, f"architecture layer {name}: pad out={layer['out']} is smaller than in={layer['in']}")
-        if kind == "slice" and not layer["start"] < layer["stop"] <= in_w[0]:
-            _fail(path, f"architecture layer {name}: slice [{layer['start']}, {layer['stop']}) is not inside the width {in_w[0]} of {inputs[0]}")
-        if kind == "add" and len(set(in_w)) != 1:
-            _fail(path, f"architecture layer {name}: add needs inputs of one width, got {in_w}")
-        if kind == "linear" and layer.get("activation", "none") not in ACTIVATIONS:
-            _fail(path, f"architecture layer {name}: activation {layer.get('activation')!r} is not one of {ACTIVATIONS}")
-        if kind == "layernorm" and not (isinstance(layer.get("eps", 1e-5), float) and 0.0 < layer.get("eps", 1e-5) < 1.0):
-            _fail(path, f"architecture layer {name}: eps={layer.get('eps')!r} must be a float in (0, 1)")
-        widths[name] = layer_width(layer, in_w)
+        problem = kind.check(layer, in_w, inputs[0])
+        if problem:
+            _fail(path, f"architecture layer {name}: {problem}")
+        widths[name] = kind.width(layer, in_w)
     width = widths[layers[-1]["name"]]
     if width != nf:
         _fail(path, f"architecture output width {width} must equal n_features={nf} (a mask per bin)")
@@ -379,15 +288,5 @@ def expected_shapes(arch) -> dict[str, tuple[int, ...]]:
     """Every tensor the architecture needs, with its shape (PyTorch names and layouts)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for layer in arch["layers"]:
-        n, kind = layer["name"], layer["kind"]
-        if kind in ("gru", "bigru"):
-            H, I = layer["hidden"], layer["in"]
-            for suffix in ("", "_reverse") if kind == "bigru" else ("",):
-                shapes.update({f"{n}.weight_ih{suffix}": (3 * H, I), f"{n}.weight_hh{suffix}": (3 * H, H), f"{n}.bias_ih{suffix}": (3 * H,), f"{n}.bias_hh{suffix}": (3 * H,)})
-        elif kind == "linear":
-            shapes.update({f"{n}.weight": (layer["out"], layer["in"]), f"{n}.bias": (layer["out"],)})
-        elif kind == "layernorm":
-            shapes.update({f"{n}.weight": (layer["size"],), f"{n}.bias": (layer["size"],)})
+        shapes.update(KINDS[layer["kind"]].shapes(layer))
     return shapes
-
-

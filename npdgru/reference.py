@@ -3,7 +3,7 @@
 Read this file beside the paper: Cheng et al., "Dynamic Gated Recurrent Neural Network for
 Compute-efficient Speech Enhancement", Interspeech 2024, arXiv:2408.12425, section 2.
 
-Conventions (``../shared/DESIGN.md`` section 1) follow ``torch.nn.GRU``::
+Conventions (``docs/design.md``) follow ``torch.nn.GRU``::
 
     weight_ih (3H, I)   weight_hh (3H, H)   bias_ih (3H,)   bias_hh (3H,)   gate order r, z, n
 
@@ -21,7 +21,16 @@ index); every other neuron keeps its value bit for bit::
     h_i ← h_i                      for i not in S
 
 Nothing here is fast. Functions work in whatever float dtype they are given (the tests run them
-in float64 to check the float32 kernels). Shapes: ``B`` independent streams, ``T`` steps.
+in float64 to check the float32 kernels). Shapes: ``B`` independent streams, ``T`` steps. Every
+matrix product is taken one row at a time, so a stream gives the same bits alone or in a batch
+(a BLAS matrix-matrix product may sum in another order for another row count).
+
+:func:`forward` is the whole mask model: a plan (``npdgru.plan.Plan.as_data()``, plain data)
+walked step by step on these functions, the readable twin of every backend's executor.
+
+This module imports NumPy only: it depends on nothing else of npdgru. A bad argument is a
+ValueError; the package's checked entry points (``npdgru.kinds``, the backends) raise
+``npdgru.ParameterError`` before anything reaches here.
 """
 
 from __future__ import annotations
@@ -31,8 +40,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
-
-from .errors import ParameterError
 
 __all__ = [
     "num_selected",
@@ -45,6 +52,8 @@ __all__ = [
     "MacCount",
     "count_macs",
     "layer_norm",
+    "linear",
+    "forward",
 ]
 
 
@@ -55,12 +64,12 @@ def num_selected(update_percent: float, hidden_size: int) -> int:
     333, not 334 from binary rounding of ``33.3*1000/100``.
     """
     if isinstance(update_percent, bool) or not isinstance(update_percent, (int, float, np.integer, np.floating)):
-        raise ParameterError(f"update_percent={update_percent!r} must be a number in (0, 100]")
+        raise ValueError(f"update_percent={update_percent!r} must be a number in (0, 100]")
     p = float(update_percent)
     if not (math.isfinite(p) and 0.0 < p <= 100.0):
-        raise ParameterError(f"update_percent={update_percent!r} must be in (0, 100]")
+        raise ValueError(f"update_percent={update_percent!r} must be in (0, 100]")
     if int(hidden_size) != hidden_size or hidden_size < 1:
-        raise ParameterError(f"hidden_size={hidden_size!r} must be a positive integer")
+        raise ValueError(f"hidden_size={hidden_size!r} must be a positive integer")
     a = math.ceil(Fraction(str(p)) * int(hidden_size) / 100)
     return max(1, min(int(hidden_size), a))
 
@@ -91,11 +100,20 @@ def top_a(u: np.ndarray, A: int) -> np.ndarray:
     return mask
 
 
+def matvec_rows(W, x):
+    """W x for every row x of (..., I): (..., O), one matrix-vector product per row (batch-invariant)."""
+    x2 = np.asarray(x).reshape(-1, x.shape[-1])
+    out = np.empty((x2.shape[0], W.shape[0]), np.result_type(x2, W))
+    for n in range(x2.shape[0]):
+        out[n] = W @ x2[n]
+    return out.reshape(x.shape[:-1] + (W.shape[0],))
+
+
 def _gates(x, h, weight_ih, weight_hh, bias_ih, bias_hh):
     """Pre-activations split by gate: (x-side r, z, n), (h-side r, z, n); each (..., H)."""
     H = weight_hh.shape[1]
-    gi = x @ weight_ih.T + bias_ih  # W_i{r,z,n} x + b_i{r,z,n}, (..., 3H)
-    gh = h @ weight_hh.T + bias_hh  # W_h{r,z,n} h + b_h{r,z,n}, (..., 3H)
+    gi = matvec_rows(weight_ih, x) + bias_ih  # W_i{r,z,n} x + b_i{r,z,n}, (..., 3H)
+    gh = matvec_rows(weight_hh, h) + bias_hh  # W_h{r,z,n} h + b_h{r,z,n}, (..., 3H)
     return (gi[..., :H], gi[..., H : 2 * H], gi[..., 2 * H :]), (gh[..., :H], gh[..., H : 2 * H], gh[..., 2 * H :])
 
 
@@ -131,12 +149,12 @@ def dgru_step(x, h, weight_ih, weight_hh, bias_ih, bias_hh, A):
 
 def _check_sequence_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh):
     if x.ndim != 3:
-        raise ParameterError(f"x must be (T, B, I), got shape {x.shape}")
+        raise ValueError(f"x must be (T, B, I), got shape {x.shape}")
     H = weight_hh.shape[1]
     if h0 is None:
         h0 = np.zeros((x.shape[1], H), dtype=x.dtype)
     if h0.shape != (x.shape[1], H):
-        raise ParameterError(f"h0 must be (B, H)={(x.shape[1], H)}, got {h0.shape}")
+        raise ValueError(f"h0 must be (B, H)={(x.shape[1], H)}, got {h0.shape}")
     return h0
 
 
@@ -176,7 +194,7 @@ class MacCount:
     dense  : 3H(I + H), every gate row against x and h.
     paper  : (H + 2A)(I + H), z for all rows, r and n only for the A selected rows, i.e.
              (1 + 2P)/3 of dense (the paper's count).
-    sparse : ours, with exact accumulators (DESIGN.md section 1). The recurrent pre-activations
+    sparse : ours, with exact accumulators (``docs/design.md``). The recurrent pre-activations
              M = W_hh h + b_hh are updated from the A changed columns of h: 3H·A. The input side is
              3H·A_in when the input changes in only A_in entries per step (the state of a previous
              D-GRU layer, kept in an input accumulator) and 3H·I when the input is dense: the
@@ -194,119 +212,20 @@ class MacCount:
         return self.paper / self.dense, self.sparse / self.dense
 
 
-def count_macs(input_size: int, hidden_size: int, update_percent: float = 100.0, *, input_changed: int | None = None) -> MacCount:
+def count_macs(input_size: int, hidden_size: int, update_percent: float = 100.0, *, input_changed: int | None = None, A: int | None = None) -> MacCount:
     """MACs per step of one (D-)GRU layer; see :class:`MacCount`.
 
     ``input_changed`` is how many input entries change per step when the input is the state of a
-    previous D-GRU layer (that layer's A); None means a dense input.
+    previous D-GRU layer (that layer's A); None means a dense input. ``A``: the neurons updated
+    per step, when already resolved (then ``update_percent`` is not read).
     """
     I, H = int(input_size), int(hidden_size)
-    A = num_selected(update_percent, H)
+    if A is None:
+        A = num_selected(update_percent, H)
     dense = 3 * H * (I + H)
     paper = (H + 2 * A) * (I + H)
     input_cost = 3 * H * (I if input_changed is None else min(I, int(input_changed)))
     return MacCount(dense=dense, paper=paper, sparse=input_cost + 3 * H * A)
-
-
-# --------------------------------------------------------------------------------------------
-# Layers with carried state: the interface every backend offers (see kernels/cpu.py), so that
-# model.py can run on any of them. The reference computes in float64.
-# --------------------------------------------------------------------------------------------
-
-
-class GRUState:
-    """Carried state of one GRU layer for B streams: just h (B, H)."""
-
-    def __init__(self, h):
-        self.h = h
-
-    @property
-    def batch(self) -> int:
-        return self.h.shape[0]
-
-    def take(self, rows) -> "GRUState":
-        """Streams ``rows`` (a fresh zero stream where a row is < 0) as a new state."""
-        rows = np.asarray(rows, np.int64).reshape(-1)
-        h = np.zeros((rows.size, self.h.shape[1]), self.h.dtype)
-        h[rows >= 0] = self.h[rows[rows >= 0]]
-        return GRUState(h)
-
-    def put(self, rows, other: "GRUState") -> None:
-        """Write the streams of ``other`` into rows ``rows``."""
-        self.h[np.asarray(rows, np.int64).reshape(-1)] = other.h
-
-
-class GRULayer:
-    """A (D-)GRU layer on the reference backend (float64); same interface as ``cpu.GRULayer``."""
-
-    backend = "reference"
-
-    def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, *, update_percent=100.0, sparse_input=False, refresh_every=None, name="gru", A=None):
-        self.name = name
-        self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = (np.asarray(a, np.float64) for a in (weight_ih, weight_hh, bias_ih, bias_hh))
-        self.input_size, self.hidden_size = self.weight_ih.shape[1], self.weight_hh.shape[1]
-        if self.weight_ih.shape[0] != 3 * self.hidden_size or self.weight_hh.shape != (3 * self.hidden_size, self.hidden_size):
-            raise ParameterError(f"{name}: weight shapes {self.weight_ih.shape}, {self.weight_hh.shape} are not (3H, I), (3H, H)")
-        self.update_percent = float(update_percent)
-        self.A = num_selected(update_percent, self.hidden_size)
-        self.dense = self.update_percent == 100.0
-        if A is not None:  # A neurons per step, the D-GRU path even at A = H
-            if isinstance(A, bool) or not isinstance(A, (int, np.integer)) or not 1 <= A <= self.hidden_size:
-                raise ParameterError(f"A={A!r} must be an integer in [1, H={self.hidden_size}]")
-            self.A, self.dense = int(A), False
-            self.update_percent = 100.0 * self.A / self.hidden_size
-
-    def init_state(self, batch: int = 1, h0=None) -> GRUState:
-        h = np.zeros((batch, self.hidden_size)) if h0 is None else np.array(h0, np.float64)
-        return GRUState(h)
-
-    def _run(self, x, state: GRUState):
-        return self.forward(x, state)
-
-    def forward(self, x, state: GRUState, *, selected=None):
-        """x (T, B, I) -> (T, B, H); ``state`` updated in place."""
-        x = np.asarray(x, np.float64)
-        if x.ndim != 3 or x.shape[2] != self.input_size or x.shape[1] != state.batch:
-            raise ParameterError(f"{self.name}: x must have shape (T, {state.batch}, {self.input_size}), got {x.shape}")
-        W = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        if self.dense:
-            out = gru_sequence(x, state.h, *W)
-            if selected is not None:
-                selected[...] = True
-        else:
-            out, S = dgru_sequence(x, state.h, *W, self.A)
-            if selected is not None:
-                selected[...] = S
-        if len(out):
-            state.h = out[-1].copy()
-        return out
-
-
-class Linear:
-    """Fully connected layer y = act(x Wᵀ + b) on the reference backend (float64)."""
-
-    backend = "reference"
-
-    def __init__(self, weight, bias, *, activation="none", name="linear"):
-        self.name = name
-        self.weight, self.bias = np.asarray(weight, np.float64), np.asarray(bias, np.float64)
-        self.activation = activation
-
-    def _run(self, x):
-        return self.forward(x)
-
-    def forward(self, x):
-        """x (N, in) -> (N, out)."""
-        y = np.asarray(x, np.float64) @ self.weight.T + self.bias
-        return ACTIVATION_FUNCTIONS[self.activation](y)
-
-
-ACTIVATION_FUNCTIONS = {
-    "none": lambda y: y,
-    "relu": lambda y: np.maximum(y, 0.0),
-    "sigmoid": sigmoid,
-    "tanh": np.tanh,
-}
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
@@ -323,29 +242,76 @@ def layer_norm(x, weight, bias, eps=1e-5):
     return (x - mu) / np.sqrt(var + eps) * weight + bias
 
 
-class LayerNorm:
-    """:func:`layer_norm` over rows of (N, C) on the reference backend (float64)."""
-
-    backend = "reference"
-
-    def __init__(self, weight, bias, *, eps=1e-5, name="norm"):
-        self.name, self.eps = name, float(eps)
-        self.weight, self.bias = np.asarray(weight, np.float64), np.asarray(bias, np.float64)
-        self.size = self.weight.shape[0]
-
-    def _run(self, x):
-        return layer_norm(np.asarray(x, np.float64), self.weight, self.bias, self.eps)
-
-    forward = _run
+ACTIVATION_FUNCTIONS = {
+    "none": lambda y: y,
+    "relu": lambda y: np.maximum(y, 0.0),
+    "sigmoid": sigmoid,
+    "tanh": np.tanh,
+}
 
 
-def Executor(plan, tensors, *, refresh_every=None):
-    """A :class:`~npdgru.plan.Plan` run on these float64 layers (slow; the specification)."""
-    import sys
+def linear(x, weight, bias, activation="none"):
+    """Fully connected layer y = act(W x + b) over the last axis: x (..., in) -> (..., out)."""
+    return ACTIVATION_FUNCTIONS[activation](matvec_rows(weight, x) + bias)
 
-    from .kernels._graph import GraphExecutor
 
-    class _Reference(GraphExecutor):
-        backend = "reference"
+# --------------------------------------------------------------------------------------------
+# The whole mask model: a plan walked on the functions above, one stream, float64
+# --------------------------------------------------------------------------------------------
+# A step (plain data, ``Plan.as_data()``) gives its kind, its inputs, F = bands, per-band sizes
+# I = size_in, H = hidden, A, dense, and per kind activation / eps / start, stop. Each step
+# function takes (step, inputs (T, width) each, w) where w(suffix) is the step's tensor.
 
-    return _Reference(plan, tensors, sys.modules[__name__], refresh_every=refresh_every)
+
+def _linear(s, xs, w):  # the same weights on each of the F bands
+    T = xs[0].shape[0]
+    y = linear(xs[0].reshape(T, s["bands"], s["size_in"]), w("weight"), w("bias"), s["activation"])
+    return y.reshape(T, -1)
+
+
+def _gru(s, xs, w):  # D-GRU along time, eq. (4)-(5); the F bands are F streams of one layer
+    T, F = xs[0].shape[0], s["bands"]
+    x = xs[0].reshape(T, F, s["size_in"])  # (T, B = F, I)
+    W = (w("weight_ih"), w("weight_hh"), w("bias_ih"), w("bias_hh"))
+    y = gru_sequence(x, None, *W) if s["dense"] else dgru_sequence(x, None, *W, s["A"])[0]
+    return y.reshape(T, F * s["hidden"])
+
+
+def _bigru(s, xs, w):  # dense, across the F bands of each frame, from h = 0 at every frame
+    T, F, H = xs[0].shape[0], s["bands"], s["hidden"]
+    seq = xs[0].reshape(T, F, s["size_in"]).transpose(1, 0, 2)  # (F, T, I): bands are the steps
+    fwd = gru_sequence(seq, None, *(w(n) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
+    bwd = gru_sequence(seq[::-1], None, *(w(n + "_reverse") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))[::-1]
+    return np.concatenate([fwd, bwd], axis=-1).transpose(1, 0, 2).reshape(T, F * 2 * H)
+
+
+def _layernorm(s, xs, w):  # each band of each frame on its own
+    T = xs[0].shape[0]
+    return layer_norm(xs[0].reshape(T, s["bands"], s["size_in"]), w("weight"), w("bias"), s["eps"]).reshape(T, -1)
+
+
+_STEPS = {
+    "linear": _linear,
+    "gru": _gru,
+    "bigru": _bigru,
+    "layernorm": _layernorm,
+    "pad": lambda s, xs, w: np.pad(xs[0], ((0, 0), (0, s["size_out"] - s["size_in"]))),
+    "slice": lambda s, xs, w: xs[0][:, s["start"] : s["stop"]],
+    "add": lambda s, xs, w: sum(xs[1:], xs[0]),
+    "concat": lambda s, xs, w: np.concatenate(xs, axis=-1),
+}
+
+
+def forward(plan, tensors, features):
+    """The mask of one stream: features (T, n_features) -> (T, n_features), float64.
+
+    ``plan``: ``{"n_features": int, "steps": [step, ...]}`` (``npdgru.plan.Plan.as_data()``);
+    ``tensors``: the weight file's tensors by name (``fc1.weight`` ...).
+    """
+    values = {"features": np.asarray(features, np.float64)}
+    for s in plan["steps"]:
+        def w(suffix, name=s["name"]):
+            return np.asarray(tensors[f"{name}.{suffix}"], np.float64)
+
+        values[s["name"]] = _STEPS[s["kind"]](s, [values[x] for x in s["inputs"]], w)
+    return values[plan["steps"][-1]["name"]]

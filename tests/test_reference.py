@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from naive import naive_dgru_step, naive_gru_sequence, naive_gru_step, naive_select, naive_update_gate
 from npdgru import reference as ref
+from npdgru import kinds
 from npdgru.errors import ParameterError
 
 TOL64 = 1e-12  # float64 vs float64 with different summation order (|h| <= 1, sums of <= 13 terms)
@@ -163,16 +164,23 @@ def test_num_selected(P, H, A):
     assert ref.num_selected(P, H) == A
 
 
+# the specification refuses with ValueError (it imports nothing of npdgru); the package's checked
+# entry point npdgru.kinds.num_selected with ParameterError, the same message
+CHECKED = [(ref.num_selected, ValueError), (kinds.num_selected, ParameterError)]
+
+
+@pytest.mark.parametrize("fn, error", CHECKED)
 @pytest.mark.parametrize("P", [0, 0.0, -1, -1e-9, 100.0001, 101, float("nan"), float("inf"), -float("inf"), "50", True, False, None, [50]])
-def test_num_selected_rejects_bad_percent(P):
-    with pytest.raises(ParameterError):
-        ref.num_selected(P, 10)
+def test_num_selected_rejects_bad_percent(P, fn, error):
+    with pytest.raises(error, match="update_percent"):
+        fn(P, 10)
 
 
+@pytest.mark.parametrize("fn, error", CHECKED)
 @pytest.mark.parametrize("H", [0, -3, 1.5])
-def test_num_selected_rejects_bad_hidden_size(H):
-    with pytest.raises(ParameterError):
-        ref.num_selected(50, H)
+def test_num_selected_rejects_bad_hidden_size(H, fn, error):
+    with pytest.raises(error, match="hidden_size"):
+        fn(50, H)
 
 
 @settings(deadline=None, max_examples=200)
@@ -237,5 +245,23 @@ def test_count_macs_dense_at_p100_with_sparse_input_of_full_size():
 
 
 def test_count_macs_rejects_bad_percent():
-    with pytest.raises(ParameterError):
+    with pytest.raises(ValueError):
         ref.count_macs(400, 400, 0)
+
+
+# ------------------------------------------------------------------------ batch invariance
+
+
+@pytest.mark.parametrize("B", [2, 3, 7])
+def test_a_stream_gives_the_same_bits_alone_and_in_a_batch(B):
+    """The reference takes its products row by row: a BLAS matrix product of several rows may sum
+    in another order than that of one row, which would make a stream's bits depend on its batch."""
+    rng = np.random.default_rng(B)
+    I, H = 400, 400
+    W = (rng.uniform(-0.05, 0.05, (3 * H, I)), rng.uniform(-0.05, 0.05, (3 * H, H)), rng.uniform(-0.05, 0.05, 3 * H), rng.uniform(-0.05, 0.05, 3 * H))
+    x, h = rng.standard_normal((B, I)), rng.uniform(-0.5, 0.5, (B, H))
+    batch, S = ref.dgru_step(x, h, *W, 200)
+    for b in range(B):
+        alone, S1 = ref.dgru_step(x[b : b + 1], h[b : b + 1], *W, 200)
+        assert np.array_equal(alone[0], batch[b]) and np.array_equal(S1[0], S[b]), f"stream {b} of {B}"
+    assert np.array_equal(ref.gru_step(x[:1], h[:1], *W)[0], ref.gru_step(x, h, *W)[0])

@@ -1,12 +1,13 @@
 """Backends: one executor each, built from (plan, tensors), with the same interface.
 
-``reference`` NumPy, float64 (:mod:`npdgru.reference`, the specification)
+``reference`` NumPy, float64 (:mod:`npdgru.kernels.reference` on :mod:`npdgru.reference`, the specification)
 ``cpu``       numba @njit kernels, float32 (imported on first use)
 ``cuda``      numba.cuda kernels (imported lazily; needs the ``cuda`` extra or the simulator)
 
 Each backend module mirrors :mod:`npdgru.reference` function for function and offers
 ``Executor(plan, tensors, refresh_every=None)`` with ``init_state(B)``, ``run(features, state)``
-and a state with ``take(rows)`` / ``put(rows, sub)``.
+and a state with ``take(rows)`` / ``put(rows, sub)``, and ``RUNNERS``: one runner per layer kind
+(``npdgru.kinds.KINDS``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def get_backend(name: str):
     ParameterError says how to install them.
     """
     if name == "reference":
-        return importlib.import_module("npdgru.reference")
+        return importlib.import_module("npdgru.kernels.reference")
     if name == "cpu":
         return importlib.import_module("npdgru.kernels.cpu")
     if name == "cuda":

@@ -1,10 +1,12 @@
-"""The executor every backend shares: a :class:`~npdgru.plan.Plan` run step by step on the layer
-classes of one backend module (``reference``, ``kernels.cpu``, ``kernels.cuda``).
+"""The executor every backend shares: a :class:`~npdgru.plan.Plan` run step by step, each step by
+the runner its backend registers for the step's kind (``RUNNERS[kind]``).
 
-A backend provides ``GRULayer`` (``init_state``, ``_run``, with a state that has ``take(rows)``
-and ``put(rows, sub)``), ``Linear``, ``LayerNorm`` and the shape glue ``Ops`` (for the host
-backends :class:`HostOps`). The executor builds them once from (plan, tensors) and then only runs:
-the step kinds are read from the plan, never from the architecture.
+A backend (``kernels.reference``, ``kernels.cpu``, ``kernels.cuda``) subclasses
+:class:`GraphExecutor` with its layer classes ``GRULayer`` (``init_state``, ``_run``, a state with
+``take(rows)`` and ``put(rows, sub)``), ``Linear``, ``LayerNorm``, its shape glue ``ops`` (for the
+host backends :class:`HostOps`) and its table ``runners``. :data:`LAYER_RUNNERS` runs every kind
+on those classes and ops, so a backend's table starts from it. The executor builds one runner
+per step from (step, tensors) once, then only calls them: it never looks at a kind's name.
 """
 
 from __future__ import annotations
@@ -80,8 +82,116 @@ class ExecState:
             st.put(band_rows(rows, F), s2)
 
 
+class Runner:
+    """One plan step on one backend: built once from (step, its tensors, the executor), then called
+    as ``runner(xs, state, T, Bn)`` with the step's inputs (T, Bn, width each) -> (T, Bn, width).
+
+    ``layers``: the backend layers it runs; ``state_layer``: the one whose state it carries (a
+    D-GRU along time), else None.
+    """
+
+    layers: tuple = ()
+    state_layer = None
+
+    def __init__(self, step, weights, ex):
+        self.step = step
+
+
+class LinearRunner(Runner):
+    def __init__(self, step, weights, ex):
+        self.step, self.layer = step, ex.Linear(*weights, activation=step.activation, name=step.name)
+        self.layers = (self.layer,)
+
+    def __call__(self, xs, state, T, Bn):
+        s = self.step
+        return self.layer._run(xs[0].reshape(T * Bn * s.bands, s.size_in)).reshape(T, Bn, s.width)
+
+
+class LayerNormRunner(LinearRunner):
+    def __init__(self, step, weights, ex):
+        self.step, self.layer = step, ex.LayerNorm(*weights, eps=step.eps, name=step.name)
+        self.layers = (self.layer,)
+
+
+class GRURunner(Runner):
+    """A D-GRU along time: F bands of a stream are F rows of the layer's state. A was resolved by
+    the plan (``step.A``); a dense step (P = 100) runs the dense GRU kernel."""
+
+    def __init__(self, step, weights, ex):
+        extra = {} if ex.refresh_every is None else {"refresh_every": ex.refresh_every}
+        self.step = step
+        self.layer = self.state_layer = ex.GRULayer(*weights, A=None if step.dense else step.A, sparse_input=step.sparse_input, name=step.name, **extra)
+        self.layers = (self.layer,)
+
+    def __call__(self, xs, state, T, Bn):
+        s = self.step
+        return self.layer._run(xs[0].reshape(T, Bn * s.bands, s.size_in), state.layers[s.state_index]).reshape(T, Bn, s.width)
+
+
+class BiGRURunner(Runner):
+    """Dense bidirectional GRU across the F bands of each frame (DPRNN's intra-frame path).
+
+    Every frame of every stream is a sequence of F steps starting from h = 0, so nothing is
+    carried from frame to frame: offline and streaming give the same output. Output per band:
+    [forward h, backward h] (``torch.nn.GRU(bidirectional=True)``).
+    """
+
+    def __init__(self, step, weights, ex):
+        self.step, self.ops = step, ex.ops
+        self.layers = (ex.GRULayer(*weights[:4], name=step.name), ex.GRULayer(*weights[4:], name=f"{step.name}_reverse"))
+
+    def __call__(self, xs, state, T, Bn):
+        fwd, bwd = self.layers
+        s, ops, x = self.step, self.ops, xs[0]
+        F, I, H = s.bands, s.size_in, s.hidden
+        N = T * Bn
+        if N == 0:  # no frame (T = 0): nothing to run, and a GRU state of 0 streams cannot be made
+            return ops.pad(ops.slice(x, 0, 0), F * 2 * H)
+        seq = ops.swap01(x.reshape(N, F, I))  # (F, N, I): bands are the steps, frames the streams
+        yf = fwd._run(seq, fwd.init_state(N))
+        yb = ops.flip0(bwd._run(ops.flip0(seq), bwd.init_state(N)))
+        y = ops.swap01(ops.concat([yf, yb]))  # (N, F, 2H)
+        return y.reshape(T, Bn, F * 2 * H)
+
+
+class GlueRunner(Runner):
+    """Shape glue between steps, on the executor's ``ops``: ``fn(ops, step, xs)``."""
+
+    fn = None
+
+    def __init__(self, step, weights, ex):
+        self.step, self.ops = step, ex.ops
+
+    def __call__(self, xs, state, T, Bn):
+        return type(self).fn(self.ops, self.step, xs)
+
+
+def _glue(fn):
+    return type("GlueRunner", (GlueRunner,), {"fn": staticmethod(fn)})
+
+
+def _add(ops, s, xs):
+    y = xs[0]
+    for z in xs[1:]:
+        y = ops.add(y, z)
+    return y
+
+
+LAYER_RUNNERS = {
+    "linear": LinearRunner,
+    "gru": GRURunner,
+    "bigru": BiGRURunner,
+    "layernorm": LayerNormRunner,
+    "pad": _glue(lambda ops, s, xs: ops.pad(xs[0], s.size_out)),
+    "slice": _glue(lambda ops, s, xs: ops.slice(xs[0], s.start, s.stop)),
+    "add": _glue(_add),
+    "concat": _glue(lambda ops, s, xs: ops.concat(xs)),
+}
+
+
 class GraphExecutor:
-    """Runs a plan on one backend. Subclasses (one per backend) set ``backend`` and the module.
+    """Runs a plan on one backend. Subclasses (one per backend) set ``backend``, ``ops``,
+    ``runners`` and the layer classes ``GRULayer``, ``Linear``, ``LayerNorm``.
 
     Parameters
     ----------
@@ -92,47 +202,28 @@ class GraphExecutor:
 
     backend = "?"
     ops = HostOps
+    runners: dict = {}
 
-    def __init__(self, plan, tensors, module, *, refresh_every=None):
-        self.plan, self.module = plan, module
-        extra = {} if refresh_every is None else {"refresh_every": refresh_every}
-        self._runners = []
+    def __init__(self, plan, tensors, *, refresh_every=None):
+        self.plan, self.refresh_every = plan, refresh_every
         self._slot_names = ["features"] + [s.name for s in plan.steps]
+        self.steps = []
         for s in plan.steps:
-            self._check_kind(s)
-            w = [tensors[n] for n in s.tensors]
-            if s.kind == "gru":
-                obj = module.GRULayer(*w, update_percent=plan.update_percent, sparse_input=s.sparse_input, name=s.name, **extra)
-            elif s.kind == "bigru":
-                obj = (module.GRULayer(*w[:4], update_percent=100.0, name=s.name), module.GRULayer(*w[4:], update_percent=100.0, name=f"{s.name}_reverse"))
-            elif s.kind == "linear":
-                obj = module.Linear(*w, activation=s.activation, name=s.name)
-            elif s.kind == "layernorm":
-                obj = module.LayerNorm(*w, eps=s.eps, name=s.name)
-            else:
-                obj = None
-            self._runners.append(obj)
-
-    def _check_kind(self, step) -> None:
-        """Refuse a step this backend cannot run (ParameterError naming it)."""
+            if s.kind not in self.runners:
+                raise ParameterError(f"backend {self.backend!r} cannot run step {s.name} (kind {s.kind!r} has no runner there)")
+            self.steps.append(self.runners[s.kind](s, [tensors[n] for n in s.tensors], self))
 
     # -- layers ---------------------------------------------------------------------------------
 
     @property
     def layers(self) -> list:
         """The backend layers in order (a bidirectional GRU gives its two directions)."""
-        out = []
-        for obj in self._runners:
-            if isinstance(obj, tuple):
-                out += list(obj)
-            elif obj is not None and not hasattr(obj, "size"):
-                out.append(obj)
-        return out
+        return [layer for r in self.steps for layer in r.layers]
 
     @property
     def gru_layers(self) -> list:
         """The D-GRU layers along time (those with carried state), in order."""
-        return [obj for s, obj in zip(self.plan.steps, self._runners) if s.carries_state]
+        return [r.state_layer for r in self.steps if r.state_layer is not None]
 
     # -- state and running ----------------------------------------------------------------------
 
@@ -165,48 +256,10 @@ class GraphExecutor:
         T, Bn = x.shape[:2]
         values = [None] * (len(self.plan.steps) + 1)
         values[0] = x
-        k = 0
-        ops = self.ops
-        for s, obj in zip(self.plan.steps, self._runners):
-            xs = [values[i] for i in s.slots]
-            F = s.bands
-            if s.kind == "gru":
-                y = obj._run(xs[0].reshape(T, Bn * F, s.size_in), state.layers[k]).reshape(T, Bn, s.width)
-                k += 1
-            elif s.kind == "bigru":
-                y = self._bigru(obj, xs[0], s, T, Bn)
-            elif s.kind in ("linear", "layernorm"):
-                y = obj._run(xs[0].reshape(T * Bn * F, s.size_in)).reshape(T, Bn, s.width)
-            elif s.kind == "add":
-                y = xs[0]
-                for z in xs[1:]:
-                    y = ops.add(y, z)
-            elif s.kind == "concat":
-                y = ops.concat(xs)
-            elif s.kind == "pad":
-                y = ops.pad(xs[0], s.size_out)
-            else:  # slice
-                y = ops.slice(xs[0], s.start, s.stop)
+        for s, run in zip(self.plan.steps, self.steps):
+            y = run([values[i] for i in s.slots], state, T, Bn)
             for i in s.slots:  # free what no later step reads
                 if self._slot_names[i] in s.frees:
                     values[i] = None
             values[s.slot] = y
         return values[-1]
-
-    def _bigru(self, pair, x, s, T, Bn):
-        """Dense bidirectional GRU across the F bands of each frame (DPRNN's intra-frame path).
-
-        Every frame of every stream is a sequence of F steps starting from h = 0, so nothing is
-        carried from frame to frame: offline and streaming give the same output. Output per band:
-        [forward h, backward h] (``torch.nn.GRU(bidirectional=True)``).
-        """
-        fwd, bwd = pair
-        F, I, H, ops = s.bands, s.size_in, s.hidden, self.ops
-        N = T * Bn
-        if N == 0:  # no frame (T = 0): nothing to run, and a GRU state of 0 streams cannot be made
-            return ops.pad(ops.slice(x, 0, 0), F * 2 * H)
-        seq = ops.swap01(x.reshape(N, F, I))  # (F, N, I): bands are the steps, frames the streams
-        yf = fwd._run(seq, fwd.init_state(N))
-        yb = ops.flip0(bwd._run(ops.flip0(seq), bwd.init_state(N)))
-        y = ops.swap01(ops.concat([yf, yb]))  # (N, F, 2H)
-        return y.reshape(T, Bn, F * 2 * H)

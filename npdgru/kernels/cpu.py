@@ -33,9 +33,9 @@ import numpy as np
 from numba import njit
 
 from ..errors import ParameterError
-from ..reference import num_selected
+from ..kinds import KINDS, num_selected
 from ._config import JIT, JIT_EXACT
-from ._graph import GraphExecutor
+from ._graph import LAYER_RUNNERS, GraphExecutor
 
 __all__ = ["GRULayer", "GRUState", "gru_sequence", "dgru_sequence", "DEFAULT_REFRESH"]
 
@@ -542,14 +542,15 @@ class GRULayer:
         I, H = self.input_size, self.hidden_size = self.weight_ih.shape[1], self.weight_hh.shape[1]
         self.wih_t = np.ascontiguousarray(self.weight_ih.T)  # (I, 3H) column-contiguous
         self.whh_t = np.ascontiguousarray(self.weight_hh.T)  # (H, 3H)
-        self.A = num_selected(update_percent, H)  # validates P before float() can raise TypeError
-        self.update_percent = float(update_percent)
         self.sparse_input = bool(sparse_input)
         self.refresh_every = _positive_int("refresh_every", refresh_every)
-        self.dense = self.update_percent == 100.0
-        if A is not None:
+        if A is not None:  # resolved by the plan (or asked for): the D-GRU kernel even at A = H
             self.A, self.dense = _selected_count(A, H), False
             self.update_percent = 100.0 * self.A / H
+        else:
+            self.A = num_selected(update_percent, H)  # validates P before float() can raise TypeError
+            self.update_percent = float(update_percent)
+            self.dense = self.update_percent == 100.0
 
     def init_state(self, batch: int = 1, h0=None) -> GRUState:
         """Zero (or ``h0``) state for ``batch`` independent streams."""
@@ -767,15 +768,15 @@ class LayerNorm:
 # --------------------------------------------------------------------------------------------
 
 
+RUNNERS = dict(LAYER_RUNNERS)  # every kind on the layers above and the host shape glue
+
+
 class Executor(GraphExecutor):
     """A :class:`~npdgru.plan.Plan` on the cpu backend (Numba, float32)."""
 
     backend = "cpu"
-
-    def __init__(self, plan, tensors, *, refresh_every=None):
-        import sys
-
-        super().__init__(plan, tensors, sys.modules[__name__], refresh_every=refresh_every)
+    runners = RUNNERS
+    GRULayer, Linear, LayerNorm = GRULayer, Linear, LayerNorm
 
     def frame_program(self, batch: int) -> "FrameProgram":
         """A one-frame program of ``batch`` streams with buffers of its own (one per user, so
@@ -787,8 +788,8 @@ class Executor(GraphExecutor):
 # one frame of B streams through every step in one call (the streaming hop)
 # --------------------------------------------------------------------------------------------
 
-_K_LINEAR, _K_GRU, _K_BIGRU, _K_NORM, _K_ADD, _K_CONCAT, _K_PAD, _K_SLICE = range(8)
-_KIND_CODES = {"linear": _K_LINEAR, "gru": _K_GRU, "bigru": _K_BIGRU, "layernorm": _K_NORM, "add": _K_ADD, "concat": _K_CONCAT, "pad": _K_PAD, "slice": _K_SLICE}
+# kind codes of the jitted switch: each kind's index in the one table (npdgru.kinds.KINDS)
+_K_LINEAR, _K_GRU, _K_BIGRU, _K_NORM, _K_ADD, _K_CONCAT, _K_PAD, _K_SLICE = (KINDS[k].code for k in ("linear", "gru", "bigru", "layernorm", "add", "concat", "pad", "slice"))
 # columns of a step's row in the code table
 (_C_KIND, _C_OUT, _C_NIN, _C_F, _C_IN, _C_OUTSZ, _C_A, _C_DENSE, _C_SPARSE, _C_ACT, _C_START,
  _C_W, _C_B, _C_ST, _C_SCR, _C_REFRESH) = range(16)
@@ -911,36 +912,18 @@ class FrameProgram:
         ins = np.zeros((len(steps), max(len(s.slots) for s in steps)), np.int64)
         eps = np.zeros(len(steps), f32)
         W, Bv, scratch = [], [], []
-        n_state = 0
-        maxH = maxI = 1
-        for i, (s, obj) in enumerate(zip(steps, executor._runners)):
+        self._maxH = self._maxI = 1
+        for i, (s, runner) in enumerate(zip(steps, executor.steps)):
             c = codes[i]
-            c[_C_KIND], c[_C_OUT], c[_C_NIN], c[_C_F] = _KIND_CODES[s.kind], s.slot, len(s.slots), s.bands
+            if s.kind not in FRAME_STEPS:
+                raise ParameterError(f"a frame program has no step for kind {s.kind!r} (step {s.name})")
+            c[_C_KIND], c[_C_OUT], c[_C_NIN], c[_C_F] = KINDS[s.kind].code, s.slot, len(s.slots), s.bands
             c[_C_IN], c[_C_OUTSZ], c[_C_START] = s.size_in, s.size_out, s.start
             ins[i, : len(s.slots)] = s.slots
             c[_C_W], c[_C_B], c[_C_SCR] = len(W), len(Bv), len(scratch)
-            if s.kind == "linear":
-                W.append(obj.wt)
-                Bv.append(obj.bias)
-                c[_C_ACT] = obj._code
-                scratch.append(np.zeros(0, f32))
-            elif s.kind == "layernorm":
-                Bv += [obj.weight, obj.bias]
-                eps[i] = obj.eps
-            elif s.kind == "gru":
-                W += [obj.wih_t, obj.whh_t]
-                Bv += [obj.bias_ih, obj.bias_hh]
-                c[_C_A], c[_C_DENSE], c[_C_SPARSE] = obj.A, int(obj.dense), int(obj.sparse_input and not obj.dense)
-                c[_C_REFRESH], c[_C_ST] = obj.refresh_every, n_state
-                n_state += 1
-                scratch.append(np.zeros(B * s.bands * 3 * s.hidden, f32))
-                maxH, maxI = max(maxH, s.hidden), max(maxI, s.size_in)
-            elif s.kind == "bigru":
-                fwd, bwd = obj
-                W += [fwd.wih_t, fwd.whh_t, bwd.wih_t, bwd.whh_t]
-                Bv += [fwd.bias_ih, fwd.bias_hh, bwd.bias_ih, bwd.bias_hh]
-                F, I, H = s.bands, s.size_in, s.hidden
-                scratch.append(np.zeros(F * B * I + F * B * 3 * H + B * H + B * 3 * H + F * B * H, f32))
+            FRAME_STEPS[s.kind](self, s, runner, c, W, Bv, scratch, eps)
+        n_state = len(plan.state_steps)
+        maxH, maxI = self._maxH, self._maxI
         if not W or not Bv or not n_state:
             raise ParameterError("a frame program needs at least one linear and one gru step")
         scratch.append(np.zeros(1, f32))
@@ -967,6 +950,46 @@ class FrameProgram:
             self._bind(state)
         Hs, Ms, Gs, Xs, Ss = self._st
         _frame_steps(self.codes, self.ins, self.eps, self.vals, self.W, self.Bv, Hs, Ms, Gs, Xs, Ss, self.scratch, self.sel0, self.ubuf, self.qbuf, self.idx, self.dh, self.idx_in, self.d_in)
+
+
+def _frame_linear(prog, s, runner, c, W, Bv, scratch, eps):
+    W.append(runner.layer.wt)
+    Bv.append(runner.layer.bias)
+    c[_C_ACT] = runner.layer._code
+    scratch.append(np.zeros(0, np.float32))
+
+
+def _frame_norm(prog, s, runner, c, W, Bv, scratch, eps):
+    Bv += [runner.layer.weight, runner.layer.bias]
+    eps[s.slot - 1] = runner.layer.eps
+
+
+def _frame_gru(prog, s, runner, c, W, Bv, scratch, eps):
+    g = runner.layer
+    W += [g.wih_t, g.whh_t]
+    Bv += [g.bias_ih, g.bias_hh]
+    c[_C_A], c[_C_DENSE], c[_C_SPARSE] = g.A, int(g.dense), int(g.sparse_input and not g.dense)
+    c[_C_REFRESH], c[_C_ST] = g.refresh_every, s.state_index
+    scratch.append(np.zeros(prog.batch * s.bands * 3 * s.hidden, np.float32))
+    prog._maxH, prog._maxI = max(prog._maxH, s.hidden), max(prog._maxI, s.size_in)
+
+
+def _frame_bigru(prog, s, runner, c, W, Bv, scratch, eps):
+    fwd, bwd = runner.layers
+    W += [fwd.wih_t, fwd.whh_t, bwd.wih_t, bwd.whh_t]
+    Bv += [fwd.bias_ih, fwd.bias_hh, bwd.bias_ih, bwd.bias_hh]
+    F, I, H, B = s.bands, s.size_in, s.hidden, prog.batch
+    scratch.append(np.zeros(F * B * I + F * B * 3 * H + B * H + B * 3 * H + F * B * H, np.float32))
+
+
+def _frame_glue(prog, s, runner, c, W, Bv, scratch, eps):
+    """Shape glue: everything it needs is in its code row."""
+
+
+# how each kind puts its step into a frame program (its tensors, its scratch, its code row); the
+# jitted _frame_steps runs them by KINDS[kind].code
+FRAME_STEPS = {"linear": _frame_linear, "gru": _frame_gru, "bigru": _frame_bigru, "layernorm": _frame_norm,
+               "pad": _frame_glue, "slice": _frame_glue, "add": _frame_glue, "concat": _frame_glue}
 
 
 # --------------------------------------------------------------------------------------------

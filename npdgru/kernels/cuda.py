@@ -90,9 +90,9 @@ from numba import config as _numba_config
 from numba import cuda, float32, int32
 
 from ..errors import ParameterError
-from ..reference import num_selected
+from ..kinds import num_selected
 from .cpu import _ACT_CODES, DEFAULT_REFRESH, _as_f32, _check_gru_weights, _check_linear_weights, _check_norm_weights, _positive_int, _selected_count
-from ._graph import ExecState, GraphExecutor
+from ._graph import LAYER_RUNNERS, ExecState, GraphExecutor
 
 __all__ = [
     "GRULayer",
@@ -750,14 +750,15 @@ class GRULayer:
         self.name = name
         self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = _check_gru_weights(weight_ih, weight_hh, bias_ih, bias_hh, name)
         I, H = self.input_size, self.hidden_size = self.weight_ih.shape[1], self.weight_hh.shape[1]
-        self.A = num_selected(update_percent, H)
-        self.update_percent = float(update_percent)
         self.sparse_input = bool(sparse_input)
         self.refresh_every = _positive_int("refresh_every", refresh_every)
-        self.dense = self.update_percent == 100.0
-        if A is not None:  # A neurons per step: the D-GRU kernel even at A = H
+        if A is not None:  # A neurons per step (resolved by the plan, or asked for): the D-GRU kernel even at A = H
             self.A, self.dense = _selected_count(A, H), False
             self.update_percent = 100.0 * self.A / H
+        else:
+            self.A = num_selected(update_percent, H)
+            self.update_percent = float(update_percent)
+            self.dense = self.update_percent == 100.0
         self._check_shared(dense=self.dense)
         self.d_wih_t = cuda.to_device(np.ascontiguousarray(self.weight_ih.T))  # (I, 3H) column-contiguous
         self.d_whh_t = cuda.to_device(np.ascontiguousarray(self.weight_hh.T))  # (H, 3H)
@@ -1075,19 +1076,22 @@ class LayerNorm:
         return y
 
 
+RUNNERS = dict(LAYER_RUNNERS)  # every kind on the device layers above and the device glue Ops
+
+
 class Executor(GraphExecutor):
     """A :class:`~npdgru.plan.Plan` on the GPU: features are uploaded once per call and the steps
     pass device arrays to each other; only the mask comes back (or stays, for device features)."""
 
     backend = "cuda"
     ops = Ops
+    runners = RUNNERS
+    GRULayer, Linear, LayerNorm = GRULayer, Linear, LayerNorm
 
     def __init__(self, plan, tensors, *, refresh_every=None):
-        import sys
-
         require_device()
         self._upload = Workspace()  # device copy of the features
-        super().__init__(plan, tensors, sys.modules[__name__], refresh_every=refresh_every)
+        super().__init__(plan, tensors, refresh_every=refresh_every)
 
     def check_features(self, features, state):
         nf = self.plan.n_features

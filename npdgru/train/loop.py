@@ -96,8 +96,9 @@ def _step_loss(model, noisy, clean, P, teacher=None, distill_weight=0.0):
 
 
 def _model_from_weights(weights, arch=None):
-    """The PyTorch twin of npdgru weights: MaskNet for NSNet2-shaped files, GraphNet otherwise."""
-    if weights.architecture.get("name") == "nsnet2" and arch in (None, "nsnet2"):
+    """The PyTorch twin of npdgru weights: MaskNet for NSNet2-shaped files (a plain chain of linear
+    and D-GRU layers, whose checkpoints use the PyTorch NSNet2 names), GraphNet otherwise."""
+    if arch in (None, weights.architecture.get("name")) and MaskNet.holds(weights):
         return MaskNet.from_weights(weights)  # the PyTorch NSNet2 layout (fine-tunes)
     return GraphNet.from_weights(weights)
 

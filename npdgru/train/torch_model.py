@@ -28,10 +28,11 @@ import math
 import torch
 from torch import nn
 
-from ..reference import num_selected
+from ..errors import ParameterError
+from ..kinds import KINDS, num_selected
 from ..stft import HOP, N_BINS, N_FFT, num_frames
 
-__all__ = ["DGRU", "MaskNet", "GraphNet", "dgru_forward", "stft", "istft", "log_power", "window"]
+__all__ = ["DGRU", "MaskNet", "GraphNet", "TORCH_RUNNERS", "dgru_forward", "stft", "istft", "log_power", "window"]
 
 
 def window(device=None, dtype=torch.float32) -> torch.Tensor:
@@ -244,18 +245,79 @@ class _Params(nn.Module):
             self.register_parameter(name, nn.Parameter(init[name](shape)))
 
 
-def _graph_init(spec) -> dict:
-    """PyTorch's default initialisation of the layer a spec names (nn.Linear, nn.GRU, nn.LayerNorm)."""
-    kind = spec["kind"]
-    if kind in ("gru", "bigru"):
-        k = 1.0 / math.sqrt(spec["hidden"])
-        u = lambda shape: torch.empty(shape).uniform_(-k, k)  # noqa: E731
-        return {n + s: u for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") for s in ("", "_reverse")}
-    if kind == "linear":
-        k = 1.0 / math.sqrt(spec["in"])
-        u = lambda shape: torch.empty(shape).uniform_(-k, k)  # noqa: E731
-        return {"weight": u, "bias": u}
-    return {"weight": torch.ones, "bias": torch.zeros}  # layernorm
+def _uniform(k):
+    return lambda shape: torch.empty(shape).uniform_(-k, k)
+
+
+# -- one runner per layer kind (npdgru.kinds.KINDS): ``init`` gives PyTorch's default
+# initialisation of each tensor (nn.Linear, nn.GRU, nn.LayerNorm), ``forward(p, s, xs, P, training)``
+# runs a plan step on (B, T, width) inputs, ``p`` holding its tensors under their npdgru names
+
+
+class _TorchLinear:
+    @staticmethod
+    def init(spec):
+        return {"weight": _uniform(1.0 / math.sqrt(spec["in"])), "bias": _uniform(1.0 / math.sqrt(spec["in"]))}
+
+    @staticmethod
+    def forward(p, s, xs, P, training):
+        Bn, T = xs[0].shape[:2]
+        y = nn.functional.linear(xs[0].reshape(Bn, T, s.bands, s.size_in), p.weight, p.bias).reshape(Bn, T, s.width)
+        return _ACTIVATIONS[s.activation]()(y)
+
+
+class _TorchGRU:
+    @staticmethod
+    def init(spec):
+        u = _uniform(1.0 / math.sqrt(spec["hidden"]))
+        return {n + sfx: u for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") for sfx in ("", "_reverse")}
+
+    @staticmethod
+    def forward(p, s, xs, P, training):
+        Bn, T = xs[0].shape[:2]
+        F, I, H = s.bands, s.size_in, s.hidden
+        seq = xs[0].reshape(Bn, T, F, I).permute(0, 2, 1, 3).reshape(Bn * F, T, I)  # row b·F + f, as npdgru
+        y = dgru_forward(seq, seq.new_zeros(Bn * F, H), p.weight_ih, p.weight_hh, p.bias_ih, p.bias_hh, update_percent=P, training=training)
+        return y.reshape(Bn, F, T, H).permute(0, 2, 1, 3).reshape(Bn, T, F * H)
+
+
+class _TorchBiGRU(_TorchGRU):
+    @staticmethod
+    def forward(p, s, xs, P, training):
+        Bn, T = xs[0].shape[:2]
+        H = s.hidden
+        seq = xs[0].reshape(Bn * T, s.bands, s.size_in)
+        w = [p.weight_ih, p.weight_hh, p.bias_ih, p.bias_hh, p.weight_ih_reverse, p.weight_hh_reverse, p.bias_ih_reverse, p.bias_hh_reverse]
+        y, _ = torch._VF.gru(seq, seq.new_zeros(2, Bn * T, H), w, True, 1, 0.0, training, True, True)
+        return y.reshape(Bn, T, s.bands * 2 * H)
+
+
+class _TorchLayerNorm:
+    @staticmethod
+    def init(spec):
+        return {"weight": torch.ones, "bias": torch.zeros}
+
+    @staticmethod
+    def forward(p, s, xs, P, training):
+        Bn, T = xs[0].shape[:2]
+        C = s.size_in
+        return nn.functional.layer_norm(xs[0].reshape(Bn, T, s.bands, C), (C,), p.weight, p.bias, s.eps).reshape(Bn, T, s.bands * C)
+
+
+def _torch_glue(fn):
+    return type("_TorchGlue", (), {"init": staticmethod(lambda spec: {}), "forward": staticmethod(lambda p, s, xs, P, training: fn(s, xs))})
+
+
+TORCH_RUNNERS = {
+    "linear": _TorchLinear,
+    "gru": _TorchGRU,
+    "bigru": _TorchBiGRU,
+    "layernorm": _TorchLayerNorm,
+    "pad": _torch_glue(lambda s, xs: nn.functional.pad(xs[0], (0, s.size_out - s.size_in))),
+    "slice": _torch_glue(lambda s, xs: xs[0][..., s.start : s.stop]),
+    "add": _torch_glue(lambda s, xs: sum(xs[1:], xs[0])),
+    "concat": _torch_glue(lambda s, xs: torch.cat(xs, dim=-1)),
+}
 
 
 class GraphNet(_EnhanceMixin, nn.Module):
@@ -286,7 +348,7 @@ class GraphNet(_EnhanceMixin, nn.Module):
             n = spec["name"]
             mine = {k.split(".", 1)[1]: v for k, v in shapes.items() if k.split(".", 1)[0] == n}
             if mine:
-                self.add_module(n, _Params(mine, _graph_init(spec)))
+                self.add_module(n, _Params(mine, TORCH_RUNNERS[spec["kind"]].init(spec)))
 
     @classmethod
     def from_weights(cls, weights) -> "GraphNet":
@@ -297,41 +359,10 @@ class GraphNet(_EnhanceMixin, nn.Module):
 
     def forward(self, features: torch.Tensor, update_percent: float = 100.0) -> torch.Tensor:
         """(B, T, n_features) log-power features → (B, T, n_features) mask."""
-        Bn, T = features.shape[:2]
         values = {"features": features}
         for s in self.plan.steps:
-            kind, F = s.kind, s.bands
-            xs = [values[n] for n in s.inputs]
-            x = xs[0]
             p = getattr(self, s.name, None)
-            if kind == "linear":
-                y = nn.functional.linear(x.reshape(Bn, T, F, s.size_in), p.weight, p.bias).reshape(Bn, T, s.width)
-                y = _ACTIVATIONS[s.activation]()(y)
-            elif kind == "gru":
-                I, H = s.size_in, s.hidden
-                seq = x.reshape(Bn, T, F, I).permute(0, 2, 1, 3).reshape(Bn * F, T, I)  # row b·F + f, as npdgru
-                y = dgru_forward(seq, seq.new_zeros(Bn * F, H), p.weight_ih, p.weight_hh, p.bias_ih, p.bias_hh, update_percent=update_percent, training=self.training)
-                y = y.reshape(Bn, F, T, H).permute(0, 2, 1, 3).reshape(Bn, T, F * H)
-            elif kind == "bigru":
-                H = s.hidden
-                seq = x.reshape(Bn * T, F, s.size_in)
-                w = [p.weight_ih, p.weight_hh, p.bias_ih, p.bias_hh, p.weight_ih_reverse, p.weight_hh_reverse, p.bias_ih_reverse, p.bias_hh_reverse]
-                y, _ = torch._VF.gru(seq, seq.new_zeros(2, Bn * T, H), w, True, 1, 0.0, self.training, True, True)
-                y = y.reshape(Bn, T, F * 2 * H)
-            elif kind == "layernorm":
-                C = s.size_in
-                y = nn.functional.layer_norm(x.reshape(Bn, T, F, C), (C,), p.weight, p.bias, s.eps).reshape(Bn, T, F * C)
-            elif kind == "pad":
-                y = nn.functional.pad(x, (0, s.size_out - s.size_in))
-            elif kind == "slice":
-                y = x[..., s.start : s.stop]
-            elif kind == "add":
-                y = xs[0]
-                for z in xs[1:]:
-                    y = y + z
-            else:  # concat
-                y = torch.cat(xs, dim=-1)
-            values[s.name] = y
+            values[s.name] = TORCH_RUNNERS[s.kind].forward(p, s, [values[n] for n in s.inputs], update_percent, self.training)
         return values[self.plan.steps[-1].name]
 
 
@@ -345,15 +376,13 @@ class MaskNet(_EnhanceMixin, nn.Module):
 
     def __init__(self, architecture: dict):
         super().__init__()
+        problem = self.misfit(architecture)
+        if problem:
+            raise ParameterError(f"MaskNet needs {problem}")
         layers = architecture["layers"]
-        kinds = [layer["kind"] for layer in layers]
-        first_gru = kinds.index("gru")
-        n_gru = kinds.count("gru")
-        if kinds[first_gru : first_gru + n_gru] != ["gru"] * n_gru:
-            raise ValueError("MaskNet needs the GRU layers to be consecutive")
+        rec = [i for i, layer in enumerate(layers) if KINDS[layer["kind"]].carries_state]
+        first_gru, n_gru = rec[0], len(rec)
         grus = layers[first_gru : first_gru + n_gru]
-        if len({g["hidden"] for g in grus}) != 1:
-            raise ValueError("MaskNet needs GRU layers of one hidden size")
 
         def stack(specs):
             mods = []
@@ -366,6 +395,30 @@ class MaskNet(_EnhanceMixin, nn.Module):
         self.fc_in = stack(layers[:first_gru])
         self.rnn = DGRU(grus[0]["in"], grus[0]["hidden"], n_gru)
         self.fc_out = stack(layers[first_gru + n_gru :])
+
+    @staticmethod
+    def misfit(architecture: dict) -> str | None:
+        """What keeps an architecture from the NSNet2 layout (None when it fits): a plain chain of
+        format-1 kinds (fully connected layers around consecutive D-GRU layers of one size)."""
+        from ..plan import format_version_of
+
+        layers = architecture["layers"]
+        if format_version_of(architecture) != 1:
+            return "a plain chain of linear and D-GRU layers (format 1)"
+        rec = [i for i, layer in enumerate(layers) if KINDS[layer["kind"]].carries_state]
+        if not rec or rec != list(range(rec[0], rec[0] + len(rec))):
+            return "the GRU layers to be consecutive"
+        if len({layers[i]["hidden"] for i in rec}) != 1:
+            return "GRU layers of one hidden size"
+        return None
+
+    @classmethod
+    def holds(cls, weights) -> bool:
+        """Whether :meth:`from_weights` takes these weights: an NSNet2-shaped chain whose tensors
+        have the names of the PyTorch NSNet2 layout's map (``npdgru.convert.NSNET2_TORCH_NAMES``)."""
+        from ..convert import NSNET2_TORCH_NAMES
+
+        return cls.misfit(weights.architecture) is None and set(weights.tensors) <= set(NSNET2_TORCH_NAMES.values())
 
     def forward(self, features: torch.Tensor, update_percent: float = 100.0) -> torch.Tensor:
         """(B, T, 161) log-power features → (B, T, 161) mask."""
