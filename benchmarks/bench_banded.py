@@ -46,6 +46,7 @@ from numba import njit  # noqa: E402
 from npdgru import reference as ref  # noqa: E402
 from npdgru.evaluate.runner import cpu_model  # noqa: E402
 from npdgru.kernels import cpu  # noqa: E402
+from npdgru.kernels.cpu import kernels as cpu_kernels  # noqa: E402
 from npdgru.kernels._config import JIT  # noqa: E402
 from npdgru.weights import load_weights  # noqa: E402
 
@@ -113,27 +114,27 @@ def _lanes_select(N, u, A, keys, cnt, cand, thr):
 def _dense_rows(N, m, whh, b, h):
     for _ in range(N):
         for r in range(h.shape[0]):
-            cpu._dense_columns(m[r], whh, b, h[r])
+            cpu_kernels._dense_columns(m[r], whh, b, h[r])
 
 
 @njit(**JIT)
 def _dense_block(N, m, whh, b, h):
     for _ in range(N):
-        cpu._affine_columns(h, whh, b, m)
+        cpu_kernels._affine_columns(h, whh, b, m)
 
 
 @njit(**JIT)
 def _accumulate_rows(N, m, whh, idx, dh, A):
     for _ in range(N):
         for r in range(m.shape[0]):
-            cpu._accumulate(m[r], whh, idx[r], dh, A)
+            cpu_kernels._accumulate(m[r], whh, idx[r], dh, A)
 
 
 @njit(**JIT)
 def _select_rows(N, u, A, buf, idx):
     for _ in range(N):
         for r in range(u.shape[0]):
-            cpu._top_a(u[r], A, buf, idx[r])
+            cpu_kernels._top_a(u[r], A, buf, idx[r])
 
 
 @njit(**JIT)
@@ -145,15 +146,15 @@ def _gates_rows(N, g, m, u, q):
             mr = m[r]
             ur = u[r]
             for i in range(n):
-                ur[i] = np.float32(1.0) - cpu._sigmoid(gr[n + i] + mr[n + i])
+                ur[i] = np.float32(1.0) - cpu_kernels._sigmoid(gr[n + i] + mr[n + i])
             for i in range(n):
-                rr = cpu._sigmoid(gr[i] + mr[i])
-                q[i] = cpu._tanh(gr[2 * n + i] + rr * mr[2 * n + i])
+                rr = cpu_kernels._sigmoid(gr[i] + mr[i])
+                q[i] = cpu_kernels._tanh(gr[2 * n + i] + rr * mr[2 * n + i])
 
 
 @njit(**JIT)
 def _dgru_fixed_set(gi, whh_t, b_hh, A, h, m, ubuf, qbuf, idx, dh):
-    """cpu._dgru_cell over T steps of B rows (no refresh) with the selection replaced by a fixed
+    """cpu_kernels._dgru_cell over T steps of B rows (no refresh) with the selection replaced by a fixed
     set of A evenly spaced neurons: NOT a D-GRU, only the cost of everything but the selection,
     in place (same accumulate, same gate arithmetic)."""
     T, B, H3 = gi.shape
@@ -166,24 +167,24 @@ def _dgru_fixed_set(gi, whh_t, b_hh, A, h, m, ubuf, qbuf, idx, dh):
             hb = h[b]
             mb = m[b]
             for i in range(n):
-                ubuf[i] = np.float32(1.0) - cpu._sigmoid(g[n + i] + mb[n + i])
+                ubuf[i] = np.float32(1.0) - cpu_kernels._sigmoid(g[n + i] + mb[n + i])
             for i in range(n):
-                r = cpu._sigmoid(g[i] + mb[i])
-                qbuf[i] = cpu._tanh(g[2 * n + i] + r * mb[2 * n + i])
+                r = cpu_kernels._sigmoid(g[i] + mb[i])
+                qbuf[i] = cpu_kernels._tanh(g[2 * n + i] + r * mb[2 * n + i])
             for k in range(A):
                 i = idx[k]
                 hi = hb[i]
                 hn = hi + ubuf[i] * (qbuf[i] - hi)
                 dh[k] = hn - hi
                 hb[i] = hn
-            cpu._accumulate(mb, whh_t, idx, dh, A)
+            cpu_kernels._accumulate(mb, whh_t, idx, dh, A)
 
 
 @njit(**JIT)
 def _dgru_one_pass(gi, whh_t, b_hh, A, refresh_every, h, m, out, urows, keys, cnt, cand, thr, qbuf, idx, dh):
-    """cpu._dgru_forward (B rows, dense input) with the selection of all rows in one pass: u of
-    every row, their keys, _kth_largest_lanes, then per row the index pass of cpu._top_a and the
-    same update and accumulate as cpu._dgru_cell. Selects exactly what _top_a selects, so the
+    """cpu_kernels._dgru_forward (B rows, dense input) with the selection of all rows in one pass: u of
+    every row, their keys, _kth_largest_lanes, then per row the index pass of cpu_kernels._top_a and the
+    same update and accumulate as cpu_kernels._dgru_cell. Selects exactly what _top_a selects, so the
     output equals the layer's bit for bit (checked before timing)."""
     T, B, H3 = gi.shape
     n = H3 // 3
@@ -192,12 +193,12 @@ def _dgru_one_pass(gi, whh_t, b_hh, A, refresh_every, h, m, out, urows, keys, cn
         refresh = t % refresh_every == 0
         for b in range(B):
             if refresh:
-                cpu._dense_columns(m[b], whh_t, b_hh, h[b])
+                cpu_kernels._dense_columns(m[b], whh_t, b_hh, h[b])
             mb = m[b]
             gb = g[b]
             ub = urows[b]
             for i in range(n):
-                ub[i] = np.float32(1.0) - cpu._sigmoid(gb[n + i] + mb[n + i])
+                ub[i] = np.float32(1.0) - cpu_kernels._sigmoid(gb[n + i] + mb[n + i])
         _keys_of(urows, keys)
         _kth_largest_lanes(keys, A, cnt, cand, thr)
         for b in range(B):
@@ -214,21 +215,21 @@ def _dgru_one_pass(gi, whh_t, b_hh, A, refresh_every, h, m, out, urows, keys, cn
                 n_gt += ub[i] > tau[b]
             n_eq = A - n_gt
             c = 0
-            for i in range(n):  # the index pass of cpu._top_a
+            for i in range(n):  # the index pass of cpu_kernels._top_a
                 eq = (ub[i] == tau[b]) & (n_eq > 0)
                 idx[c] = i
                 c += (ub[i] > tau[b]) | eq
                 n_eq -= eq
-            for i in range(n):  # as cpu._dgru_cell for A·8 >= H
-                r = cpu._sigmoid(gb[i] + mb[i])
-                qbuf[i] = cpu._tanh(gb[2 * n + i] + r * mb[2 * n + i])
+            for i in range(n):  # as cpu_kernels._dgru_cell for A·8 >= H
+                r = cpu_kernels._sigmoid(gb[i] + mb[i])
+                qbuf[i] = cpu_kernels._tanh(gb[2 * n + i] + r * mb[2 * n + i])
             for k in range(A):
                 i = idx[k]
                 hi = hb[i]
                 hn = hi + ub[i] * (qbuf[i] - hi)
                 dh[k] = hn - hi
                 hb[i] = hn
-            cpu._accumulate(mb, whh_t, idx, dh, A)
+            cpu_kernels._accumulate(mb, whh_t, idx, dh, A)
             out[t, b] = hb
 
 
@@ -307,7 +308,7 @@ def main(argv=None) -> int:
     for P, layer in layers.items():
         fns[("layer", P)] = lambda layer=layer: layer._run(x, layer.init_state(ROWS))
     gi = np.empty((N, ROWS, 3 * H), np.float32)
-    cpu._affine_columns(x.reshape(N * ROWS, -1), layers[100].wih_t, layers[100].bias_ih, gi.reshape(N * ROWS, 3 * H))
+    cpu_kernels._affine_columns(x.reshape(N * ROWS, -1), layers[100].wih_t, layers[100].bias_ih, gi.reshape(N * ROWS, 3 * H))
     for P in PERCENTS[1:]:
         A = ref.num_selected(P, H)
 
@@ -318,11 +319,11 @@ def main(argv=None) -> int:
             _dgru_fixed_set(gi, whh, bhh, A, np.zeros((ROWS, H), np.float32), mm, z, z.copy(), np.zeros(H, np.int64), z.copy())
             return mm
 
-        fns[("fixed set", P)] = lambda f=fixed: (cpu._affine_columns(x.reshape(N * ROWS, -1), layers[100].wih_t, layers[100].bias_ih, gi.reshape(N * ROWS, 3 * H)), f())
+        fns[("fixed set", P)] = lambda f=fixed: (cpu_kernels._affine_columns(x.reshape(N * ROWS, -1), layers[100].wih_t, layers[100].bias_ih, gi.reshape(N * ROWS, 3 * H)), f())
     def one_pass(P):
         A = ref.num_selected(P, H)
         layer = layers[P]
-        cpu._affine_columns(x.reshape(N * ROWS, -1), layer.wih_t, layer.bias_ih, gi.reshape(N * ROWS, 3 * H))
+        cpu_kernels._affine_columns(x.reshape(N * ROWS, -1), layer.wih_t, layer.bias_ih, gi.reshape(N * ROWS, 3 * H))
         out = np.empty((N, ROWS, H), np.float32)
         z = np.zeros(H, np.float32)
         _dgru_one_pass(gi, whh, bhh, A, layer.refresh_every, np.zeros((ROWS, H), np.float32), np.zeros((ROWS, 3 * H), np.float32), out,

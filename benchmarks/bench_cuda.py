@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from npdgru import architectures, stft  # noqa: E402
 from npdgru.errors import NpdgruError  # noqa: E402
+from npdgru.kinds import KINDS  # noqa: E402
 from npdgru.model import MaskModel  # noqa: E402
 from npdgru.weights import Weights, default_weights_path, load_weights  # noqa: E402
 
@@ -97,7 +98,7 @@ def torch_model(weights: Weights, device):
             self.kinds, mods = [], []
             for spec in weights.architecture["layers"]:
                 n, t = spec["name"], weights.tensors
-                if spec["kind"] == "gru":
+                if KINDS[spec["kind"]].carries_state:  # a chain of linear and D-GRU layers (format 1)
                     g = nn.GRU(spec["in"], spec["hidden"])
                     for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                         getattr(g, f"{k}_l0").data.copy_(torch.from_numpy(t[f"{n}.{k}"]))
@@ -107,14 +108,14 @@ def torch_model(weights: Weights, device):
                     lin.weight.data.copy_(torch.from_numpy(t[f"{n}.weight"]))
                     lin.bias.data.copy_(torch.from_numpy(t[f"{n}.bias"]))
                     mods.append(nn.Sequential(lin, acts[spec.get("activation", "none")]()))
-                self.kinds.append(spec["kind"])
+                self.kinds.append(KINDS[spec["kind"]].carries_state)
             self.mods = nn.ModuleList(mods)
 
         def forward(self, x, hs):
             """x (T, B, F), hs: list of (1, B, H) states, replaced in place."""
             k = 0
-            for kind, m in zip(self.kinds, self.mods):
-                if kind == "gru":
+            for recurrent, m in zip(self.kinds, self.mods):
+                if recurrent:
                     x, hs[k] = m(x, hs[k])
                     k += 1
                 else:
@@ -199,7 +200,7 @@ def time_torch(tmodel, device, weights, B, T, calls, repeats, warmup, F):
     import torch
 
     feats = [torch.from_numpy(batch_features(F[k * T :], T, B)).to(device) for k in range(DISTINCT_FRAMES)]
-    Hs = [s["hidden"] for s in weights.architecture["layers"] if s["kind"] == "gru"]
+    Hs = [s["hidden"] for s in weights.architecture["layers"] if KINDS[s["kind"]].carries_state]
     cuda_dev = device.type == "cuda"
 
     def sync():
@@ -252,7 +253,7 @@ def main(argv=None) -> int:
         args.frames_per_call = min(args.frames_per_call, 2)
         from npdgru.kernels import cuda as K
 
-        K.THREADS_PER_BLOCK, K.GEMM_TILE, K.GEMM_REG = 8, 4, 2  # fewer simulator threads
+        K.config.THREADS_PER_BLOCK, K.config.GEMM_TILE, K.config.GEMM_REG = 8, 4, 2  # fewer simulator threads
         sys.setswitchinterval(1e-4)
     if min(args.batch) < 1 or args.frames_per_call < 1 or args.calls < 1 or args.repeats < 1 or args.warmup < 1:
         ap.error("--batch, --frames-per-call, --calls, --repeats and --warmup must be >= 1")
@@ -299,7 +300,7 @@ def main(argv=None) -> int:
     arch = weights.architecture
     desc = " -> ".join(f"{s['kind']} {s.get('hidden', s.get('out'))}" for s in arch["layers"])
     print(f"### {arch.get('name', '?')} ({desc}), {T} frame(s) per stream per call, device: {dev}")
-    print(f"numba launch config: THREADS_PER_BLOCK={K.THREADS_PER_BLOCK}, GEMM tile {K.GEMM_TILE}x{K.GEMM_TILE} threads x {K.GEMM_REG}x{K.GEMM_REG} outputs"
+    print(f"numba launch config: THREADS_PER_BLOCK={K.config.THREADS_PER_BLOCK}, GEMM tile {K.config.GEMM_TILE}x{K.config.GEMM_TILE} threads x {K.config.GEMM_REG}x{K.config.GEMM_REG} outputs"
           + (f"; torch {torch.__version__} on {tdev} (TF32 off)" if tmodel is not None else ""))
     if args.smoke:
         print("SMOKE RUN: tiny random model" + (" on the simulator" if simulator() else "") + ": the numbers below are not measurements")

@@ -47,7 +47,9 @@ import npdgru  # noqa: E402
 from npdgru import stft  # noqa: E402
 from npdgru.enhance import Enhancer  # noqa: E402
 from npdgru.evaluate.runner import cpu_model  # noqa: E402
+from npdgru.kinds import KINDS  # noqa: E402
 from npdgru.model import MaskModel  # noqa: E402
+from npdgru.plan import format_version_of  # noqa: E402
 from npdgru.weights import load_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,9 +93,10 @@ def test_signal(seconds: float) -> np.ndarray:
 
 def nsnet2_shaped(weights) -> bool:
     """linear*, gru+, linear* with one GRU size: what ``nn.GRU(num_layers=k)`` exports."""
-    kinds = [s["kind"] for s in weights.architecture["layers"]]
-    g = [i for i, k in enumerate(kinds) if k == "gru"]
-    if not g or g != list(range(g[0], g[-1] + 1)) or any(k not in ("linear", "gru") for k in kinds):
+    if format_version_of(weights.architecture) != 1:  # a plain chain of linear and D-GRU layers
+        return False
+    g = [i for i, s in enumerate(weights.architecture["layers"]) if KINDS[s["kind"]].carries_state]
+    if not g or g != list(range(g[0], g[-1] + 1)):
         return False
     specs = [weights.architecture["layers"][i] for i in g]
     return len({(s["hidden"]) for s in specs}) == 1 and all(s.get("bands", 1) == 1 for s in weights.architecture["layers"])
@@ -111,7 +114,7 @@ def onnx_peer(weights):
         return None, f"{e.name} is not installed"
     layers = weights.architecture["layers"]
     t = {k: torch.from_numpy(v.copy()) for k, v in weights.tensors.items()}
-    grus = [s for s in layers if s["kind"] == "gru"]
+    grus = [s for s in layers if KINDS[s["kind"]].carries_state]
     first = layers.index(grus[0])
     acts = {"none": nn.Identity, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 

@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 
 from npdgru import reference as ref  # noqa: E402
 from npdgru.kernels import cpu  # noqa: E402
+from npdgru.kernels.cpu import kernels as cpu_kernels  # noqa: E402
 
 try:
     import torch  # noqa: E402
@@ -253,7 +254,7 @@ PRODUCT_SHAPES = ((1000, 161, 400), (1000, 400, 1200), (1000, 400, 600), (1000, 
 
 
 def bench_products(args, rng):
-    """The cpu dense product (cpu._affine_columns, whose sum order per output does not depend on
+    """The cpu dense product (cpu_kernels._affine_columns, whose sum order per output does not depend on
     the number of rows) against NumPy's float32 matmul (OpenBLAS sgemm, one thread)."""
     print(f"\n### Dense products on the model's shapes, one thread, median of {args.repeats}\n")
     print("| frames x in x out | cpu us | sgemm us | sgemm / cpu (1 = as fast) | GFLOP/s cpu |")
@@ -263,13 +264,13 @@ def bench_products(args, rng):
         wt = rng.standard_normal((J, K)).astype(np.float32)
         b = rng.standard_normal(K).astype(np.float32)
         out, ref_out = np.empty((N, K), np.float32), np.empty((N, K), np.float32)
-        cpu._affine_columns(x, wt, b, out)
+        cpu_kernels._affine_columns(x, wt, b, out)
         want = x.astype(np.float64) @ wt.astype(np.float64) + b
         bound = J * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(wt).astype(np.float64) + np.abs(b))
         if not (np.abs(out - want) <= bound).all():  # float32 summation error bound against float64
             print(f"| {N} x {J} x {K} | disagrees with the float64 product: not timed | | | |")
             continue
-        t_cpu = median_time(lambda: cpu._affine_columns(x, wt, b, out), args.repeats)
+        t_cpu = median_time(lambda: cpu_kernels._affine_columns(x, wt, b, out), args.repeats)
         t_blas = median_time(lambda: np.matmul(x, wt, out=ref_out), args.repeats)
         print(f"| {N} x {J} x {K} | {t_cpu * 1e6:.0f} | {t_blas * 1e6:.0f} | {t_blas / t_cpu:.2f} | {2 * N * J * K / t_cpu / 1e9:.1f} |")
 

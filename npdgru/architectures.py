@@ -3,7 +3,7 @@
 Every model maps 161 log-power bins of a 20 ms frame (10 ms hop, 16 kHz) to a mask on the noisy
 STFT, and every recurrence along time is a D-GRU, so each runs at any update percentage P.
 
-* ``nsnet2`` — the GRU model (DESIGN.md section 3): FC 400 -> D-GRU 400 -> D-GRU 400 -> FC 600 ->
+* ``nsnet2`` — the GRU model (``docs/design.md``): FC 400 -> D-GRU 400 -> D-GRU 400 -> FC 600 ->
   FC 600 -> FC 161 + sigmoid. 2.68 MMACs/frame dense.
 * ``dprnn`` — a dual-path RNN on STFT features (after Luo et al., 2020, as used for enhancement
   in the time-frequency domain). The 161 bins are zero-padded to 164 and cut into F = 41 bands of
@@ -33,16 +33,32 @@ from __future__ import annotations
 
 import copy
 
+from .errors import ParameterError
+
 N_BINS = 161
 
-__all__ = ["ARCHITECTURES", "architecture", "dprnn", "mpt", "tiny_weights"]
+__all__ = ["ARCHITECTURES", "NSNET2_ARCHITECTURE", "architecture", "dprnn", "mpt", "tiny_weights"]
+
+# NSNet2 as Microsoft's ONNX model has it (``convert/onnx_nsnet2.py`` checks a file against it)
+NSNET2_ARCHITECTURE = {
+    "name": "nsnet2",
+    "n_features": N_BINS,
+    "layers": [
+        {"kind": "linear", "name": "fc1", "in": 161, "out": 400, "activation": "relu"},
+        {"kind": "gru", "name": "gru1", "in": 400, "hidden": 400},
+        {"kind": "gru", "name": "gru2", "in": 400, "hidden": 400},
+        {"kind": "linear", "name": "fc2", "in": 400, "out": 600, "activation": "relu"},
+        {"kind": "linear", "name": "fc3", "in": 600, "out": 600, "activation": "relu"},
+        {"kind": "linear", "name": "fc4", "in": 600, "out": 161, "activation": "sigmoid"},
+    ],
+}
 
 
 def dprnn(*, bands: int = 41, bins_per_band: int = 4, channels: int = 32, intra_hidden: int = 16, inter_hidden: int = 64, blocks: int = 2) -> dict:
     """The DPRNN architecture dict (defaults: the shipped model)."""
     F, G, C = bands, bins_per_band, channels
     if F * G < N_BINS:
-        raise ValueError(f"{F} bands x {G} bins do not cover {N_BINS} bins")
+        raise ParameterError(f"{F} bands x {G} bins do not cover {N_BINS} bins")
     layers = [
         {"kind": "pad", "name": "pad", "in": N_BINS, "out": F * G},
         {"kind": "linear", "name": "enc", "in": G, "out": C, "bands": F},
@@ -91,8 +107,6 @@ def mpt(*, edges=(0, 40, 80, 120, N_BINS), sub_embed: int = 64, sub_hidden: int 
 
 
 def _nsnet2() -> dict:
-    from .convert.onnx_nsnet2 import NSNET2_ARCHITECTURE
-
     return copy.deepcopy(NSNET2_ARCHITECTURE)
 
 
@@ -101,8 +115,6 @@ ARCHITECTURES = {"nsnet2": _nsnet2, "dprnn": dprnn, "mpt": mpt}
 
 def architecture(name: str) -> dict:
     """A fresh copy of a named architecture: 'nsnet2', 'dprnn' or 'mpt'."""
-    from .errors import ParameterError
-
     if name not in ARCHITECTURES:
         raise ParameterError(f"architecture {name!r} is not one of {tuple(ARCHITECTURES)}")
     return ARCHITECTURES[name]()

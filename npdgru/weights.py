@@ -1,6 +1,6 @@
 """The npdgru weight file: safetensors tensors plus versioned metadata.
 
-Layout (DESIGN.md section 4)::
+Layout::
 
     tensors   float32, C order, PyTorch names and layouts: fc1.weight (out, in), fc1.bias (out,),
               gru1.weight_ih (3H, I), gru1.weight_hh (3H, H), gru1.bias_ih (3H,), gru1.bias_hh

@@ -1,6 +1,6 @@
 """A deliberately slow, independent GRU / D-GRU: scalar loops over neurons, pure Python floats.
 
-Written from the equations of DESIGN.md section 1 (torch.nn.GRU convention, gate order r, z, n,
+Written from the equations of docs/design.md (torch.nn.GRU convention, gate order r, z, n,
 reset applied after the recurrent product), *not* from ``npdgru.reference``: no NumPy matmul, no
 sort, no shared helper. Python floats are IEEE float64, so this is the float64 ground truth that
 ``reference`` itself is checked against (tests/test_reference.py).

@@ -45,19 +45,19 @@ T_FRAMES, BATCH = 12, 2
 def small_launches():
     """Small blocks, grids and tiles (multi-block, grid-stride and remainder paths: few simulator
     threads) and a fast GIL hand-over (simulator)."""
-    saved = K.THREADS_PER_BLOCK, K.GEMM_TILE, K.GEMM_REG, K.GLUE_MAX_BLOCKS
+    saved = K.config.THREADS_PER_BLOCK, K.config.GEMM_TILE, K.config.GEMM_REG, K.config.GLUE_MAX_BLOCKS
     interval = sys.getswitchinterval()
-    K.THREADS_PER_BLOCK, K.GEMM_TILE, K.GEMM_REG, K.GLUE_MAX_BLOCKS = 8, 2, 8, 2
+    K.config.THREADS_PER_BLOCK, K.config.GEMM_TILE, K.config.GEMM_REG, K.config.GLUE_MAX_BLOCKS = 8, 2, 8, 2
     sys.setswitchinterval(1e-4)  # the simulator's threads wait at every syncthreads for the GIL
     yield
-    K.THREADS_PER_BLOCK, K.GEMM_TILE, K.GEMM_REG, K.GLUE_MAX_BLOCKS = saved
+    K.config.THREADS_PER_BLOCK, K.config.GEMM_TILE, K.config.GEMM_REG, K.config.GLUE_MAX_BLOCKS = saved
     sys.setswitchinterval(interval)
 
 
 @pytest.fixture(params=[2, 4096], ids=["strided", "thread_per_entry"])
 def glue_blocks(request, monkeypatch):
     """The glue kernels on 2 blocks (each thread takes several entries) and uncapped."""
-    monkeypatch.setattr(K, "GLUE_MAX_BLOCKS", request.param)
+    monkeypatch.setattr(K.config, "GLUE_MAX_BLOCKS", request.param)
     return request.param
 
 

@@ -51,12 +51,12 @@ def K():
     if not CUDA_OK:
         pytest.skip("no CUDA GPU and no simulator")
     mod = get_backend("cuda")
-    saved = mod.THREADS_PER_BLOCK, mod.GEMM_TILE, mod.GEMM_REG
+    saved = mod.config.THREADS_PER_BLOCK, mod.config.GEMM_TILE, mod.config.GEMM_REG
     interval = sys.getswitchinterval()
-    mod.THREADS_PER_BLOCK, mod.GEMM_TILE, mod.GEMM_REG = 8, 4, 2
+    mod.config.THREADS_PER_BLOCK, mod.config.GEMM_TILE, mod.config.GEMM_REG = 8, 4, 2
     sys.setswitchinterval(1e-4)
     yield mod
-    mod.THREADS_PER_BLOCK, mod.GEMM_TILE, mod.GEMM_REG = saved
+    mod.config.THREADS_PER_BLOCK, mod.config.GEMM_TILE, mod.config.GEMM_REG = saved
     sys.setswitchinterval(interval)
 
 

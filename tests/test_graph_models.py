@@ -478,7 +478,7 @@ def test_cli_enhance_and_info_with_dprnn(tmp_path, capsys):
 
 @pytest.mark.parametrize("N, C", [(13, 7), (1, 1), (9, 32), (0, 5)])
 def test_cpu_layer_norm_matches_reference_and_is_row_invariant(N, C):
-    """cpu._layer_norm (numba, float32) against its twin reference.layer_norm (float64)."""
+    """cpu's _layer_norm (numba, float32) against its twin reference.layer_norm (float64)."""
     from npdgru import reference as ref
     from npdgru.kernels import cpu
 

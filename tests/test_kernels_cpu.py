@@ -26,6 +26,7 @@ from numba import njit
 from npdgru import reference as ref
 from npdgru.errors import ParameterError
 from npdgru.kernels import cpu
+from npdgru.kernels.cpu import kernels as cpu_kernels
 
 pytestmark = pytest.mark.usefixtures("warm_kernels")
 
@@ -264,14 +265,14 @@ def test_ties_from_identical_rows_go_to_the_lower_index():
 @settings(deadline=None, max_examples=300)
 @given(u=st.lists(st.integers(-3, 3), min_size=1, max_size=200), data=st.data())
 def test_top_a_kernel_matches_reference_with_many_ties(u, data):
-    """cpu._top_a == reference.top_a (stable sort) on values full of ties, on every path:
+    """cpu_kernels._top_a == reference.top_a (stable sort) on values full of ties, on every path:
     counting ranks (H < 64) and the histogram-narrowed quickselect (H >= 64)."""
     H = len(u)
     A = data.draw(st.integers(1, H))
     u32 = np.array(u, np.float32) * np.float32(0.25)
     buf = np.zeros(H, np.float32)
     idx = np.full(H, -1, np.int64)
-    cpu._top_a(u32, A, buf, idx)
+    cpu_kernels._top_a(u32, A, buf, idx)
     assert (np.diff(idx[:A]) > 0).all(), f"indices not ascending: {idx[:A]}"
     mask = np.zeros(H, bool)
     mask[idx[:A]] = True
@@ -286,7 +287,7 @@ def test_top_a_paths_on_boundary_sizes(H):
         for A in sorted({1, 2, H // 4, H // 2, H - 1, H} - {0}):
             buf = np.zeros(H, np.float32)
             idx = np.full(H, -1, np.int64)
-            cpu._top_a(u32, A, buf, idx)
+            cpu_kernels._top_a(u32, A, buf, idx)
             mask = np.zeros(H, bool)
             mask[idx[:A]] = True
             np.testing.assert_array_equal(mask, ref.top_a(u32.astype(np.float64), A), err_msg=f"H={H} A={A}")
@@ -582,7 +583,7 @@ def _grid():
 def test_rational_tanh_and_sigmoid_accuracy(name):
     a = _grid()
     out = np.empty_like(a)
-    _apply(getattr(cpu, f"_{name}"), a, out)
+    _apply(getattr(cpu_kernels, f"_{name}"), a, out)
     a64 = a.astype(np.float64)
     exact = np.tanh(a64) if name == "tanh" else 0.5 * (1.0 + np.tanh(0.5 * a64))  # = 1/(1+e^-a), no overflow
     err = np.abs(out.astype(np.float64) - exact)
@@ -591,7 +592,7 @@ def test_rational_tanh_and_sigmoid_accuracy(name):
     assert out.dtype == np.float32
     if name == "tanh":
         neg = np.empty_like(a)
-        _apply(cpu._tanh, -a, neg)
+        _apply(cpu_kernels._tanh, -a, neg)
         assert np.array_equal(neg, -out), "tanh approximation is not odd"
         assert (np.abs(out) <= 1.0).all() and out[a == 0.0][0] == 0.0
         clamped = out[a >= np.float32(7.906)]  # constant beyond the clamp at 7.9053, within 3e-7 of 1

@@ -29,6 +29,7 @@ import pytest
 from npdgru import reference as ref
 from npdgru.errors import ParameterError
 from npdgru.kernels import cpu
+from npdgru.kernels.cpu import kernels as cpu_kernels
 
 from cuda_available import CUDA_OK, REASON, SIM  # noqa: E402
 
@@ -47,12 +48,12 @@ NEVER = 10**9
 @pytest.fixture(autouse=True, scope="module")
 def small_launches():
     """Small blocks and tiles (multi-block, remainder paths) and a fast GIL hand-over (simulator)."""
-    saved = K.THREADS_PER_BLOCK, K.GEMM_TILE, K.GEMM_REG
+    saved = K.config.THREADS_PER_BLOCK, K.config.GEMM_TILE, K.config.GEMM_REG
     interval = sys.getswitchinterval()
-    K.THREADS_PER_BLOCK, K.GEMM_TILE, K.GEMM_REG = 8, 4, 2
+    K.config.THREADS_PER_BLOCK, K.config.GEMM_TILE, K.config.GEMM_REG = 8, 4, 2
     sys.setswitchinterval(1e-4)  # the simulator's threads wait at every syncthreads for the GIL
     yield
-    K.THREADS_PER_BLOCK, K.GEMM_TILE, K.GEMM_REG = saved
+    K.config.THREADS_PER_BLOCK, K.config.GEMM_TILE, K.config.GEMM_REG = saved
     sys.setswitchinterval(interval)
 
 
@@ -147,7 +148,7 @@ def test_top_a_matches_cpu_quickselect():
         got = K.top_a(u, A)
         for b in range(4):
             idx = np.full(23, -1, np.int64)
-            cpu._top_a(u[b], A, np.zeros(23, np.float32), idx)
+            cpu_kernels._top_a(u[b], A, np.zeros(23, np.float32), idx)
             mask = np.zeros(23, bool)
             mask[idx[:A]] = True
             np.testing.assert_array_equal(got[b], mask, err_msg=f"row {b} A={A}")
@@ -173,11 +174,11 @@ def test_linear_matches_reference_and_cpu(activation):
     assert K.is_device_array(d) and np.array_equal(bits(d.copy_to_host()), bits(y))
     assert lin.forward(x[:0]).shape == (0, 19)
     # the tile size does not change any bit (same summation order in every tile)
-    K.GEMM_TILE, K.GEMM_REG = 2, 3
+    K.config.GEMM_TILE, K.config.GEMM_REG = 2, 3
     try:
         assert np.array_equal(lin.forward(x), y)
     finally:
-        K.GEMM_TILE, K.GEMM_REG = 4, 2
+        K.config.GEMM_TILE, K.config.GEMM_REG = 4, 2
 
 
 # ------------------------------------------------------------------------- dense GRU, P=100
@@ -331,11 +332,11 @@ def test_batch_streams_and_block_size_do_not_change_bits(make_gru):
         alone = layer.forward(c.x[:, b : b + 1], layer.init_state(1, c.h0[b : b + 1]), selected=sel_b)
         assert np.array_equal(bits(batch[:, b : b + 1]), bits(alone)), f"stream {b}"
         assert np.array_equal(sel[:, b : b + 1], sel_b)
-    K.THREADS_PER_BLOCK = 32
+    K.config.THREADS_PER_BLOCK = 32
     try:
         wide = layer.forward(c.x, layer.init_state(4, c.h0))
     finally:
-        K.THREADS_PER_BLOCK = 8
+        K.config.THREADS_PER_BLOCK = 8
     assert np.array_equal(bits(wide), bits(batch))
 
 
@@ -416,7 +417,7 @@ def _bad_calls():
         "x wrong I": fwd(np.zeros((4, 2, 4), np.float32)),
         "x int dtype": fwd(np.zeros((4, 2, 3), np.int32)),
         "x NaN": fwd(nan_x),
-        "x float64 device array": fwd(K.cuda.to_device(x.astype(np.float64))),
+        "x float64 device array": fwd(K.kernels.cuda.to_device(x.astype(np.float64))),
         "weight_hh not (3H, H)": lambda: K.GRULayer(W[0], np.zeros((15, 4), np.float32), W[2], W[3]),
         "weight_ih NaN": lambda: K.GRULayer(np.full_like(W[0], np.nan), *W[1:]),
         "bias_ih wrong shape": lambda: K.GRULayer(W[0], W[1], np.zeros(14, np.float32), W[3]),
@@ -487,15 +488,15 @@ _PTX_CHECK = textwrap.dedent(
     f32, i64, b1 = nt.float32, nt.int64, nt.boolean
     a1, a2, a3 = (lambda t, n=n: nt.Array(t, n, "C") for n in (1, 2, 3))
     jobs = [
-        (K._gemm(16, 4), (a2(f32), a2(f32), a1(f32), a2(f32), i64)),
-        (K._gru_cell, (a2(f32),) * 4),
-        (K._dgru(400, 128), (a3(f32), a2(f32), a1(f32), i64, i64, a2(f32), a2(f32), a1(i64), a3(f32), a3(b1))),
-        (K._dgru_sparse(400, 400, 128), (a3(f32), a2(f32), a1(f32), a2(f32), a1(f32), i64, i64, a2(f32), a2(f32), a2(f32), a2(f32), a1(i64), a3(f32), a3(b1))),
-        (K._topa(400, 128), (a2(f32), i64, a2(b1))),
-        (K._gather, (a2(f32), a1(i64), a2(f32))),
-        (K._gather, (a2(i64), a1(i64), a2(i64))),
-        (K._scatter, (a2(f32), a1(i64), a2(f32))),
-        (K._scatter, (a2(i64), a1(i64), a2(i64))),
+        (K.kernels._gemm(16, 4), (a2(f32), a2(f32), a1(f32), a2(f32), i64)),
+        (K.kernels._gru_cell, (a2(f32),) * 4),
+        (K.kernels._dgru(400, 128), (a3(f32), a2(f32), a1(f32), i64, i64, a2(f32), a2(f32), a1(i64), a3(f32), a3(b1))),
+        (K.kernels._dgru_sparse(400, 400, 128), (a3(f32), a2(f32), a1(f32), a2(f32), a1(f32), i64, i64, a2(f32), a2(f32), a2(f32), a2(f32), a1(i64), a3(f32), a3(b1))),
+        (K.kernels._topa(400, 128), (a2(f32), i64, a2(b1))),
+        (K.kernels._gather, (a2(f32), a1(i64), a2(f32))),
+        (K.kernels._gather, (a2(i64), a1(i64), a2(i64))),
+        (K.kernels._scatter, (a2(f32), a1(i64), a2(f32))),
+        (K.kernels._scatter, (a2(i64), a1(i64), a2(i64))),
     ]
     for k, sig in jobs:
         ptx, _ = cuda.compile_ptx(k.py_func, sig, cc=(9, 0))

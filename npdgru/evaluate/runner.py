@@ -41,12 +41,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AudioError, ParameterError
-from .metrics import SAMPLE_RATE
+from .metrics import INTRUSIVE, METRICS, SAMPLE_RATE  # noqa: F401 (INTRUSIVE, METRICS: importable here as before)
 
 DEFAULT_PERCENTS = (100.0, 75.0, 50.0, 25.0, 10.0)
 ONNX_NAME = "nsnet2-20ms-baseline.onnx"
-METRICS = ("pesq", "estoi", "si_snr", "sig", "bak", "ovrl", "p808")
-INTRUSIVE = ("pesq", "estoi", "si_snr")
 
 __all__ = ["Pair", "System", "find_pairs", "default_onnx_path", "default_weight_files", "evaluate", "DEFAULT_PERCENTS", "METRICS"]
 
@@ -268,7 +266,7 @@ def _weights_entry(entry, percents) -> tuple[str, list[float]]:
 
 
 def _build_systems(weight_files, percents, onnx_path, reference: bool = True) -> list[System]:
-    from ..convert.onnx_nsnet2 import NSNET2_ARCHITECTURE
+    from ..architectures import NSNET2_ARCHITECTURE
     from ..model import MaskModel
     from ..weights import load_weights
 

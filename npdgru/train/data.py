@@ -43,7 +43,7 @@ import pathlib
 import numpy as np
 import soundfile as sf
 
-from ..errors import NpdgruError
+from ..errors import NpdgruError, ParameterError
 
 SAMPLE_RATE = 16000
 
@@ -93,9 +93,9 @@ class MixtureSampler:
     def __init__(self, data_root, *, split: str = "train", seconds: float = 4.0, seed: int = 0, recipe: str = "v2"):
         root = pathlib.Path(data_root)
         if split not in ("train", "val"):
-            raise ValueError("split must be 'train' or 'val'")
+            raise ParameterError(f"split must be 'train' or 'val', got {split!r}")
         if recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+            raise ParameterError(f"recipe must be one of {RECIPES}, got {recipe!r}")
         self.recipe = recipe
         self.speech = _read_folder(root / "speech" / split)
         # Noise always comes from noise/train (+ noise/extra/train): noise/test is reserved for testset/.

@@ -48,6 +48,7 @@ import time
 import numpy as np
 import torch
 
+from ..errors import NpdgruError, ParameterError
 from ..weights import load_weights
 from .data import MixtureSampler
 from .torch_model import GraphNet, MaskNet, istft, log_power, stft
@@ -225,11 +226,11 @@ def build_parser(p=None):
 
 def train(args) -> pathlib.Path:
     if not 0.0 <= args.distill_weight <= 1.0:
-        raise ValueError(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
+        raise ParameterError(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
     if not 0.0 < getattr(args, "p_skew", 1.0) < float("inf"):
-        raise ValueError(f"--p-skew must be a positive number, got {args.p_skew}")
+        raise ParameterError(f"--p-skew must be a positive number, got {args.p_skew}")
     if not 0.0 <= getattr(args, "ema", 0.0) < 1.0:
-        raise ValueError(f"--ema must be in [0, 1) (0: off), got {args.ema}")
+        raise ParameterError(f"--ema must be in [0, 1) (0: off), got {args.ema}")
     torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -355,7 +356,7 @@ def train(args) -> pathlib.Path:
         step += 1
         running.append(loss.item())
         if not math.isfinite(running[-1]):
-            raise RuntimeError(f"loss became {running[-1]} at step {step}")
+            raise NpdgruError(f"{out}: loss became {running[-1]} at step {step} (last.pt holds the last finite state)")
         if args.snapshot_every and step % args.snapshot_every == 0:
             torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "step": step, "seed": args.seed}, out / f"step{step}.pt")
         if step % args.val_every == 0:
@@ -386,10 +387,8 @@ def _record_resume(config_path: pathlib.Path, args, step: int) -> None:
 
 
 def main(argv=None) -> int:
+    """Train with the arguments of ``npdgru train``; an NpdgruError propagates to the caller
+    (``npdgru.cli`` prints it as one line)."""
     args = build_parser().parse_args(argv)
     train(args)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,443 @@
+"""Numba CPU kernels for the GRU and the D-GRU, mirroring :mod:`npdgru.reference`.
+
+Layout. Weights are stored transposed, column-contiguous: ``wih_t = weight_ih.T`` (I, 3H) and
+``whh_t = weight_hh.T`` (H, 3H), so column j of W (everything that input or state entry j feeds)
+is one contiguous row of 3H floats. A pre-activation vector is built as
+
+    acc = b + Σ_j W[:, j] · v_j          (j ascending, one axpy per column)
+
+which skips real work when few v_j change: only their columns are read.
+
+The D-GRU step for one stream (paper eq. 4-5, ``docs/design.md``):
+  1. ``z = σ(gi_z + M_z)`` and ``u = 1 − z`` for all H neurons, where ``M = W_hh h + b_hh`` is a
+     running accumulator, not recomputed;
+  2. the A largest ``u`` by quickselect (O(H) on average, no sort), ties to the lower index;
+  3. r, n and the new h only for those A rows;
+  4. ``M += W_hh[:, S] (h'_S − h_S)``: 3H·A MACs instead of 3H·H.
+A layer whose input is the state of a previous D-GRU layer keeps its input pre-activations the
+same way (``sparse_input=True``): only input columns whose value changed are read.
+
+Float32 drift of the accumulators: every ``refresh_every`` steps of a stream (default 128, i.e.
+1.28 s at a 10 ms hop) M (and the input accumulator) are recomputed from scratch, which costs
+3H·H/128 MACs per step on average. The bound is measured in ``tests/test_kernels_drift.py``:
+over 6000 steps the hidden state stays within 1e-4 of the float64 reference (see there).
+
+Every kernel is private to the cpu backend and trusts its arguments; the layers of
+``layers.py`` validate them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .._config import JIT
+
+_FRAME_BLOCK = 8  # frames that share one pass over the input weights in _affine_columns
+# r and n are evaluated for all H rows when A·_ALL_ROWS_RATIO >= H: measured (one thread) the
+# vectorised pass over all rows is faster than A gathered rows for A >= H/8 at H = 64...400
+_ALL_ROWS_RATIO = 8
+# How the A largest u are found (measured one thread, u = 1 - sigmoid of normal values, A = H/2:
+# counting ranks 0.57 / 2.1 / 28 us at H = 64 / 128 / 400, the histogram-narrowed quickselect
+# 0.23 / 0.40 / 1.06 us, a plain quickselect 2.0 / 3.1 / 4.8 us at H = 160 / 256 / 400):
+_RANK_MAX_H = 63  # counting ranks below H = 64
+_BINS = 64  # histogram bins of _kth_largest_binned (needs H >= _BINS: idx is its scratch)
+_BINNED_MIN_H = 64  # the histogram-narrowed quickselect from H = 64
+
+
+# --------------------------------------------------------------------------------------------
+# private kernels (no validation, no allocation inside loops)
+# --------------------------------------------------------------------------------------------
+
+
+# tanh as a rational function (the [13/6] minimax fit used by Eigen), clamped where it reaches
+# ±1 in float32: branch-free arithmetic that LLVM vectorises, unlike a call to libm's tanhf.
+# Measured on a grid of 2e6 points in [-12, 12]: within 3.5e-7 of tanh (float64); the sigmoid
+# 0.5 + 0.5·tanh(a/2) within 2.3e-7 of 1/(1 + e^-a) (tests/test_kernels_cpu.py checks both).
+_TANH_CLAMP = np.float32(7.90531110763549805)
+_A1, _A3, _A5, _A7, _A9, _A11, _A13 = (np.float32(v) for v in (
+    4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
+    -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16))
+_B0, _B2, _B4, _B6 = (np.float32(v) for v in (
+    4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06))
+
+
+@njit(**JIT)
+def _tanh(a):
+    v = min(max(a, -_TANH_CLAMP), _TANH_CLAMP)
+    v2 = v * v
+    p = v2 * _A13 + _A11
+    p = v2 * p + _A9
+    p = v2 * p + _A7
+    p = v2 * p + _A5
+    p = v2 * p + _A3
+    p = v2 * p + _A1
+    q = v2 * _B6 + _B4
+    q = v2 * q + _B2
+    q = v2 * q + _B0
+    return v * p / q
+
+
+@njit(**JIT)
+def _sigmoid(a):
+    return np.float32(0.5) + np.float32(0.5) * _tanh(np.float32(0.5) * a)
+
+
+@njit(**JIT)
+def _accumulate(acc, wt, idx, d, count):
+    """acc += Σ_k wt[idx[k], :] · d[k] for k < count, in k order, four columns per pass.
+
+    Four columns per pass keep ``acc`` in registers; the sum is still formed in k order, so the
+    result is the same as one column at a time.
+    """
+    K = acc.shape[0]
+    k = 0
+    while k + 4 <= count:
+        w0 = wt[idx[k]]
+        w1 = wt[idx[k + 1]]
+        w2 = wt[idx[k + 2]]
+        w3 = wt[idx[k + 3]]
+        d0 = d[k]
+        d1 = d[k + 1]
+        d2 = d[k + 2]
+        d3 = d[k + 3]
+        for q in range(K):
+            acc[q] = acc[q] + w0[q] * d0 + w1[q] * d1 + w2[q] * d2 + w3[q] * d3
+        k += 4
+    while k < count:
+        w0 = wt[idx[k]]
+        d0 = d[k]
+        for q in range(K):
+            acc[q] = acc[q] + w0[q] * d0
+        k += 1
+
+
+@njit(**JIT)
+def _dense_columns(acc, wt, b, v):
+    """acc = b + Σ_j wt[j, :] · v[j] over all j: the full product of one vector.
+
+    The one-frame case of _affine_columns (same code, so the same bits as any frame of a block).
+    """
+    _affine_columns(v.reshape(1, v.shape[0]), wt, b, acc.reshape(1, acc.shape[0]))
+
+
+@njit(**JIT)
+def _affine_columns(x, wt, b, out):
+    """out[n] = b + Σ_j wt[j] x[n, j] for every row n of x (N, J): input products of all frames.
+
+    Frames are processed in blocks of _FRAME_BLOCK that share each pass over the weights (matrix-
+    matrix reuse); per output entry the sum runs in j order, exactly as _dense_columns.
+    """
+    N, J = x.shape
+    K = wt.shape[1]
+    for n0 in range(0, N, _FRAME_BLOCK):
+        n1 = min(n0 + _FRAME_BLOCK, N)
+        for n in range(n0, n1):
+            o = out[n]
+            for q in range(K):
+                o[q] = b[q]
+        j = 0
+        while j + 4 <= J:
+            w0 = wt[j]
+            w1 = wt[j + 1]
+            w2 = wt[j + 2]
+            w3 = wt[j + 3]
+            for n in range(n0, n1):
+                o = out[n]
+                v0 = x[n, j]
+                v1 = x[n, j + 1]
+                v2 = x[n, j + 2]
+                v3 = x[n, j + 3]
+                for q in range(K):
+                    o[q] = o[q] + w0[q] * v0 + w1[q] * v1 + w2[q] * v2 + w3[q] * v3
+            j += 4
+        while j < J:
+            w0 = wt[j]
+            for n in range(n0, n1):
+                o = out[n]
+                v0 = x[n, j]
+                for q in range(K):
+                    o[q] = o[q] + w0[q] * v0
+            j += 1
+
+
+@njit(**JIT)
+def _kth_largest(u, buf, k):
+    """Value of the k-th largest entry of u (k >= 1): Hoare quickselect on a copy, O(H) average."""
+    n = u.shape[0]
+    for i in range(n):
+        buf[i] = u[i]
+    lo = 0
+    hi = n - 1
+    kk = k - 1
+    while lo < hi:
+        a = buf[lo]
+        b = buf[(lo + hi) >> 1]
+        c = buf[hi]
+        # median of three as the pivot
+        if a < b:
+            if b < c:
+                pivot = b
+            elif a < c:
+                pivot = c
+            else:
+                pivot = a
+        else:
+            if a < c:
+                pivot = a
+            elif b < c:
+                pivot = c
+            else:
+                pivot = b
+        i = lo
+        j = hi
+        while i <= j:
+            while buf[i] > pivot:  # descending: larger values go left
+                i += 1
+            while buf[j] < pivot:
+                j -= 1
+            if i <= j:
+                tmp = buf[i]
+                buf[i] = buf[j]
+                buf[j] = tmp
+                i += 1
+                j -= 1
+        # now buf[lo..j] >= pivot, buf[j+1..i-1] == pivot, buf[i..hi] <= pivot
+        if kk <= j:
+            hi = j
+        elif kk >= i:
+            lo = i
+        else:
+            return pivot
+    return buf[kk]
+
+
+@njit(**JIT)
+def _top_a_by_rank(u, A, cnt, idx):
+    """_top_a for small H by counting: neuron i is selected iff fewer than A neurons rank above
+    it (u_j > u_i, or u_j == u_i with j < i: the stable descending order of reference.top_a).
+
+    O(H²) comparisons, vectorised over i with no data-dependent branch, against the
+    quickselect's O(H) average of unpredictable branches (timings at _RANK_MAX_H).
+    ``cnt`` (H,) float32 scratch holds the counts (exact integers below 2**24).
+    """
+    H = u.shape[0]
+    for i in range(H):
+        cnt[i] = 0.0
+    for j in range(H):
+        uj = u[j]
+        for i in range(H):
+            cnt[i] += np.float32((uj > u[i]) | ((uj == u[i]) & (j < i)))
+    fa = np.float32(A)
+    k = 0
+    for i in range(H):
+        idx[k] = i  # overwritten unless selected; k <= A < H keeps it in bounds
+        k += cnt[i] < fa
+
+
+@njit(**JIT)
+def _kth_largest_binned(u, buf, hist, k):
+    """Value of the k-th largest entry of u (k >= 1), for large H: a histogram of _BINS bins
+    over [min u, max u] finds the bin that holds it, then a quickselect among that bin's entries
+    only. The bin index is a non-decreasing function of u, so the bins are ordered as the values.
+    ``hist`` (>= _BINS int64) and ``buf`` (H float32) are scratch."""
+    H = u.shape[0]
+    lo = u[0]
+    hi = u[0]
+    for i in range(H):
+        lo = min(lo, u[i])
+        hi = max(hi, u[i])
+    if not hi > lo:
+        return lo
+    top = _BINS - 1
+    scale = np.float32(_BINS) / (hi - lo)
+    for b in range(_BINS):
+        hist[b] = 0
+    for i in range(H):
+        hist[min(np.int64((u[i] - lo) * scale), top)] += 1
+    above = 0
+    b = top
+    while above + hist[b] < k:
+        above += hist[b]
+        b -= 1
+    c = 0
+    for i in range(H):
+        buf[c] = u[i]
+        c += min(np.int64((u[i] - lo) * scale), top) == b
+    cand = buf[:c]
+    return _kth_largest(cand, cand, k - above)  # in place: the copy inside is onto itself
+
+
+@njit(**JIT)
+def _top_a(u, A, buf, idx):
+    """Indices of the A largest u in ascending index order, ties to the lower index -> idx[:A]."""
+    H = u.shape[0]
+    if A >= H:
+        for i in range(H):
+            idx[i] = i
+        return
+    if H <= _RANK_MAX_H:
+        _top_a_by_rank(u, A, buf, idx)
+        return
+    if H >= _BINNED_MIN_H:
+        tau = _kth_largest_binned(u, buf, idx, A)  # idx is scratch until the selection is written
+    else:
+        tau = _kth_largest(u, buf, A)
+    n_gt = 0
+    for i in range(H):
+        n_gt += u[i] > tau
+    n_eq = A - n_gt  # how many of the entries equal to tau are taken, lowest index first
+    k = 0
+    for i in range(H):  # without data-dependent branches: idx[k] is overwritten unless taken
+        ui = u[i]
+        eq = (ui == tau) & (n_eq > 0)
+        idx[k] = i
+        k += (ui > tau) | eq
+        n_eq -= eq
+
+
+@njit(**JIT)
+def _input_delta(xt, xprev, g, wih_t, b_ih, refresh, idx_in, d_in):
+    """Input accumulator g = W_ih x + b_ih kept from the entries of x that changed."""
+    I = xt.shape[0]
+    if refresh:
+        _dense_columns(g, wih_t, b_ih, xt)
+        for j in range(I):
+            xprev[j] = xt[j]
+        return
+    c = 0
+    for j in range(I):
+        dj = xt[j] - xprev[j]
+        if dj != 0.0:
+            idx_in[c] = j
+            d_in[c] = dj
+            xprev[j] = xt[j]
+            c += 1
+    _accumulate(g, wih_t, idx_in, d_in, c)
+
+
+@njit(**JIT)
+def _gru_forward(gi, whh_t, b_hh, h, m, out):
+    """Dense GRU. gi (T, B, 3H) input pre-activations incl. b_ih; h (B, H) in/out; out (T, B, H)."""
+    T, B, H3 = gi.shape
+    H = H3 // 3
+    for t in range(T):
+        for b in range(B):
+            hb = h[b]
+            mb = m[b]
+            g = gi[t, b]
+            _dense_columns(mb, whh_t, b_hh, hb)  # M = W_hh h + b_hh, (3H,)
+            for i in range(H):
+                r = _sigmoid(g[i] + mb[i])
+                z = _sigmoid(g[H + i] + mb[H + i])
+                n = _tanh(g[2 * H + i] + r * mb[2 * H + i])
+                hb[i] = hb[i] + (np.float32(1.0) - z) * (n - hb[i])
+            for i in range(H):
+                out[t, b, i] = hb[i]
+
+
+@njit(**JIT)
+def _dgru_cell(g, hb, mb, whh_t, b_hh, A, refresh, ubuf, qbuf, idx, dh):
+    """One D-GRU step of one stream; g (3H,) input pre-activations; hb, mb updated in place."""
+    H = hb.shape[0]
+    if refresh:
+        _dense_columns(mb, whh_t, b_hh, hb)  # drift bound: exact M every refresh_every steps
+    for i in range(H):  # z and u for every neuron: needed to select
+        ubuf[i] = np.float32(1.0) - _sigmoid(g[H + i] + mb[H + i])
+    _top_a(ubuf, A, qbuf, idx)
+    if A * _ALL_ROWS_RATIO >= H:
+        # r and n of every row in one vectorised pass (qbuf is free after the selection), then
+        # the A selected rows read from it: for a large A this is cheaper than A gathered scalar
+        # evaluations, and each n is the same expression, so the same bits either way
+        for i in range(H):
+            r = _sigmoid(g[i] + mb[i])
+            qbuf[i] = _tanh(g[2 * H + i] + r * mb[2 * H + i])
+        for k in range(A):
+            i = idx[k]
+            hi = hb[i]
+            hn = hi + ubuf[i] * (qbuf[i] - hi)
+            dh[k] = hn - hi
+            hb[i] = hn
+    else:
+        for k in range(A):  # r, n and h' only for the selected rows
+            i = idx[k]
+            r = _sigmoid(g[i] + mb[i])
+            n = _tanh(g[2 * H + i] + r * mb[2 * H + i])
+            hi = hb[i]
+            hn = hi + ubuf[i] * (n - hi)
+            dh[k] = hn - hi
+            hb[i] = hn
+    _accumulate(mb, whh_t, idx, dh, A)  # M += W_hh[:, S] Δh_S
+
+
+@njit(**JIT)
+def _dgru_forward(gi, whh_t, b_hh, A, refresh_every, h, m, step, out, sel, ubuf, qbuf, idx, dh):
+    """D-GRU over T steps, dense input (gi precomputed for all frames)."""
+    T, B, H3 = gi.shape
+    write_sel = sel.shape[0] == T
+    for t in range(T):
+        for b in range(B):
+            refresh = step[b] % refresh_every == 0
+            step[b] += 1
+            _dgru_cell(gi[t, b], h[b], m[b], whh_t, b_hh, A, refresh, ubuf, qbuf, idx, dh)
+            out[t, b] = h[b]
+            if write_sel:
+                for k in range(A):
+                    sel[t, b, idx[k]] = True
+
+
+@njit(**JIT)
+def _dgru_forward_sparse_input(x, wih_t, b_ih, whh_t, b_hh, A, refresh_every, h, m, g, xprev, step, out, sel, ubuf, qbuf, idx, dh, idx_in, d_in):
+    """D-GRU over T steps whose input x (T, B, I) changes in few entries per step."""
+    T, B, I = x.shape
+    write_sel = sel.shape[0] == T
+    for t in range(T):
+        for b in range(B):
+            refresh = step[b] % refresh_every == 0
+            step[b] += 1
+            _input_delta(x[t, b], xprev[b], g[b], wih_t, b_ih, refresh, idx_in, d_in)
+            _dgru_cell(g[b], h[b], m[b], whh_t, b_hh, A, refresh, ubuf, qbuf, idx, dh)
+            out[t, b] = h[b]
+            if write_sel:
+                for k in range(A):
+                    sel[t, b, idx[k]] = True
+
+
+@njit(**JIT)
+def _activate(y, code):
+    """In-place activation of a (N, K) array: 0 none, 1 relu, 2 sigmoid, 3 tanh."""
+    if code == 0:
+        return
+    N, K = y.shape
+    for n in range(N):
+        row = y[n]
+        if code == 1:
+            for q in range(K):
+                row[q] = max(row[q], np.float32(0.0))
+        elif code == 2:
+            for q in range(K):
+                row[q] = _sigmoid(row[q])
+        else:
+            for q in range(K):
+                row[q] = _tanh(row[q])
+
+
+@njit(**JIT)
+def _layer_norm(x, w, b, eps, out):
+    """Rows of x (N, C): sums in index order, so a row gives the same bits alone or in a block."""
+    N, C = x.shape
+    inv_c = np.float32(1.0) / np.float32(C)
+    for n in range(N):
+        row = x[n]
+        s = np.float32(0.0)
+        for c in range(C):
+            s += row[c]
+        mu = s * inv_c
+        v = np.float32(0.0)
+        for c in range(C):
+            d = row[c] - mu
+            v += d * d
+        inv = np.float32(1.0) / np.sqrt(v * inv_c + eps)
+        o = out[n]
+        for c in range(C):
+            o[c] = (row[c] - mu) * inv * w[c] + b[c]

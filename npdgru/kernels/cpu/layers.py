@@ -1,0 +1,274 @@
+"""The cpu backend's layers (float32, Numba kernels of ``kernels.py``) and its executor.
+
+Each public layer validates its arguments (``..checks``) and then calls the kernels through
+``_run``, which trusts them; the executor runs a plan with one runner per layer kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...errors import ParameterError
+from ...kinds import num_selected
+from .._graph import LAYER_RUNNERS, GraphExecutor
+from ..checks import ACT_CODES, DEFAULT_REFRESH, as_f32, check_gru_weights, check_linear_weights, check_norm_weights, positive_int, selected_count
+from .frame import FrameProgram
+from .kernels import _activate, _affine_columns, _dgru_forward, _dgru_forward_sparse_input, _gru_forward, _layer_norm
+
+__all__ = ["GRULayer", "GRUState", "Linear", "LayerNorm", "Executor", "RUNNERS", "gru_sequence", "dgru_sequence", "DEFAULT_REFRESH"]
+
+
+@dataclass
+class GRUState:
+    """Carried state of one GRU layer for B streams (cpu backend).
+
+    h     (B, H)   hidden state
+    m     (B, 3H)  recurrent accumulator W_hh h + b_hh (D-GRU)
+    g     (B, 3H)  input accumulator W_ih x + b_ih (sparse-input layers)
+    xprev (B, I)   the input that ``g`` was built from
+    step  (B,)     steps since start; accumulators are refreshed when step % refresh_every == 0
+    The remaining fields are scratch buffers reused by every call (no allocation per step).
+    """
+
+    h: np.ndarray
+    m: np.ndarray
+    g: np.ndarray
+    xprev: np.ndarray
+    step: np.ndarray
+    ubuf: np.ndarray
+    qbuf: np.ndarray
+    idx: np.ndarray
+    dh: np.ndarray
+    idx_in: np.ndarray
+    d_in: np.ndarray
+    gi: np.ndarray  # (T_max, B, 3H) input pre-activations of a call, grown when needed
+
+    @property
+    def batch(self) -> int:
+        return self.h.shape[0]
+
+    _ROWS = ("h", "m", "g", "xprev", "step")  # the per-stream fields; the rest is scratch
+
+    def take(self, rows) -> "GRUState":
+        """A new state of ``len(rows)`` streams: stream k copies stream ``rows[k]``, or is a fresh
+        (zero) stream where ``rows[k] < 0``."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if rows.size and rows.max() >= self.batch:
+            raise ParameterError(f"rows {rows.tolist()} out of range for a batch of {self.batch}")
+        keep = rows >= 0
+        new = {}
+        for f in self._ROWS:
+            old = getattr(self, f)
+            a = np.zeros((rows.size,) + old.shape[1:], old.dtype)
+            a[keep] = old[rows[keep]]
+            new[f] = a
+        scratch = {f: np.zeros_like(getattr(self, f)) for f in ("ubuf", "qbuf", "idx", "dh", "idx_in", "d_in")}
+        return GRUState(**new, **scratch, gi=np.zeros((0, rows.size, self.gi.shape[2]), np.float32))
+
+    def put(self, rows, other: "GRUState") -> None:
+        """Write the streams of ``other`` into rows ``rows`` of this state (distinct rows)."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        for f in self._ROWS:
+            getattr(self, f)[rows] = getattr(other, f)
+
+
+class GRULayer:
+    """A (D-)GRU layer on the cpu backend, from PyTorch-layout weights.
+
+    Parameters
+    ----------
+    weight_ih : (3H, I)   weight_hh : (3H, H)   bias_ih, bias_hh : (3H,)   gate order r, z, n
+    update_percent : P in (0, 100]; A = ceil(P·H/100) neurons are updated per step. At P=100 the
+        dense GRU kernel runs (no accumulators).
+    sparse_input : the input is the state of a previous D-GRU layer and changes in few entries;
+        keep an input accumulator updated from the changed columns.
+    refresh_every : accumulators are recomputed exactly every this many steps (float32 drift).
+    A : the number of neurons updated per step, instead of ``update_percent``; the D-GRU
+        (accumulator) kernel then runs even at A = H.
+    """
+
+    backend = "cpu"
+
+    def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, *, update_percent=100.0, sparse_input=False, refresh_every=DEFAULT_REFRESH, name="gru", A=None):
+        self.name = name
+        self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = check_gru_weights(weight_ih, weight_hh, bias_ih, bias_hh, name)
+        I, H = self.input_size, self.hidden_size = self.weight_ih.shape[1], self.weight_hh.shape[1]
+        self.wih_t = np.ascontiguousarray(self.weight_ih.T)  # (I, 3H) column-contiguous
+        self.whh_t = np.ascontiguousarray(self.weight_hh.T)  # (H, 3H)
+        self.sparse_input = bool(sparse_input)
+        self.refresh_every = positive_int("refresh_every", refresh_every)
+        if A is not None:  # resolved by the plan (or asked for): the D-GRU kernel even at A = H
+            self.A, self.dense = selected_count(A, H), False
+            self.update_percent = 100.0 * self.A / H
+        else:
+            self.A = num_selected(update_percent, H)  # validates P before float() can raise TypeError
+            self.update_percent = float(update_percent)
+            self.dense = self.update_percent == 100.0
+
+    def init_state(self, batch: int = 1, h0=None) -> GRUState:
+        """Zero (or ``h0``) state for ``batch`` independent streams."""
+        B, H, I = positive_int("batch", batch), self.hidden_size, self.input_size
+        h = np.zeros((B, H), np.float32) if h0 is None else as_f32("h0", h0, (B, H)).copy()
+        f = np.float32
+        return GRUState(
+            h=h, m=np.zeros((B, 3 * H), f), g=np.zeros((B, 3 * H), f), xprev=np.zeros((B, I), f),
+            step=np.zeros(B, np.int64), ubuf=np.zeros(H, f), qbuf=np.zeros(H, f),
+            idx=np.zeros(H, np.int64), dh=np.zeros(H, f), idx_in=np.zeros(I, np.int64),
+            d_in=np.zeros(I, f), gi=np.zeros((0, B, 3 * H), f),
+        )
+
+    def _check_call(self, x, state):
+        x = np.asarray(x)
+        if x.ndim != 3 or x.shape[2] != self.input_size:
+            raise ParameterError(f"{self.name}: x must have shape (T, B, {self.input_size}), got {x.shape}")
+        if not isinstance(state, GRUState) or state.h.shape != (x.shape[1], self.hidden_size):
+            got = getattr(getattr(state, "h", None), "shape", type(state).__name__)
+            raise ParameterError(f"{self.name}: state is for {got}, x has batch {x.shape[1]} (use layer.init_state(B))")
+        if state.xprev.shape != (x.shape[1], self.input_size) or state.idx.shape != (self.hidden_size,):
+            # the sparse-input kernel indexes xprev/idx_in by input entry, without bounds checks
+            raise ParameterError(f"{self.name}: state was made by a layer of another input size (use layer.init_state(B))")
+        return as_f32(f"{self.name} input x", x, x.shape)
+
+    def forward(self, x, state: GRUState, *, selected=None):
+        """Run T steps for B streams; ``state`` is updated in place.
+
+        Parameters
+        ----------
+        x : (T, B, I) float array (cast to float32)
+        state : from :meth:`init_state`
+        selected : optional (T, B, H) bool array, filled with the selected neurons
+
+        Returns
+        -------
+        (T, B, H) float32 hidden states after each step.
+        """
+        x = self._check_call(x, state)
+        T, B = x.shape[:2]
+        H = self.hidden_size
+        if selected is not None:
+            if not isinstance(selected, np.ndarray) or selected.shape != (T, B, H) or selected.dtype != np.bool_ or not selected.flags.writeable:
+                raise ParameterError(f"selected must be a writeable bool array of shape {(T, B, H)}")
+            selected[...] = self.dense
+        return self._run(x, state, selected)
+
+    _NO_SEL = np.zeros((0, 1, 1), np.bool_)
+
+    def _run(self, x, state: GRUState, selected=None):
+        """forward() without validation: x float32 C-contiguous (T, B, I), state from init_state."""
+        T, B = x.shape[:2]
+        H = self.hidden_size
+        out = np.empty((T, B, H), np.float32)
+        sel = selected if (selected is not None and not self.dense) else self._NO_SEL
+        if T == 0:
+            return out
+        if self.sparse_input and not self.dense:
+            _dgru_forward_sparse_input(x, self.wih_t, self.bias_ih, self.whh_t, self.bias_hh, self.A, self.refresh_every, state.h, state.m, state.g, state.xprev, state.step, out, sel, state.ubuf, state.qbuf, state.idx, state.dh, state.idx_in, state.d_in)
+            return out
+        if state.gi.shape[0] < T:
+            state.gi = np.empty((T, B, 3 * H), np.float32)
+        gi = state.gi[:T]
+        _affine_columns(x.reshape(T * B, -1), self.wih_t, self.bias_ih, gi.reshape(T * B, 3 * H))
+        if self.dense:
+            _gru_forward(gi, self.whh_t, self.bias_hh, state.h, state.m, out)
+        else:
+            _dgru_forward(gi, self.whh_t, self.bias_hh, self.A, self.refresh_every, state.h, state.m, state.step, out, sel, state.ubuf, state.qbuf, state.idx, state.dh)
+        return out
+
+
+def gru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh):
+    """Dense GRU over T steps for B streams, like :func:`npdgru.reference.gru_sequence`."""
+    layer = GRULayer(weight_ih, weight_hh, bias_ih, bias_hh, update_percent=100.0)
+    x = np.asarray(x)
+    state = layer.init_state(x.shape[1] if x.ndim == 3 else 1, h0)
+    return layer.forward(x, state)
+
+
+def dgru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, A, *, sparse_input=False, refresh_every=DEFAULT_REFRESH):
+    """D-GRU with A selected neurons per step (the accumulator kernel, also at A = H).
+
+    Same arguments and results as :func:`npdgru.reference.dgru_sequence`: (out, S).
+    """
+    A = positive_int("A", A)  # None is an error here, not "every neuron"
+    layer = GRULayer(weight_ih, weight_hh, bias_ih, bias_hh, A=A, sparse_input=sparse_input, refresh_every=refresh_every)
+    x = np.asarray(x)
+    state = layer.init_state(x.shape[1] if x.ndim == 3 else 1, h0)
+    S = np.zeros((x.shape[0], state.batch, layer.hidden_size), np.bool_) if x.ndim == 3 else None
+    out = layer.forward(x, state, selected=S)
+    return out, S
+
+
+class Linear:
+    """Fully connected layer y = act(x Wᵀ + b) on the cpu backend (float32)."""
+
+    backend = "cpu"
+
+    def __init__(self, weight, bias, *, activation="none", name="linear"):
+        self.name = name
+        self.weight, self.bias = check_linear_weights(weight, bias, activation, name)
+        self.out_features, self.in_features = self.weight.shape
+        self.wt = np.ascontiguousarray(self.weight.T)  # (in, out) column-contiguous
+        self.activation = activation
+        self._code = ACT_CODES[activation]
+
+    def forward(self, x):
+        """x (N, in) float32 -> (N, out) float32."""
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ParameterError(f"{self.name}: x must have shape (N, {self.in_features}), got {x.shape}")
+        return self._run(np.ascontiguousarray(x, dtype=np.float32))
+
+    def _run(self, x):
+        """forward() without validation: x float32 C-contiguous (N, in)."""
+        y = np.empty((x.shape[0], self.out_features), np.float32)
+        if x.shape[0]:
+            _affine_columns(x, self.wt, self.bias, y)
+            _activate(y, self._code)
+        return y
+
+
+class LayerNorm:
+    """:func:`npdgru.reference.layer_norm` over rows of (N, C) on the cpu backend (float32)."""
+
+    backend = "cpu"
+
+    def __init__(self, weight, bias, *, eps=1e-5, name="norm"):
+        self.name = name
+        self.weight, self.bias = check_norm_weights(weight, bias, name)
+        self.size = self.weight.shape[0]
+        self.eps = np.float32(eps)
+
+    def forward(self, x):
+        """x (N, C) float32 -> (N, C) float32."""
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.size:
+            raise ParameterError(f"{self.name}: x must have shape (N, {self.size}), got {x.shape}")
+        return self._run(as_f32(f"{self.name} input", x, x.shape))
+
+    def _run(self, x):
+        y = np.empty(x.shape, np.float32)
+        if x.shape[0]:
+            _layer_norm(x, self.weight, self.bias, self.eps, y)
+        return y
+
+
+# --------------------------------------------------------------------------------------------
+# the executor: a plan run on these layers
+# --------------------------------------------------------------------------------------------
+
+
+RUNNERS = dict(LAYER_RUNNERS)  # every kind on the layers above and the host shape glue
+
+
+class Executor(GraphExecutor):
+    """A :class:`~npdgru.plan.Plan` on the cpu backend (Numba, float32)."""
+
+    backend = "cpu"
+    runners = RUNNERS
+    GRULayer, Linear, LayerNorm = GRULayer, Linear, LayerNorm
+
+    def frame_program(self, batch: int) -> "FrameProgram":
+        """A one-frame program of ``batch`` streams with buffers of its own (one per user, so
+        that two streams never share scratch memory)."""
+        return FrameProgram(self, batch)
