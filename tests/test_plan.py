@@ -165,7 +165,7 @@ def _arch(*layers, n=161):
 @pytest.mark.parametrize(
     "layer, message",
     [
-        ({"kind": "scale", "name": "s"}, "kind 'scale' is not one of"),
+        ({"kind": "conv", "name": "s"}, "kind 'conv' is not one of"),
         ({"kind": "linear", "name": "a", "in": 161, "out": 161, "activation": "gelu"}, "activation 'gelu'"),
         ({"kind": "linear", "name": "a", "in": 160, "out": 161}, "input size 160 does not match the width 161"),
         ({"kind": "pad", "name": "a", "in": 161, "out": 100}, "pad out=100 is smaller than in=161"),
