@@ -5,8 +5,9 @@ The main entry points are available at the top level::
     from npdgru import Enhancer
     y = Enhancer(model="dprnn", update_percent=50).enhance(x, sample_rate=16000)
 
-Layers of the package (imports point down): ``cli`` -> ``enhance`` -> ``stft``, ``model`` ->
-``kernels`` (cpu, cuda) and ``reference`` (the NumPy specification) -> ``weights``, ``errors``.
+Layers of the package (imports point down; ``docs/design.md``): ``cli`` -> ``enhance`` ->
+``model`` -> ``kernels`` (reference, cpu, cuda) -> ``weights`` -> ``plan`` -> ``kinds`` (one class per
+layer kind) -> ``reference`` (the NumPy specification, importing nothing of npdgru) -> ``errors``.
 The names below are imported on first use, so ``import npdgru`` stays cheap.
 """
 
