@@ -85,7 +85,7 @@ def cmd_enhance(args) -> int:
     from tqdm import tqdm
 
     from . import distributed as dist
-    from .enhance import Enhancer, output_subtype
+    from .enhance import Enhancer
 
     if args.jobs and args.scheduler:
         raise ParameterError("--jobs and --scheduler exclude each other: --jobs N starts N local workers, --scheduler attaches to a running cluster")
@@ -100,11 +100,6 @@ def cmd_enhance(args) -> int:
     config = dist.Config(weights=weights_path, update_percent=enh.update_percent, backend=args.backend, mask_floor_db=enh.mask_floor_db,
                          model=dist.model_id(weights_path) if weights_path else "", subtype=args.subtype)
     items, skipped, journal = dist.plan_work(args.inputs, args.output, config=config, overwrite=args.overwrite)
-    if args.subtype is not None:  # a --subtype the output format cannot hold: once, before any work
-        import numpy as np
-
-        for dst in {Path(it.dst).suffix.lower(): it.dst for it in items}.values():
-            output_subtype(dst, np.zeros(1, np.float32), subtype=args.subtype)
     dist._ENHANCERS.clear()
     dist._ENHANCERS[config] = enh  # the in-process loop uses this one
     if items and not (args.jobs or args.scheduler):

@@ -54,8 +54,8 @@ def run(capsys, *argv):
 
 
 def tree(root: Path) -> dict:
-    """{relative path: bytes} of every file under root (the journal apart)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != dist.JOURNAL_NAME}
+    """{relative path: bytes} of every file under root (the journal and the lock apart)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (dist.JOURNAL_NAME, dist.LOCK_NAME)}
 
 
 def journal(root: Path) -> list[dict]:
