@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 import os
 import threading
@@ -711,34 +712,94 @@ def _need_dask():
         raise ParameterError('--jobs/--scheduler need dask.distributed (the distributed extra): pip install -e ".[distributed]"') from None
 
 
-@contextmanager
-def cluster(*, jobs: int | None = None, scheduler: str | None = None, allowed_failures: int = ALLOWED_FAILURES):
-    """A dask Client: on the running cluster at ``scheduler``, or on a LocalCluster of ``jobs``
-    single-threaded worker processes (each under a nanny that replaces it if it dies)."""
-    _need_dask()
-    import logging
+SCHEDULER_TIMEOUT = 30.0  # seconds for --scheduler to connect and answer Dask's handshake
 
-    quiet = logging.getLogger("distributed")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # no INFO lines of the cluster's start and close on the console
+
+class _LogTally(logging.Handler):
+    """dask.distributed's log records of a run, kept for one summary line (a worker's death is
+    already each file's own error line)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count, self.first = 0, None
+
+    def emit(self, record):
+        self.count += 1
+        if self.first is None:
+            self.first = " ".join(record.getMessage().split())[:300]
+
+
+@contextmanager
+def cluster(*, jobs: int | None = None, scheduler: str | None = None, allowed_failures: int = ALLOWED_FAILURES, on_note=None):
+    """A dask Client: on the running cluster at ``scheduler``, or on a LocalCluster of ``jobs``
+    single-threaded worker processes (each under a nanny that replaces it if it dies).
+
+    The ``distributed`` log records of this process (the LocalCluster's scheduler and nannies)
+    are not printed: at the end, ``on_note(line)`` gets one line that counts them and quotes the
+    first (without ``on_note``, the ``npdgru`` logger warns with it)."""
+    _need_dask()
+    log = logging.getLogger("distributed")
+    saved = log.handlers[:], log.propagate, log.level
+    tally = _LogTally()
+    log.handlers, log.propagate = [tally], False
+    log.setLevel(logging.WARNING)  # no INFO lines of the cluster's start and close
     try:
         with _cluster(jobs, scheduler, allowed_failures) as client:
             yield client
     finally:
-        quiet.setLevel(level)
+        log.handlers, log.propagate = saved[0], saved[1]
+        log.setLevel(saved[2])
+        if tally.count:
+            note = f"the Dask cluster logged {tally.count} warning(s) or error(s), the first: {tally.first}"
+            (on_note or logging.getLogger("npdgru").warning)(note)
+
+
+def _probe_scheduler(address: str, timeout: float) -> None:
+    """Connect to ``address`` and exchange Dask's handshake within ``timeout`` seconds, else one
+    ParameterError: Client() itself waits forever on a port that accepts and says nothing, and
+    reads another protocol's greeting (``SSH-2.0-...``) as a frame length of exabytes."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def probe():
+        comm = await connect(address, timeout=timeout)
+        await comm.close()
+
+    outcome: list = []
+
+    def run():
+        try:
+            asyncio.run(asyncio.wait_for(probe(), timeout))
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - reported below as one line
+            outcome.append(e)
+
+    t = threading.Thread(target=run, daemon=True, name="npdgru-scheduler-probe")  # never inside a caller's event loop
+    t.start()
+    t.join(timeout + 5.0)
+    e = outcome[0] if outcome else TimeoutError()
+    if e is None:
+        return
+    if isinstance(e, (TimeoutError, asyncio.TimeoutError)) or "Timed out" in str(e):
+        why = f"no Dask scheduler answered within {timeout:g} s"
+    elif isinstance(e, (MemoryError, OverflowError)) or type(e).__name__ in ("CommClosedError", "UnpackException", "ExtraData", "FormatError", "StreamClosedError"):
+        why = "what answered there is not a Dask scheduler"
+    else:
+        why = f"cannot connect ({' '.join(str(e).split())[:200] or type(e).__name__})"
+    raise ParameterError(f"--scheduler {address}: {why}")
 
 
 @contextmanager
 def _cluster(jobs, scheduler, allowed_failures):
-    import logging
-
     import dask
     from distributed import Client, LocalCluster
 
     with dask.config.set(CLUSTER_CONFIG | {"distributed.scheduler.allowed-failures": allowed_failures}):
         if scheduler:
+            _probe_scheduler(scheduler, SCHEDULER_TIMEOUT)
             try:
-                client = Client(scheduler, timeout="20s")
+                client = Client(scheduler, timeout=f"{SCHEDULER_TIMEOUT}s")
             except (OSError, TimeoutError, ValueError) as e:
                 raise ParameterError(f"--scheduler {scheduler}: cannot connect ({' '.join(str(e).split()) or type(e).__name__})") from None
             with client:
@@ -761,7 +822,7 @@ def _why(e: BaseException) -> str:
 
 
 def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, scheduler: str | None = None, task_seconds: float = TASK_SECONDS,
-                 after_write=None, allowed_failures: int = ALLOWED_FAILURES):
+                 after_write=None, allowed_failures: int = ALLOWED_FAILURES, on_note=None):
     """Yield the results of each task as it finishes: in order in this process (neither jobs nor
     scheduler), in completion order on a cluster. A task whose worker died more than
     ``allowed_failures`` times yields its files as failed.
@@ -776,7 +837,7 @@ def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, 
                 for it in items:
                     yield run_task([it], config, after_write)
         return
-    with cluster(jobs=jobs, scheduler=scheduler, allowed_failures=allowed_failures) as client:
+    with cluster(jobs=jobs, scheduler=scheduler, allowed_failures=allowed_failures, on_note=on_note) as client:
         from distributed import as_completed
 
         threads = max(1, sum(client.nthreads().values()))
@@ -813,8 +874,9 @@ def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, 
 
 
 def run_items(items: list[Item], config: Config, *, journal: Journal | None = None, jobs: int | None = None, scheduler: str | None = None,
-              task_seconds: float = TASK_SECONDS, on_result=None, after_write=None, allowed_failures: int = ALLOWED_FAILURES) -> list[Result]:
-    """Enhance ``items``; journal every file; call ``on_result(result)`` as each file finishes.
+              task_seconds: float = TASK_SECONDS, on_result=None, after_write=None, allowed_failures: int = ALLOWED_FAILURES, on_note=None) -> list[Result]:
+    """Enhance ``items``; journal every file; call ``on_result(result)`` as each file finishes
+    and ``on_note(line)`` for what the cluster logged (see :func:`cluster`).
 
     Returns the results in the order of ``items``.
     """
@@ -823,7 +885,8 @@ def run_items(items: list[Item], config: Config, *, journal: Journal | None = No
         journal.write({"output": _key(it.dst), "input": _key(it.src), "status": "planned"} for it in items)
     done: dict[str, Result] = {}
     try:
-        for results in iter_results(items, config, jobs=jobs, scheduler=scheduler, task_seconds=task_seconds, after_write=after_write, allowed_failures=allowed_failures):
+        for results in iter_results(items, config, jobs=jobs, scheduler=scheduler, task_seconds=task_seconds, after_write=after_write,
+                                    allowed_failures=allowed_failures, on_note=on_note):
             if journal is not None:
                 journal.write(_record(r, config) for r in results)
             for r in results:
