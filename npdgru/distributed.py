@@ -20,11 +20,18 @@ Nothing lost, nothing twice:
   it with the ``os.stat`` the driver took when it planned the run: an output that changed since
   was written by an earlier attempt of the same task in this run (the rename is atomic, so it
   is complete) and is not written again.
-* Only the driver writes the journal (one writer, also on shared storage). It first records
-  every output of the run as ``planned``: a killed run leaves outputs that the next run may
-  redo without ``--overwrite`` (they are npdgru's own), and the next run skips exactly those
-  whose journal line says ``done`` with the same input (size and mtime, else sha256), weights,
-  P and mask floor, and whose output is still there with the recorded size.
+* Only the driver writes the journal (one writer, also on shared storage), and only while it
+  holds the output folder's lock (``OUT/.npdgru-lock``, flock: one run per folder). It first
+  records every output of the run as ``planned``: a killed run leaves outputs that the next run
+  may redo without ``--overwrite`` (they are npdgru's own: the lines carry the folder's id), and
+  the next run skips exactly those whose journal line says ``done`` with the same input (size
+  and mtime, else sha256, all three taken by the worker from the file it read), weights, P and
+  mask floor, and whose output is still there with the recorded size. The journal is read as
+  untrusted data: lines of the wrong types are ignored, with a warning.
+* Every output lies inside OUT (resolved, symlinks followed) and has an audio suffix; a
+  manifest row that names another is refused before any work.
+* A file is read, enhanced and written in blocks of a minute (npdgru.enhance.enhance_file):
+  memory does not grow with its length.
 
 dask is imported only when a cluster is asked for (``pip install -e ".[distributed]"``).
 """
@@ -390,8 +397,9 @@ class Journal:
         return f"{self.path}: {len(self.ignored)} line(s) ignored ({'; '.join(self.ignored[:3])}{more})"
 
     def owns(self, rec: dict | None) -> bool:
-        """The record was written by a run in this folder: its output may be replaced without --overwrite."""
-        return rec is not None and self.folder_id is not None and rec.get("folder_id") == self.folder_id
+        """The record was written by a run in this folder, for an output inside it: that output
+        may be replaced without --overwrite."""
+        return rec is not None and self.folder_id is not None and rec.get("folder_id") == self.folder_id and _inside(rec["output"], self.folder)
 
     def open(self):
         try:
@@ -618,10 +626,10 @@ def _is_regular(path) -> bool:
         return False
 
 
-def _process_one(enh, item: Item, after_write=None, subtype=None, block_seconds=None) -> Result:
+def _process_one(enh, item: Item, after_write=None, subtype=None) -> Result:
     """One file, read, enhanced and written in blocks (``npdgru.enhance.enhance_file``); its
     identity (sha256, size, mtime) taken here from the open file that was read."""
-    from .enhance import BLOCK_SECONDS, AudioInput, enhance_file
+    from .enhance import AudioInput, enhance_file
 
     r = Result(item.src, item.dst, "failed")
     try:
@@ -631,7 +639,7 @@ def _process_one(enh, item: Item, after_write=None, subtype=None, block_seconds=
                 r.sha256, r.input_size, r.input_mtime_ns = src.identity()
                 r.status, r.rewritten = "done", False
                 return r
-            done = enhance_file(enh, src, item.dst, subtype=subtype, block_seconds=block_seconds or BLOCK_SECONDS)
+            done = enhance_file(enh, src, item.dst, subtype=subtype)
             r.sha256, r.input_size, r.input_mtime_ns = done["identity"]
             r.compute, r.warnings = done["compute"], _named_warnings(item, done["warnings"])
         if after_write is not None:
