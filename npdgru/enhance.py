@@ -842,7 +842,12 @@ class _HashedFile:
 
     def readinto(self, buf) -> int:
         view = memoryview(buf).cast("B")
-        n = os.preadv(self.fd, [view], self.pos)
+        if hasattr(os, "preadv"):
+            n = os.preadv(self.fd, [view], self.pos)
+        else:  # macOS before 11
+            data = os.pread(self.fd, len(view), self.pos)
+            n = len(data)
+            view[:n] = data
         self._saw(self.pos, view[:n])
         self.pos += n
         return n
