@@ -22,8 +22,13 @@ def _one_line(msg: str) -> str:
     return " ".join([head, "; ".join(rest)]) if rest else head
 
 
+def _shown(text: str) -> str:
+    """Text with file names that are not UTF-8 (surrogate escapes) shown as \\xNN, printable anywhere."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace") if any("\udc80" <= c <= "\udcff" for c in text) else text
+
+
 def _error(msg: str) -> int:
-    print(f"npdgru: error: {_one_line(msg)}", file=sys.stderr)
+    print(f"npdgru: error: {_shown(_one_line(msg))}", file=sys.stderr)
     return 2
 
 
@@ -85,7 +90,7 @@ def cmd_enhance(args) -> int:
     from tqdm import tqdm
 
     from . import distributed as dist
-    from .enhance import Enhancer, output_subtype
+    from .enhance import Enhancer
 
     if args.jobs and args.scheduler:
         raise ParameterError("--jobs and --scheduler exclude each other: --jobs N starts N local workers, --scheduler attaches to a running cluster")
@@ -100,11 +105,8 @@ def cmd_enhance(args) -> int:
     config = dist.Config(weights=weights_path, update_percent=enh.update_percent, backend=args.backend, mask_floor_db=enh.mask_floor_db,
                          model=dist.model_id(weights_path) if weights_path else "", subtype=args.subtype)
     items, skipped, journal = dist.plan_work(args.inputs, args.output, config=config, overwrite=args.overwrite)
-    if args.subtype is not None:  # a --subtype the output format cannot hold: once, before any work
-        import numpy as np
-
-        for dst in {Path(it.dst).suffix.lower(): it.dst for it in items}.values():
-            output_subtype(dst, np.zeros(1, np.float32), subtype=args.subtype)
+    if journal is not None and journal.warning():
+        print(f"npdgru: warning: {_shown(journal.warning())}", file=sys.stderr)
     dist._ENHANCERS.clear()
     dist._ENHANCERS[config] = enh  # the in-process loop uses this one
     if items and not (args.jobs or args.scheduler):
@@ -119,21 +121,22 @@ def cmd_enhance(args) -> int:
     def on_result(r):
         counts[r.status] += 1
         for w in r.warnings:
-            tqdm.write(f"npdgru: warning: {w}", file=sys.stderr)
+            tqdm.write(f"npdgru: warning: {_shown(w)}", file=sys.stderr)
         if r.status == "failed":
-            tqdm.write(f"npdgru: error: {_one_line(r.error)}", file=sys.stderr)
+            tqdm.write(f"npdgru: error: {_shown(_one_line(r.error))}", file=sys.stderr)
         else:
             audio[0] += r.seconds
             if not args.quiet and r.seconds:
                 rtf = f", real-time factor {r.compute / r.seconds:.3f}" if r.rewritten else " (written by an earlier attempt)"
-                tqdm.write(f"{r.src} -> {r.dst}: {r.seconds:.2f} s, {r.channels} ch, {r.rate} Hz{rtf}, {pct}% of GRU neurons updated per frame (P={enh.update_percent:g})", file=sys.stdout)
+                tqdm.write(f"{_shown(r.src)} -> {_shown(r.dst)}: {r.seconds:.2f} s, {r.channels} ch, {r.rate} Hz{rtf}, {pct}% of GRU neurons updated per frame (P={enh.update_percent:g})", file=sys.stdout)
         wall = time.perf_counter() - t_start
         bar.set_postfix_str(f"{audio[0] / 3600:.3f} h audio, RTF {wall / audio[0] if audio[0] else 0:.3f}, {counts['failed']} failed", refresh=False)
         bar.update(1)
 
     try:
         with _sigterm_as_interrupt():
-            dist.run_items(items, config, journal=journal, jobs=args.jobs, scheduler=args.scheduler, on_result=on_result)
+            dist.run_items(items, config, journal=journal, jobs=args.jobs, scheduler=args.scheduler, on_result=on_result,
+                           on_note=lambda line: tqdm.write(f"npdgru: warning: {_shown(line)}", file=sys.stderr))
     finally:
         bar.close()
     wall = time.perf_counter() - t_start

@@ -20,11 +20,18 @@ Nothing lost, nothing twice:
   it with the ``os.stat`` the driver took when it planned the run: an output that changed since
   was written by an earlier attempt of the same task in this run (the rename is atomic, so it
   is complete) and is not written again.
-* Only the driver writes the journal (one writer, also on shared storage). It first records
-  every output of the run as ``planned``: a killed run leaves outputs that the next run may
-  redo without ``--overwrite`` (they are npdgru's own), and the next run skips exactly those
-  whose journal line says ``done`` with the same input (size and mtime, else sha256), weights,
-  P and mask floor, and whose output is still there with the recorded size.
+* Only the driver writes the journal (one writer, also on shared storage), and only while it
+  holds the output folder's lock (``OUT/.npdgru-lock``, flock: one run per folder). It first
+  records every output of the run as ``planned``: a killed run leaves outputs that the next run
+  may redo without ``--overwrite`` (they are npdgru's own: the lines carry the folder's id), and
+  the next run skips exactly those whose journal line says ``done`` with the same input (size
+  and mtime, else sha256, all three taken by the worker from the file it read), weights, P and
+  mask floor, and whose output is still there with the recorded size. The journal is read as
+  untrusted data: lines of the wrong types are ignored, with a warning.
+* Every output lies inside OUT (resolved, symlinks followed) and has an audio suffix; a
+  manifest row that names another is refused before any work.
+* A file is read, enhanced and written in blocks of a minute (npdgru.enhance.enhance_file):
+  memory does not grow with its length.
 
 dask is imported only when a cluster is asked for (``pip install -e ".[distributed]"``).
 """
@@ -34,6 +41,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
+import math
 import os
 import threading
 import time
@@ -47,7 +56,9 @@ import numpy as np
 from .errors import AudioError, NpdgruError, ParameterError
 
 JOURNAL_NAME = ".npdgru-journal.jsonl"
-TEMP_PREFIX = ".npdgru-"  # temporary outputs and the journal: never taken as inputs
+LOCK_NAME = ".npdgru-lock"  # one run per output folder: flock'ed for the run; holds its pid and the folder's id
+TEMP_PREFIX = ".npdgru-"  # temporary outputs, the journal and the lock: never taken as inputs
+PART_SUFFIX = ".part"  # temporary outputs: TEMP_PREFIX ... PART_SUFFIX (npdgru.enhance.write_audio)
 TASK_SECONDS = 60.0  # audio per task: a few seconds of compute, so scheduling costs little
 TASK_MAX_FILES = 64
 ALLOWED_FAILURES = 3  # a task whose worker dies more often than this is recorded as failed
@@ -96,6 +107,8 @@ class Result:
     status: str  # "done" | "failed" | "skipped"
     error: str | None = None
     sha256: str | None = None
+    input_size: int | None = None  # the input's identity, taken in the worker from the file it read
+    input_mtime_ns: int | None = None
     seconds: float = 0.0  # audio
     channels: int = 0
     rate: int = 0
@@ -158,8 +171,12 @@ def _read_manifest(path: Path, out_root: Path) -> list[tuple[Path, Path]]:
         src = src if src.is_absolute() else base / src
         out_key = next((c for c in OUTPUT_KEYS if r.get(c)), None)
         if out_key is not None:
-            dst = Path(str(r[out_key]))
-            dst = dst if dst.is_absolute() else out_root / dst
+            value = str(r[out_key])
+            dst = out_root / value  # an absolute value stays absolute: refused below unless inside OUT
+            if Path(value).suffix.lower() not in _audio_suffixes():
+                raise ParameterError(f"{path}, line {k}: output {value!r} must end in {', '.join(_audio_suffixes())}")
+            if not _inside(dst, out_root):
+                raise ParameterError(f"{path}, line {k}: output {value!r} resolves outside -o {out_root}; manifest outputs stay inside the output folder")
         else:
             try:
                 rel = src.resolve().relative_to(base.resolve())
@@ -168,6 +185,34 @@ def _read_manifest(path: Path, out_root: Path) -> list[tuple[Path, Path]]:
             dst = out_root / rel
         pairs.append((src, dst))
     return pairs
+
+
+def _inside(path, root) -> bool:
+    """``path`` lies in folder ``root`` once both are resolved (``..`` and symlinks followed), as
+    tarfile's ``data`` filter decides: a symlink that leads out of ``root`` is out."""
+    r, base = os.path.realpath(path), os.path.realpath(root)
+    return r != base and os.path.commonpath([r, base]) == base
+
+
+def _folds_case(folder) -> bool:
+    """Whether the file system of ``folder`` (or of its nearest existing parent) folds case.
+
+    Probed without writing: a path component with letters, spelt with its case swapped, names the
+    same file on a folding file system (macOS, Windows). With no such component, the platform's
+    default."""
+    import sys
+
+    p = Path(os.path.abspath(folder))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    for q in (p, *p.parents):
+        if q.name != q.name.swapcase():
+            other = q.with_name(q.name.swapcase())
+            try:
+                return os.path.samefile(q, other)
+            except OSError:
+                return False
+    return sys.platform in ("darwin", "win32")
 
 
 def _check_output_name(out: Path, n_inputs: int) -> bool:
@@ -236,11 +281,40 @@ def _duration(path) -> float:
 
     if not _is_regular(path):  # a FIFO or pipe is read once, by the worker
         return 0.0
+    from .enhance import _sf_name
+
     try:
-        info = sf.info(str(path))
+        info = sf.info(_sf_name(os.fspath(path)))
         return info.frames / info.samplerate if info.samplerate else 0.0
     except Exception:  # unreadable: the worker reports it with the file's name
         return 0.0
+
+
+_STATUSES = ("planned", "done", "failed")
+_NUMBER = (int, float)
+# Every field a journal line may hold, with its types: the journal is data from the disk.
+_FIELDS = {"output": (str,), "input": (str,), "status": (str,), "sha256": (str, type(None)), "model": (str,), "P": _NUMBER,
+           "mask_floor_db": _NUMBER, "seconds": _NUMBER, "output_size": (int, type(None)), "input_size": (int, type(None)),
+           "input_mtime_ns": (int, type(None)), "error": (str, type(None)), "folder_id": (str,)}
+_REQUIRED = ("output", "input", "status")
+
+
+def _journal_problem(rec) -> str | None:
+    """Why a parsed journal line cannot be used, or None."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    for k in _REQUIRED:
+        if k not in rec:
+            return f"no {k!r}"
+    for k, v in rec.items():
+        types = _FIELDS.get(k)
+        if types is None:
+            continue  # a field of a later version: ignored
+        if isinstance(v, bool) or not isinstance(v, types) or (isinstance(v, float) and not math.isfinite(v)):
+            return f"{k!r} is {type(v).__name__} {json.dumps(v)[:40]}"
+    if rec["status"] not in _STATUSES:
+        return f"status {rec['status']!r} is not one of {', '.join(_STATUSES)}"
+    return None
 
 
 class Journal:
@@ -248,27 +322,96 @@ class Journal:
 
     The last line of an output decides: ``planned`` (this run or a killed one means to write
     it), ``done`` (written from this input by this model), ``failed`` (with the error).
-    A torn last line (a run killed while writing it) is ignored.
+
+    The journal is data from the disk: a line that is not JSON (a torn last line of a killed
+    run) or whose fields have the wrong types is ignored, and said once (``ignored``). Opening
+    the journal takes the folder's lock (``OUT/.npdgru-lock``, ``fcntl.flock``, held until
+    :meth:`close` or the process's end): one run per folder at a time. The lock file also keeps
+    the folder's id, which every line this folder's runs write carries (``folder_id``); only
+    such a line makes an existing output npdgru's own, to replace without ``--overwrite``.
     """
 
-    def __init__(self, folder):
-        self.path = Path(folder) / JOURNAL_NAME
+    def __init__(self, folder, *, lock: bool = True):
+        self.folder = Path(folder)
+        self.path = self.folder / JOURNAL_NAME
         self.last: dict[str, dict] = {}
-        if self.path.is_file():
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if isinstance(rec, dict) and "output" in rec:
-                        self.last[rec["output"]] = rec
+        self.ignored: list[str] = []  # "line k: why", for one warning
+        self.folder_id: str | None = None
+        self._lock_file = None
         self._f = None
+        if lock:
+            self._lock()
+        self._read()
+
+    def _lock(self) -> None:
+        import fcntl
+        import secrets
+
+        lock_path = self.folder / LOCK_NAME
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            raise ParameterError(f"{lock_path}: cannot create the output folder's lock ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_info(fd).get("pid")
+            os.close(fd)
+            who = f"pid {holder}" if isinstance(holder, int) and not isinstance(holder, bool) else "another process"
+            raise ParameterError(f"{self.folder}: another npdgru run ({who}) is writing into this folder; wait for it to end or choose another -o") from None
+        info = _lock_info(fd)
+        fid = info.get("folder_id")
+        self.folder_id = fid if isinstance(fid, str) and len(fid) == 32 and all(c in "0123456789abcdef" for c in fid) else secrets.token_hex(16)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps({"pid": os.getpid(), "folder_id": self.folder_id}) + "\n").encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise ParameterError(f"{lock_path}: cannot write the output folder's lock ({e.strerror or e})") from None
+        self._lock_file = os.fdopen(fd, "r+b")  # closed (the lock released) by close(), or when collected
+
+    def _read(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path, encoding="utf-8", errors="replace", newline="\n") as f:
+            for k, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
+                    self.ignored.append(f"line {k}: not JSON" + ("" if line.endswith("\n") else " (torn last line)"))
+                    continue
+                why = _journal_problem(rec)
+                if why is not None:
+                    self.ignored.append(f"line {k}: {why}")
+                    continue
+                self.last[rec["output"]] = rec
+
+    def warning(self) -> str | None:
+        """One line for the ignored lines, or None."""
+        if not self.ignored:
+            return None
+        more = f" and {len(self.ignored) - 3} more" if len(self.ignored) > 3 else ""
+        return f"{self.path}: {len(self.ignored)} line(s) ignored ({'; '.join(self.ignored[:3])}{more})"
+
+    def owns(self, rec: dict | None) -> bool:
+        """The record was written by a run in this folder, for an output inside it: that output
+        may be replaced without --overwrite."""
+        return rec is not None and self.folder_id is not None and rec.get("folder_id") == self.folder_id and _inside(rec["output"], self.folder)
 
     def open(self):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.path, "a", encoding="utf-8")
+            self._f = open(self.path, "a+b")
+            self._f.seek(0, os.SEEK_END)
+            if self._f.tell():  # a torn last line (a killed run): the next record starts a line of its own
+                self._f.seek(-1, os.SEEK_END)
+                torn = self._f.read(1) != b"\n"
+                self._f.seek(0, os.SEEK_END)
+                if torn:
+                    self._f.write(b"\n")
         except OSError as e:
             raise ParameterError(f"{self.path}: cannot write the journal ({e.strerror or e})") from None
         return self
@@ -276,7 +419,8 @@ class Journal:
     def write(self, records) -> None:
         if self._f is None:
             return
-        self._f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        # ASCII JSON: a file name that is not UTF-8 (a surrogate escape) is written as \udcXX and read back as it was
+        self._f.write("".join(json.dumps(dict(r, folder_id=self.folder_id), sort_keys=True) + "\n" for r in records).encode("ascii"))
         self._f.flush()
 
     def close(self) -> None:
@@ -288,6 +432,34 @@ class Journal:
                 pass
             self._f.close()
             self._f = None
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
+
+
+def _lock_info(fd) -> dict:
+    """What a lock file holds ({"pid", "folder_id"}), {} if unreadable."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def remove_stale_parts(folder) -> int:
+    """Remove the temporary outputs (``.npdgru-*.part``) that killed runs left below ``folder``.
+
+    Only while holding the folder's lock: no other run of this folder is writing one."""
+    n = 0
+    for dirpath, _, names in os.walk(folder):  # symlinked folders are not followed
+        for name in names:
+            if name.startswith(TEMP_PREFIX) and name.endswith(PART_SUFFIX):
+                try:
+                    os.unlink(os.path.join(dirpath, name))
+                    n += 1
+                except OSError:
+                    pass
+    return n
 
 
 def _key(path) -> str:
@@ -313,30 +485,54 @@ def _is_current(rec: dict | None, src: Path, dst: Path, config: Config) -> bool:
 
 def plan_work(inputs, out, *, config: Config, overwrite: bool = False) -> tuple[list[Item], list[Result], Journal | None]:
     """The files to do, the files the journal says are done (skipped), and the journal
-    (None when OUT is a single file). Refuses up front, naming the files: an output that is an
-    input, two inputs with one output, an existing output that is not npdgru's without
-    ``overwrite``."""
+    (None when OUT is a single file), which holds the output folder's lock until it is closed.
+
+    Refuses up front, naming the files: an output outside OUT (a symlink out of it), an output
+    that is an input, two inputs with one output (names that differ only in case, where the file
+    system folds case), an existing output that is not npdgru's without ``overwrite``, and
+    another run holding OUT. Temporary outputs that killed runs left in OUT are removed."""
     pairs, single = collect_inputs(inputs, out)
-    in_real = {os.path.realpath(s) for s, _ in pairs}
+    folds = not single and _folds_case(out)
+
+    def same_file_key(path) -> str:
+        r = os.path.realpath(path)
+        return r.casefold() if folds else r
+
+    in_real = {same_file_key(s) for s, _ in pairs}
     seen: dict[str, Path] = {}
     for src, dst in pairs:
-        r = os.path.realpath(dst)
+        if not single and not _inside(dst, out):
+            raise ParameterError(f"{dst}: resolves outside the output folder {out} (a symlink out of it?); outputs stay inside -o")
+        r = same_file_key(dst)
         if r in in_real:
             raise ParameterError(f"{dst}: output would overwrite an input file; choose another -o")
         if r in seen:
-            raise ParameterError(f"{dst}: two inputs would write the same output file: {seen[r]} and {src}")
-        seen[r] = src
+            case = " (names that differ only in case are one file here)" if folds and os.path.realpath(dst) != os.path.realpath(seen[r][1]) else ""
+            raise ParameterError(f"{dst}: two inputs would write the same output file{case}: {seen[r][0]} and {src}")
+        seen[r] = (src, dst)
+    if config.subtype is not None:  # a --subtype the output format cannot hold: once per format, before any work
+        from .enhance import output_subtype
+
+        for dst in {Path(d).suffix.lower(): d for _, d in pairs}.values():
+            output_subtype(dst, np.zeros(1, np.float32), subtype=config.subtype)
     journal = None if single else Journal(out)
-    todo, skipped = [], []
-    for src, dst in pairs:
-        rec = journal.last.get(_key(dst)) if journal else None
-        if _is_current(rec, src, dst, config):
-            skipped.append(Result(str(src), str(dst), "skipped", sha256=rec.get("sha256"), seconds=float(rec.get("seconds") or 0.0)))
-            continue
-        before = _stat_key(dst)
-        if before is not None and not overwrite and rec is None:
-            raise ParameterError(f"{dst}: output exists; pass --overwrite to replace it")
-        todo.append(Item(str(src), str(dst), _duration(src), before))
+    try:
+        if journal is not None:
+            remove_stale_parts(out)  # this run holds the lock: any .part there is a dead run's
+        todo, skipped = [], []
+        for src, dst in pairs:
+            rec = journal.last.get(_key(dst)) if journal else None
+            if _is_current(rec, src, dst, config):
+                skipped.append(Result(str(src), str(dst), "skipped", sha256=rec.get("sha256"), seconds=float(rec.get("seconds") or 0.0)))
+                continue
+            before = _stat_key(dst)
+            if before is not None and not overwrite and not (journal and journal.owns(rec)):
+                raise ParameterError(f"{dst}: output exists; pass --overwrite to replace it")
+            todo.append(Item(str(src), str(dst), _duration(src), before))
+    except BaseException:
+        if journal is not None:
+            journal.close()
+        raise
     return todo, skipped, journal
 
 
@@ -407,6 +603,10 @@ def _write(item: Item, y, sr: int, after_write=None, *, source_subtype=None, sub
     write_audio(item.dst, y, sr, subtype=chosen)
     if after_write is not None:
         after_write(item)
+    return _named_warnings(item, warns)
+
+
+def _named_warnings(item: Item, warns) -> list[str]:
     return [w if item.dst in w else f"{item.dst}: {w}" for w in warns]
 
 
@@ -427,21 +627,23 @@ def _is_regular(path) -> bool:
 
 
 def _process_one(enh, item: Item, after_write=None, subtype=None) -> Result:
-    from .enhance import read_audio
+    """One file, read, enhanced and written in blocks (``npdgru.enhance.enhance_file``); its
+    identity (sha256, size, mtime) taken here from the open file that was read."""
+    from .enhance import AudioInput, enhance_file
 
     r = Result(item.src, item.dst, "failed")
     try:
-        with _quiet_numerics():
-            x, sr, info = read_audio(item.src, info=True)  # opened once
-            r.sha256 = _sha256(item.src) if _is_regular(item.src) else None
-            r.seconds, r.channels, r.rate = x.shape[0] / sr, x.shape[1], sr
+        with _quiet_numerics(), AudioInput(item.src) as src:
+            r.seconds, r.channels, r.rate = src.frames / src.samplerate, src.channels, src.samplerate
             if _already_written(item):
+                r.sha256, r.input_size, r.input_mtime_ns = src.identity()
                 r.status, r.rewritten = "done", False
                 return r
-            t0 = time.perf_counter()
-            y = enh.enhance(x, sr)
-            r.compute = time.perf_counter() - t0
-            r.warnings = _write(item, y, sr, after_write, source_subtype=info["subtype"], subtype=subtype)
+            done = enhance_file(enh, src, item.dst, subtype=subtype)
+            r.sha256, r.input_size, r.input_mtime_ns = done["identity"]
+            r.compute, r.warnings = done["compute"], _named_warnings(item, done["warnings"])
+        if after_write is not None:
+            after_write(item)
         r.status = "done"
     except (Exception, MemoryError) as e:  # noqa: BLE001 - every per-file failure is that file's line
         r.error = _named(item.src, e)
@@ -450,25 +652,32 @@ def _process_one(enh, item: Item, after_write=None, subtype=None) -> Result:
 
 def _process_batch(enh, items: list[Item], after_write=None, subtype=None) -> list[Result]:
     """cuda: the readable files of a task as one GPU batch (``Enhancer.enhance_batch``, which
-    equals ``enhance`` per file bit for bit); a batch that fails falls back to file by file."""
-    from .enhance import read_audio
+    equals ``enhance`` per file bit for bit); a batch that fails falls back to file by file.
+    A file longer than one block goes file by file, in blocks (bounded memory)."""
+    from .enhance import BLOCK_SECONDS, AudioInput
 
     results = [Result(it.src, it.dst, "failed") for it in items]
     subtypes = {}
     ready = []  # (index, x, sr)
     for k, (it, r) in enumerate(zip(items, results)):
         try:
-            with _quiet_numerics():
-                x, sr, info = read_audio(it.src, info=True)  # opened once
-                r.sha256 = _sha256(it.src) if _is_regular(it.src) else None
-            r.seconds, r.channels, r.rate = x.shape[0] / sr, x.shape[1], sr
-            subtypes[k] = info["subtype"]
+            with _quiet_numerics(), AudioInput(it.src) as src:  # opened once
+                r.seconds, r.channels, r.rate = src.frames / src.samplerate, src.channels, src.samplerate
+                if src.frames > BLOCK_SECONDS * src.samplerate:
+                    results[k] = None  # in blocks, below
+                    continue
+                x = src.read()
+                r.sha256, r.input_size, r.input_mtime_ns = src.identity()
+                subtypes[k] = src.subtype
             if _already_written(it):
                 r.status, r.rewritten = "done", False
                 continue
-            ready.append((k, x, sr))
+            ready.append((k, x, src.samplerate))
         except (Exception, MemoryError) as e:  # noqa: BLE001
             r.error = _named(it.src, e)
+    for k, r in enumerate(results):
+        if r is None:
+            results[k] = _process_one(enh, items[k], after_write, subtype)
     if not ready:
         return results
     try:
@@ -511,34 +720,94 @@ def _need_dask():
         raise ParameterError('--jobs/--scheduler need dask.distributed (the distributed extra): pip install -e ".[distributed]"') from None
 
 
-@contextmanager
-def cluster(*, jobs: int | None = None, scheduler: str | None = None, allowed_failures: int = ALLOWED_FAILURES):
-    """A dask Client: on the running cluster at ``scheduler``, or on a LocalCluster of ``jobs``
-    single-threaded worker processes (each under a nanny that replaces it if it dies)."""
-    _need_dask()
-    import logging
+SCHEDULER_TIMEOUT = 30.0  # seconds for --scheduler to connect and answer Dask's handshake
 
-    quiet = logging.getLogger("distributed")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # no INFO lines of the cluster's start and close on the console
+
+class _LogTally(logging.Handler):
+    """dask.distributed's log records of a run, kept for one summary line (a worker's death is
+    already each file's own error line)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count, self.first = 0, None
+
+    def emit(self, record):
+        self.count += 1
+        if self.first is None:
+            self.first = " ".join(record.getMessage().split())[:300]
+
+
+@contextmanager
+def cluster(*, jobs: int | None = None, scheduler: str | None = None, allowed_failures: int = ALLOWED_FAILURES, on_note=None):
+    """A dask Client: on the running cluster at ``scheduler``, or on a LocalCluster of ``jobs``
+    single-threaded worker processes (each under a nanny that replaces it if it dies).
+
+    The ``distributed`` log records of this process (the LocalCluster's scheduler and nannies)
+    are not printed: at the end, ``on_note(line)`` gets one line that counts them and quotes the
+    first (without ``on_note``, the ``npdgru`` logger warns with it)."""
+    _need_dask()
+    log = logging.getLogger("distributed")
+    saved = log.handlers[:], log.propagate, log.level
+    tally = _LogTally()
+    log.handlers, log.propagate = [tally], False
+    log.setLevel(logging.WARNING)  # no INFO lines of the cluster's start and close
     try:
         with _cluster(jobs, scheduler, allowed_failures) as client:
             yield client
     finally:
-        quiet.setLevel(level)
+        log.handlers, log.propagate = saved[0], saved[1]
+        log.setLevel(saved[2])
+        if tally.count:
+            note = f"the Dask cluster logged {tally.count} warning(s) or error(s), the first: {tally.first}"
+            (on_note or logging.getLogger("npdgru").warning)(note)
+
+
+def _probe_scheduler(address: str, timeout: float) -> None:
+    """Connect to ``address`` and exchange Dask's handshake within ``timeout`` seconds, else one
+    ParameterError: Client() itself waits forever on a port that accepts and says nothing, and
+    reads another protocol's greeting (``SSH-2.0-...``) as a frame length of exabytes."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def probe():
+        comm = await connect(address, timeout=timeout)
+        await comm.close()
+
+    outcome: list = []
+
+    def run():
+        try:
+            asyncio.run(asyncio.wait_for(probe(), timeout))
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - reported below as one line
+            outcome.append(e)
+
+    t = threading.Thread(target=run, daemon=True, name="npdgru-scheduler-probe")  # never inside a caller's event loop
+    t.start()
+    t.join(timeout + 5.0)
+    e = outcome[0] if outcome else TimeoutError()
+    if e is None:
+        return
+    if isinstance(e, (TimeoutError, asyncio.TimeoutError)) or "Timed out" in str(e):
+        why = f"no Dask scheduler answered within {timeout:g} s"
+    elif isinstance(e, (MemoryError, OverflowError)) or type(e).__name__ in ("CommClosedError", "UnpackException", "ExtraData", "FormatError", "StreamClosedError"):
+        why = "what answered there is not a Dask scheduler"
+    else:
+        why = f"cannot connect ({' '.join(str(e).split())[:200] or type(e).__name__})"
+    raise ParameterError(f"--scheduler {address}: {why}")
 
 
 @contextmanager
 def _cluster(jobs, scheduler, allowed_failures):
-    import logging
-
     import dask
     from distributed import Client, LocalCluster
 
     with dask.config.set(CLUSTER_CONFIG | {"distributed.scheduler.allowed-failures": allowed_failures}):
         if scheduler:
+            _probe_scheduler(scheduler, SCHEDULER_TIMEOUT)
             try:
-                client = Client(scheduler, timeout="20s")
+                client = Client(scheduler, timeout=f"{SCHEDULER_TIMEOUT}s")
             except (OSError, TimeoutError, ValueError) as e:
                 raise ParameterError(f"--scheduler {scheduler}: cannot connect ({' '.join(str(e).split()) or type(e).__name__})") from None
             with client:
@@ -551,7 +820,7 @@ def _cluster(jobs, scheduler, allowed_failures):
 
 
 def _task_key(k: int, items: list[Item], stamp: str) -> str:
-    h = hashlib.sha1("\0".join(it.src for it in items).encode()).hexdigest()[:12]
+    h = hashlib.sha1(b"\0".join(os.fsencode(it.src) for it in items)).hexdigest()[:12]
     return f"npdgru-enhance-{stamp}-{k}-{h}"
 
 
@@ -561,7 +830,7 @@ def _why(e: BaseException) -> str:
 
 
 def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, scheduler: str | None = None, task_seconds: float = TASK_SECONDS,
-                 after_write=None, allowed_failures: int = ALLOWED_FAILURES):
+                 after_write=None, allowed_failures: int = ALLOWED_FAILURES, on_note=None):
     """Yield the results of each task as it finishes: in order in this process (neither jobs nor
     scheduler), in completion order on a cluster. A task whose worker died more than
     ``allowed_failures`` times yields its files as failed.
@@ -576,7 +845,7 @@ def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, 
                 for it in items:
                     yield run_task([it], config, after_write)
         return
-    with cluster(jobs=jobs, scheduler=scheduler, allowed_failures=allowed_failures) as client:
+    with cluster(jobs=jobs, scheduler=scheduler, allowed_failures=allowed_failures, on_note=on_note) as client:
         from distributed import as_completed
 
         threads = max(1, sum(client.nthreads().values()))
@@ -613,8 +882,9 @@ def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, 
 
 
 def run_items(items: list[Item], config: Config, *, journal: Journal | None = None, jobs: int | None = None, scheduler: str | None = None,
-              task_seconds: float = TASK_SECONDS, on_result=None, after_write=None, allowed_failures: int = ALLOWED_FAILURES) -> list[Result]:
-    """Enhance ``items``; journal every file; call ``on_result(result)`` as each file finishes.
+              task_seconds: float = TASK_SECONDS, on_result=None, after_write=None, allowed_failures: int = ALLOWED_FAILURES, on_note=None) -> list[Result]:
+    """Enhance ``items``; journal every file; call ``on_result(result)`` as each file finishes
+    and ``on_note(line)`` for what the cluster logged (see :func:`cluster`).
 
     Returns the results in the order of ``items``.
     """
@@ -623,7 +893,8 @@ def run_items(items: list[Item], config: Config, *, journal: Journal | None = No
         journal.write({"output": _key(it.dst), "input": _key(it.src), "status": "planned"} for it in items)
     done: dict[str, Result] = {}
     try:
-        for results in iter_results(items, config, jobs=jobs, scheduler=scheduler, task_seconds=task_seconds, after_write=after_write, allowed_failures=allowed_failures):
+        for results in iter_results(items, config, jobs=jobs, scheduler=scheduler, task_seconds=task_seconds, after_write=after_write,
+                                    allowed_failures=allowed_failures, on_note=on_note):
             if journal is not None:
                 journal.write(_record(r, config) for r in results)
             for r in results:
@@ -641,11 +912,8 @@ def _record(r: Result, config: Config) -> dict:
            "P": config.update_percent, "mask_floor_db": config.mask_floor_db, "seconds": round(r.seconds, 6)}
     if r.status == "done":
         rec["output_size"] = os.path.getsize(r.dst) if os.path.exists(r.dst) else None
-        try:
-            st = os.stat(r.src)
-            rec["input_size"], rec["input_mtime_ns"] = st.st_size, st.st_mtime_ns
-        except OSError:
-            pass
+        # the identity the worker took from the file it read, never a later stat here
+        rec["input_size"], rec["input_mtime_ns"] = r.input_size, r.input_mtime_ns
     else:
         rec["error"] = r.error
     return rec

@@ -101,7 +101,7 @@ def test_enhance_folder_recursively(capsys, tmp_path, speech):
     status, stdout, err = run(capsys, "enhance", src, "-o", out)
     assert status == 0, err
     got = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert got == [".npdgru-journal.jsonl", "a/b/deep.wav", "a/mid.flac", "top.wav"]  # the journal: resume
+    assert got == [".npdgru-journal.jsonl", ".npdgru-lock", "a/b/deep.wav", "a/mid.flac", "top.wav"]  # the journal: resume; the lock: one run at a time
     assert sf.info(out / "a" / "mid.flac").format == "FLAC"
     assert sf.info(out / "a" / "b" / "deep.wav").frames == 100
     assert stdout.count("real-time factor") == 3 and stdout.count("100.0% of GRU neurons") == 3

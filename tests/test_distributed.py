@@ -54,8 +54,8 @@ def run(capsys, *argv):
 
 
 def tree(root: Path) -> dict:
-    """{relative path: bytes} of every file under root (the journal apart)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != dist.JOURNAL_NAME}
+    """{relative path: bytes} of every file under root (the journal and the lock apart)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (dist.JOURNAL_NAME, dist.LOCK_NAME)}
 
 
 def journal(root: Path) -> list[dict]:
@@ -370,3 +370,245 @@ def test_jobs_and_scheduler_exclude_each_other(capsys, tmp_path, speech):
     make_corpus(tmp_path / "in", speech, n=1)
     status, _, err = run(capsys, "enhance", tmp_path / "in", "-o", tmp_path / "out", "--jobs", "2", "--scheduler", "tcp://127.0.0.1:1")
     assert status == 2 and "exclude each other" in err
+
+
+# ----------------------------------------------------- a run stays in its folder, alone
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "no_suffix", "symlink"])
+def test_manifest_output_outside_the_folder_is_refused(capsys, tmp_path, speech, kind):
+    """A manifest's output that is absolute, climbs out with '..', has no audio suffix, or
+    goes through a symlink out of -o is refused before any work, naming the row and the value:
+    even with --overwrite, the file there is untouched."""
+    files = make_corpus(tmp_path / "in", speech, n=2)
+    victim = tmp_path / "outside" / "important"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    value = {"absolute": str(victim), "dotdot": "../outside/x.wav", "no_suffix": "sub/important", "symlink": "link/x.wav"}[kind]
+    if kind == "symlink":
+        out.mkdir()
+        (out / "link").symlink_to(victim.parent)
+    if kind == "dotdot":
+        (tmp_path / "m.csv").write_text(f"input,output\n{files[0]},a.wav\n{files[1]},{value}\n")
+        manifest, row = tmp_path / "m.csv", "line 3"
+    else:
+        (tmp_path / "m.jsonl").write_text(json.dumps({"input": str(files[0])}) + "\n" + json.dumps({"input": str(files[1]), "output": value}) + "\n")
+        manifest, row = tmp_path / "m.jsonl", "line 2"
+    status, _, err = run(capsys, "enhance", manifest, "-o", out, "--weights", SHIPPED, "--overwrite")
+    assert status == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"{manifest}, {row}: output {value!r}" in err, err
+    assert victim.read_text() == "precious" and sorted(p.name for p in victim.parent.iterdir()) == ["important"]
+    assert not out.exists() or [p.name for p in out.iterdir()] == ["link"]  # nothing done, no journal
+
+
+def test_a_journal_line_from_elsewhere_does_not_stand_for_overwrite(capsys, tmp_path, speech):
+    """A journal line not written by this folder's runs (here: planted, with no folder id) does
+    not make an existing file npdgru's: without --overwrite it is refused, untouched."""
+    files = make_corpus(tmp_path / "in", speech, n=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.wav").write_text("not npdgru's")
+    (out / dist.JOURNAL_NAME).write_text(json.dumps({"output": str(out / "x.wav"), "input": str(files[0]), "status": "planned"}) + "\n")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"input": str(files[0]), "output": "x.wav"}) + "\n")
+    status, _, err = run(capsys, "enhance", tmp_path / "m.jsonl", "-o", out, "--weights", SHIPPED)
+    assert status == 2 and "output exists; pass --overwrite" in err, err
+    assert (out / "x.wav").read_text() == "not npdgru's"
+
+
+def test_one_run_per_output_folder(capsys, tmp_path, speech):
+    """While a process holds the folder (a run in progress), a second run into it fails at once
+    with one line naming that process; when the holder dies, the kernel releases the lock."""
+    import subprocess
+    import sys
+
+    make_corpus(tmp_path / "in", speech, n=2)
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", f"from npdgru.distributed import Journal; j = Journal({str(out)!r}); print('held', flush=True); import time; time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        status, _, err = run(capsys, "enhance", tmp_path / "in", "-o", out, "--weights", SHIPPED, "-q")
+        assert status == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"another npdgru run (pid {holder.pid})" in err and str(out) in err
+        assert not list(out.rglob("*.wav"))
+    finally:
+        holder.kill()
+        holder.wait()
+    status, _, err = run(capsys, "enhance", tmp_path / "in", "-o", out, "--weights", SHIPPED, "-q")
+    assert status == 0, err
+
+
+def test_input_replaced_during_its_task_is_redone(capsys, tmp_path, speech):
+    """The journal's identity of an input is the one of the bytes that were enhanced: an input
+    replaced after it was read (here right after its output is written, before the task
+    returns) is redone by the next run, not skipped with a stale output."""
+    files = make_corpus(tmp_path / "in", speech, n=2)
+    replacement = tmp_path / "new.wav"
+    sf.write(replacement, speech[:1111], SR, subtype="PCM_16")
+
+    def after_write(item):
+        if item.src.endswith("f1.wav") and replacement.exists():
+            os.replace(replacement, item.src)
+
+    out = tmp_path / "out"
+    items, _, jr = dist.plan_work([tmp_path / "in"], out, config=config())
+    assert [r.status for r in dist.run_items(items, config(), journal=jr, after_write=after_write)] == ["done", "done"]
+    assert not replacement.exists() and sf.info(files[1]).frames == 1111
+    todo, skipped, jr = dist.plan_work([tmp_path / "in"], out, config=config())
+    jr.close()
+    assert [Path(it.src).name for it in todo] == ["f1.wav"] and [Path(r.src).name for r in skipped] == ["f0.wav"]
+
+
+def test_journal_lines_of_wrong_types_are_ignored_with_a_warning(capsys, tmp_path, speech):
+    """Journal lines with a non-string output or a non-numeric seconds (and not JSON at all) are
+    ignored with one warning line; the run goes on from the valid lines."""
+    src = tmp_path / "in"
+    make_corpus(src, speech, n=2)
+    out = tmp_path / "out"
+    assert run(capsys, "enhance", src, "-o", out, "--weights", SHIPPED, "-q")[0] == 0
+    done = [r for r in journal(out) if r["status"] == "done"][0]
+    bad = [{"output": ["x"], "input": "y", "status": "done"}, dict(done, seconds="abc"), dict(done, output_size=True)]
+    with open(out / dist.JOURNAL_NAME, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in bad) + "{not json\n")
+    status, stdout, err = run(capsys, "enhance", src, "-o", out, "--weights", SHIPPED)
+    assert status == 0 and "Traceback" not in err, err
+    warnings_ = [line for line in err.splitlines() if line.startswith("npdgru: warning:")]
+    assert len(warnings_) == 1 and "4 line(s) ignored" in warnings_[0] and "'seconds' is str" in warnings_[0], err
+    assert "2 files: 0 done, 2 skipped" in stdout
+
+
+def test_torn_last_journal_line_does_not_swallow_the_next_record(capsys, tmp_path, speech):
+    """A run killed while writing a journal line leaves it without its newline: the next run
+    starts its records on a line of their own, so none is lost."""
+    src = tmp_path / "in"
+    files = make_corpus(src, speech, n=2)
+    out = tmp_path / "out"
+    assert run(capsys, "enhance", src, "-o", out, "--weights", SHIPPED, "-q")[0] == 0
+    with open(out / dist.JOURNAL_NAME, "a") as f:
+        f.write('{"output": "/torn", "sta')
+    sf.write(files[1], speech[:1234], SR, subtype="PCM_16")
+    assert run(capsys, "enhance", src, "-o", out, "--weights", SHIPPED, "-q")[0] == 0
+    lines = (out / dist.JOURNAL_NAME).read_text().splitlines()
+    assert lines.count('{"output": "/torn", "sta') == 1
+    records = [json.loads(line) for line in lines if line != '{"output": "/torn", "sta']
+    changed = [r["status"] for r in records if r["input"] == str(files[1])]
+    assert changed == ["planned", "done", "planned", "done"]
+
+
+def test_stale_temporary_outputs_are_removed_on_resume(capsys, tmp_path, speech):
+    """Temporary outputs (.npdgru-*.part) that a killed run left are removed by the next run
+    into that folder; other files are not touched."""
+    src = tmp_path / "in"
+    make_corpus(src, speech, n=2)
+    out = tmp_path / "out"
+    (out / "a").mkdir(parents=True)
+    stale = [out / ".npdgru-k3j2x.wav.part", out / "a" / ".npdgru-zz91.flac.part"]
+    kept = [out / "notes.part", out / ".npdgru-keep.txt", out / "a" / "mine.wav"]
+    for p in stale + kept:
+        p.write_bytes(b"RIFF half-written")
+    status, _, err = run(capsys, "enhance", src, "-o", out, "--weights", SHIPPED, "-q")
+    assert status == 0, err
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def test_file_names_that_are_not_utf8(capsys, tmp_path, speech):
+    """A file whose name is not valid UTF-8 is enhanced, shown with \\xNN escapes, journaled, and
+    skipped by the next run."""
+    src = tmp_path / "in"
+    src.mkdir()
+    name = os.fsencode(str(src)) + b"/\xff\xfe.wav"
+    try:
+        sf.write(name, speech[:3000], SR)
+    except (OSError, sf.LibsndfileError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    sf.write(src / "ok.wav", speech[:2000], SR)
+    out = tmp_path / "out"
+    status, stdout, err = run(capsys, "enhance", src, "-o", out, "--weights", SHIPPED)
+    assert status == 0, err
+    assert "\\xff\\xfe.wav" in stdout
+    assert sf.info(os.fsencode(str(out)) + b"/\xff\xfe.wav").frames == 3000
+    status, stdout, err = run(capsys, "enhance", src, "-o", out, "--weights", SHIPPED)
+    assert status == 0 and "2 files: 0 done, 2 skipped" in stdout, stdout + err
+
+
+def test_names_differing_in_case_collide_where_the_file_system_folds_case(capsys, tmp_path, speech, monkeypatch):
+    """A.wav and a.wav are two outputs here, but one file on a file system that folds case
+    (macOS, Windows): there the collision is refused up front, naming both inputs."""
+    src = tmp_path / "in"
+    src.mkdir()
+    sf.write(src / "A.wav", speech[:2000], SR)
+    sf.write(src / "a.wav", speech[:3000], SR)
+    assert dist._folds_case(tmp_path) is False  # this file system: two files
+    monkeypatch.setattr(dist, "_folds_case", lambda folder: True)
+    status, _, err = run(capsys, "enhance", src, "-o", tmp_path / "out", "--weights", SHIPPED)
+    assert status == 2 and "differ only in case" in err and str(src / "A.wav") in err and str(src / "a.wav") in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def _server(greeting: bytes | None) -> int:
+    """A TCP server on a free port that accepts and then says nothing, or sends ``greeting``."""
+    import socket
+    import threading
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+
+    def serve():
+        held = []
+        while True:
+            c, _ = s.accept()
+            held.append(c)
+            if greeting:
+                c.sendall(greeting)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("greeting, needle", [(None, "no Dask scheduler answered within 1 s"), (b"SSH-2.0-OpenSSH_9.6\r\n", "not a Dask scheduler")])
+def test_scheduler_that_is_not_one(capsys, tmp_path, speech, monkeypatch, greeting, needle):
+    """--scheduler at a port that accepts and says nothing (an HTTP server) or sends another
+    protocol's greeting (SSH): one line, exit 2, within the connect timeout (lowered to 1 s)."""
+    import threading
+    import time
+
+    pytest.importorskip("distributed")
+    monkeypatch.setattr(dist, "SCHEDULER_TIMEOUT", 1.0)
+    make_corpus(tmp_path / "in", speech, n=1)
+    port = _server(greeting)
+    result = []
+    t0 = time.perf_counter()
+    thread = threading.Thread(target=lambda: result.append(main(["enhance", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights", str(SHIPPED),
+                                                                 "--scheduler", f"tcp://127.0.0.1:{port}"])), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert result == [2], "hung" if thread.is_alive() else result
+    assert time.perf_counter() - t0 < 30
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and needle in err and str(port) in err, err
+
+
+def test_dead_workers_are_one_summary_line(capfd, tmp_path, speech):
+    """A file that kills its worker every time: the cluster's own log lines
+    ('distributed.scheduler - ERROR ...') do not reach the terminal; the run hands one summary
+    line to on_note, and the file is recorded as failed."""
+    pytest.importorskip("distributed")
+    make_corpus(tmp_path / "in", speech, n=2)
+
+    def after_write(item):
+        import os as _os
+        import signal as _signal
+
+        if item.src.endswith("f1.wav"):
+            _os.unlink(item.dst)
+            _os.kill(_os.getpid(), _signal.SIGKILL)
+
+    items, _, jr = dist.plan_work([tmp_path / "in"], tmp_path / "out", config=config())
+    notes = []
+    results = dist.run_items(items, config(), journal=jr, jobs=2, task_seconds=0.01, after_write=after_write, allowed_failures=0, on_note=notes.append)
+    assert {Path(r.src).name: r.status for r in results} == {"f0.wav": "done", "f1.wav": "failed"}
+    err = capfd.readouterr().err
+    assert "distributed." not in err and "Traceback" not in err, err
+    assert len(notes) == 1 and "workers died" in notes[0], notes

@@ -381,3 +381,128 @@ def test_example_enhance_file(tmp_path):
 def test_example_streaming():
     out = _run_example("examples/streaming.py", "--update-percent", "50")
     assert "bit for bit: True" in out and "us per call" in out
+
+
+# ------------------------------------------------------------------ files in bounded memory
+
+
+@pytest.mark.parametrize("rates", [(44100, 16000), (16000, 44100), (48000, 16000), (16000, 22050), (8000, 16000), (11025, 16000)])
+def test_block_fed_resampler_equals_resample_poly(rates):
+    """The block-fed resampler hands out the bits of resample_poly on the whole signal, for block
+    sizes below, around and above its filter's support."""
+    from npdgru.enhance import _resample, _Resampler
+
+    x = np.random.default_rng(3).standard_normal((20000, 2)).astype(np.float32)
+    want = _resample(x, *rates)
+    for block in (331, 997, 4410, 30000):
+        r = _Resampler(*rates, 2)
+        got = np.concatenate([r.push(x[s : s + block]) for s in range(0, len(x), block)] + [r.finish()])
+        assert got.shape == want.shape and np.array_equal(got, want), (rates, block)
+
+
+def _file(tmp_path, x, rate, name="x.wav"):
+    import soundfile as sf
+
+    path = tmp_path / name
+    sf.write(path, x, rate, subtype="FLOAT")
+    return path
+
+
+@pytest.mark.parametrize("rate, channels", [(16000, 1), (16000, 2), (44100, 2), (8000, 1)])
+def test_file_in_blocks_equals_the_whole_file(enh50, tmp_path, monkeypatch, rate, channels):
+    """enhance_file reads, enhances and writes in blocks (here 0.3 s, the model's step lowered to
+    37 frames so that the blocks cross several steps): the output has the bits of
+    Enhancer.enhance on the whole file, at 16 kHz and through the resamplers, mono and stereo;
+    a file no longer than one block goes through Enhancer.enhance itself."""
+    import soundfile as sf
+
+    import npdgru.enhance as E
+
+    monkeypatch.setattr(E, "_BLOCK_FRAMES", 37)
+    speech = _read(_noisy_files()[0], 2.0)
+    n = int(2.3 * rate)
+    x = np.stack([np.resize(speech, n), np.resize(speech[::-1], n)], axis=1)[:, :channels] * np.float32(0.8)
+    src = _file(tmp_path, x, rate)
+    want = enh50.enhance(sf.read(src, dtype="float32", always_2d=True)[0], rate)
+    for block_seconds in (0.3, 1.0, 10.0):
+        dst = tmp_path / f"y{block_seconds}.wav"
+        with E.AudioInput(src) as a:
+            done = E.enhance_file(enh50, a, dst, subtype="FLOAT", block_seconds=block_seconds)
+        got = sf.read(dst, dtype="float32", always_2d=True)[0]
+        assert got.shape == want.shape and np.array_equal(got, want), (rate, channels, block_seconds)
+        assert done["warnings"] == [] and done["compute"] > 0
+
+
+def test_file_in_blocks_holds_bounded_memory(enh100, tmp_path, monkeypatch):
+    """The block path's peak allocation (tracemalloc, which sees NumPy's buffers) does not grow
+    with the file: the same for 15 s and 45 s in 2 s blocks, and below the 45 s file's samples
+    as float32, while the whole-file path's peak holds several copies of them."""
+    import tracemalloc
+
+    import npdgru.enhance as E
+
+    monkeypatch.setattr(E, "_BLOCK_FRAMES", 100)
+    speech = _read(_noisy_files()[0], 2.0)
+
+    def peak(seconds, block_seconds):
+        src = _file(tmp_path, np.resize(speech, seconds * SR), SR)
+        tracemalloc.start()
+        try:
+            with E.AudioInput(src) as a:
+                E.enhance_file(enh100, a, tmp_path / "y.wav", block_seconds=block_seconds)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak(3, 2.0)  # the model's buffers for one channel, made once
+    short, long = peak(15, 2.0), peak(45, 2.0)
+    samples = 45 * SR * 4  # bytes of the 45 s file as float32
+    assert long < 1.1 * short and long < samples, (short, long, samples)
+    assert peak(45, 60.0) > 2 * samples  # one block: the whole file, as before
+
+
+def test_input_identity_is_of_the_bytes_read(tmp_path):
+    """sha256, size and mtime come from the open file that was decoded: a file replaced by a
+    rename meanwhile does not change them; a file written to while it is read is refused."""
+    import hashlib
+
+    import npdgru.enhance as E
+
+    x = np.resize(_read(_noisy_files()[0], 1.0), 3 * SR)
+    src = _file(tmp_path, x, SR)
+    data, st = src.read_bytes(), src.stat()
+    with E.AudioInput(src) as a:
+        got = np.concatenate(list(a.blocks(SR)))
+        _file(tmp_path, x[:1000], SR, "new.wav").replace(src)  # an edit by rename, after the read
+        assert a.identity() == (hashlib.sha256(data).hexdigest(), st.st_size, st.st_mtime_ns)
+    assert got.shape == (3 * SR, 1)
+    with E.AudioInput(src) as a:  # now the small file; written to in place between two blocks
+        blocks = a.blocks(100)
+        next(blocks)
+        with open(src, "ab") as f:
+            f.write(b"\0" * 64)
+        list(blocks)
+        with pytest.raises(AudioError, match="changed while it was read"):
+            a.identity()
+
+
+def test_unreadable_input_says_permission_denied(tmp_path, monkeypatch):
+    """An input the process may not read is 'Permission denied', naming the file (libsndfile
+    said 'System error.'). As root, chmod 000 does not stop a read: the refusal is simulated."""
+    import npdgru.enhance as E
+
+    src = _file(tmp_path, np.zeros(1600, np.float32), SR)
+    if os.geteuid() == 0:
+        real_open = os.open
+
+        def refusing_open(path, *a, **k):
+            if os.fspath(path) == str(src):
+                raise PermissionError(13, "Permission denied")
+            return real_open(path, *a, **k)
+
+        monkeypatch.setattr(os, "open", refusing_open)
+    else:
+        src.chmod(0)
+    with pytest.raises(AudioError) as e:
+        E.AudioInput(src)
+    assert "Permission denied" in str(e.value) and str(src) in str(e.value)
