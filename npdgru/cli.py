@@ -53,11 +53,41 @@ def _format_percent(fraction: float) -> str:
     return text + "0" if text.endswith(".") else text
 
 
+def _numba_cache_cold() -> bool:
+    """True if a kernel module has no numba cache index at least as new as its source.
+
+    Cheap (a few stat calls): numba writes ``<module>.<function>-<line>.pyXY.nbi`` next to the
+    source (``__pycache__``) or under NUMBA_CACHE_DIR, and recompiles when the source is newer.
+    """
+    from . import kernels
+
+    folder = Path(kernels.__file__).parent
+    cache_root = os.environ.get("NUMBA_CACHE_DIR")
+    for src in folder.glob("*.py"):
+        try:
+            text = src.read_text(errors="ignore")
+        except OSError:
+            continue
+        if not any(line.lstrip().startswith("@") and "njit" in line for line in text.splitlines()):
+            continue  # no cpu kernels in this module
+        where = Path(cache_root) if cache_root else folder / "__pycache__"
+        pattern = f"{src.stem}.*.nbi"
+        index = where.rglob(pattern) if cache_root else where.glob(pattern)
+        newest = max((p.stat().st_mtime for p in index), default=None)
+        if newest is None or newest < src.stat().st_mtime:
+            return True
+    return False
+
+
+COMPILE_NOTICE = "npdgru: compiling the numba kernels (first run only; about 10-40 s on 2 cores, cached on disk afterwards) ..."
+
+
 def _warm_up(enh, quiet: bool) -> None:
     """Run the kernels once on silence, so that per-file times exclude JIT compilation.
 
-    Numba compiles on the first call (cached on disk afterwards); if that takes more than half a
-    second, say so on a terminal while it runs, and how long it took.
+    Numba compiles on the first call (cached on disk afterwards). One line on stderr says so,
+    terminal or not: before the call when the on-disk cache is cold, or after one second of a
+    call that compiles what the cache lacked; then how long it took.
     """
     import threading
 
@@ -67,11 +97,14 @@ def _warm_up(enh, quiet: bool) -> None:
 
     def say():
         said.set()
-        print("npdgru: compiling kernels (first run only) ...", file=sys.stderr, flush=True)
+        print(COMPILE_NOTICE, file=sys.stderr, flush=True)
 
-    timer = threading.Timer(0.5, say)
-    if not quiet and sys.stderr.isatty():
-        timer.start()
+    timer = threading.Timer(1.0, say)
+    if not quiet:
+        if _numba_cache_cold():
+            say()
+        else:
+            timer.start()
     t0 = time.perf_counter()
     try:
         enh.enhance(np.zeros(4 * enh.sample_rate // 100, np.float32), enh.sample_rate)
@@ -79,6 +112,66 @@ def _warm_up(enh, quiet: bool) -> None:
         timer.cancel()
     if said.is_set():
         print(f"npdgru: kernels compiled in {time.perf_counter() - t0:.1f} s (not counted in the times below)", file=sys.stderr, flush=True)
+
+
+def _model_name(enh) -> str:
+    """The model as the user named it: a shipped model's name, else the weight file's name."""
+    path = getattr(enh.weights, "path", None)
+    return Path(path).name.removesuffix(".safetensors") if path else "(weights in memory)"
+
+
+def _stdio_options(args):
+    """(format of '-' or None, raw-PCM description of stdin or None), checked."""
+    from .enhance import stdio_format
+
+    uses_stdio = "-" in getattr(args, "inputs", ["-"]) or args.output == "-"
+    fmt = stdio_format(args.format) if args.format is not None else None
+    if fmt is not None and not uses_stdio:
+        raise ParameterError("--format is the format of '-' (standard input or output); a file's format is its suffix")
+    if (args.rate is not None or args.channels is not None) and fmt != "RAW":
+        raise ParameterError("--rate and --channels describe raw PCM: pass them with --format raw")
+    raw = None
+    if fmt == "RAW" and "-" in getattr(args, "inputs", ["-"]):
+        if args.rate is None or args.channels is None:
+            raise ParameterError("--format raw reads headerless PCM: pass --rate HZ and --channels N (and --subtype, default PCM_16)")
+        raw = {"samplerate": args.rate, "channels": args.channels, "subtype": (args.subtype or "PCM_16").upper()}
+    return fmt, raw
+
+
+def _enhance_stdio(args, enh) -> int:
+    """One input to one output where either is '-' (standard input / output): in memory."""
+    from .enhance import output_subtype, read_audio, write_audio
+
+    if len(args.inputs) != 1:
+        raise ParameterError("'-' (standard input or output) takes exactly one input")
+    src, dst = args.inputs[0], args.output
+    if args.jobs or args.scheduler:
+        raise ParameterError("--jobs and --scheduler enhance files and folders, not '-' (standard input or output)")
+    fmt, raw = _stdio_options(args)
+    if src != "-" and os.path.isdir(src):
+        raise ParameterError(f"{src}: is a folder; '-o -' (standard output) takes one file")
+    if dst != "-":
+        if os.path.isdir(dst):
+            raise ParameterError(f"{dst}: is a folder; name the output file for standard input (e.g. {os.path.join(dst, 'enhanced.wav')})")
+        if os.path.exists(dst) and not args.overwrite:
+            raise ParameterError(f"{dst}: output exists; pass --overwrite to replace it")
+    if src != "-" and dst != "-" and os.path.realpath(src) == os.path.realpath(dst):
+        raise ParameterError(f"{dst}: output would overwrite the input")
+    x, sr, meta = read_audio(src, info=True, raw=raw)
+    out_fmt = (fmt or "WAV") if dst == "-" else None
+    _warm_up(enh, args.quiet)
+    t0 = time.perf_counter()
+    y = enh.enhance(x, sr)
+    compute = time.perf_counter() - t0
+    chosen, warns = output_subtype(dst, y, source_subtype=meta["subtype"], subtype=args.subtype, format=out_fmt)
+    for w in warns:
+        print(f"npdgru: warning: {w.replace('-: ', 'stdout: ', 1) if w.startswith('-: ') else w}", file=sys.stderr)
+    write_audio(dst, y, sr, subtype=chosen, format=out_fmt)
+    if not args.quiet:
+        seconds = len(x) / sr
+        print(f"{'stdin' if src == '-' else src} -> {'stdout' if dst == '-' else dst}: {seconds:.2f} s, {x.shape[1]} ch, {sr} Hz, real-time factor {compute / seconds:.3f}, "
+              f"{_format_percent(enh.model.fraction_updated())}% of GRU neurons updated per frame (P={enh.update_percent:g}), model {_model_name(enh)}, enhanced in {compute:.2f} s", file=sys.stderr)
+    return 0
 
 
 def cmd_enhance(args) -> int:
@@ -93,8 +186,13 @@ def cmd_enhance(args) -> int:
         dist._need_dask()
     if args.model is not None and args.weights is not None:
         raise ParameterError("pass either --model NAME or --weights FILE, not both")
+    if args.output == "/dev/stdout":
+        args.output = "-"  # not a file to replace atomically: the same stream as '-'
+    _stdio_options(args)  # --format, --rate, --channels checked before the model loads
     # The weights and P are checked here, before any file is planned or any worker starts.
     enh = Enhancer(args.weights, model=args.model, update_percent=args.update_percent, backend=args.backend, mask_floor_db=args.mask_floor_db)
+    if "-" in args.inputs or args.output == "-":
+        return _enhance_stdio(args, enh)
     weights_path = getattr(enh.weights, "path", None) or args.weights
     weights_path = os.path.abspath(weights_path) if weights_path else None  # workers run elsewhere
     config = dist.Config(weights=weights_path, update_percent=enh.update_percent, backend=args.backend, mask_floor_db=enh.mask_floor_db,
@@ -110,8 +208,9 @@ def cmd_enhance(args) -> int:
     if items and not (args.jobs or args.scheduler):
         _warm_up(enh, args.quiet)  # per-file times exclude JIT compilation
     pct = _format_percent(enh.model.fraction_updated())
+    model = _model_name(enh)
     total = len(items) + len(skipped)
-    bar = tqdm(total=total, initial=len(skipped), unit="file", disable=args.quiet or total < 2, file=sys.stderr, desc="npdgru enhance")
+    bar = tqdm(total=total, initial=len(skipped), unit="file", disable=args.quiet or total < 2 or not sys.stderr.isatty(), file=sys.stderr, desc="npdgru enhance")
     counts = {"done": 0, "failed": 0, "skipped": len(skipped)}
     audio = [0.0]
     t_start = time.perf_counter()
@@ -126,7 +225,8 @@ def cmd_enhance(args) -> int:
             audio[0] += r.seconds
             if not args.quiet and r.seconds:
                 rtf = f", real-time factor {r.compute / r.seconds:.3f}" if r.rewritten else " (written by an earlier attempt)"
-                tqdm.write(f"{r.src} -> {r.dst}: {r.seconds:.2f} s, {r.channels} ch, {r.rate} Hz{rtf}, {pct}% of GRU neurons updated per frame (P={enh.update_percent:g})", file=sys.stdout)
+                wall_s = f", enhanced in {r.compute:.2f} s" if r.rewritten else ""
+                tqdm.write(f"{r.src} -> {r.dst}: {r.seconds:.2f} s, {r.channels} ch, {r.rate} Hz{rtf}, {pct}% of GRU neurons updated per frame (P={enh.update_percent:g}), model {model}{wall_s}", file=sys.stdout)
         wall = time.perf_counter() - t_start
         bar.set_postfix_str(f"{audio[0] / 3600:.3f} h audio, RTF {wall / audio[0] if audio[0] else 0:.3f}, {counts['failed']} failed", refresh=False)
         bar.update(1)
@@ -144,6 +244,99 @@ def cmd_enhance(args) -> int:
     return 2 if counts["failed"] else 0
 
 
+def _load_enhancer(args):
+    from .enhance import Enhancer
+
+    if args.model is not None and args.weights is not None:
+        raise ParameterError("pass either --model NAME or --weights FILE, not both")
+    return Enhancer(args.weights, model=args.model, update_percent=args.update_percent, backend=args.backend, mask_floor_db=args.mask_floor_db)
+
+
+def _warm_stream(enh, rate: int, channels: int, quiet: bool) -> None:
+    """Compile (or load) every kernel a stream at this rate uses before the first real block."""
+    import numpy as np
+
+    _warm_up(enh, quiet)
+    warm = enh.stream(sample_rate=rate, channels=channels)
+    warm.process(np.zeros((rate // 25, channels) if channels > 1 else rate // 25, np.float32))
+
+
+def cmd_stream(args) -> int:
+    """Standard input to standard output, block by block, with the model state carried."""
+    from . import pcm
+    from .enhance import MAX_CHANNELS, _check_rate
+
+    fmt = (args.format or "wav").lower()
+    if fmt not in ("wav", "raw"):
+        raise ParameterError(f"--format {args.format!r}: npdgru stream reads and writes wav or raw")
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    if fmt == "raw":
+        if args.rate is None or args.channels is None:
+            raise ParameterError("--format raw reads headerless PCM: pass --rate HZ and --channels N (and --subtype, default PCM_16)")
+        rate, channels, sub_in = args.rate, args.channels, pcm.check_subtype(args.subtype or "PCM_16")
+        sub_out = sub_in
+    else:
+        if args.rate is not None or args.channels is not None:
+            raise ParameterError("--rate and --channels describe raw PCM (--format raw); a WAV's come from its header")
+        rate, channels, sub_in = pcm.read_wav_header(stdin)
+        sub_out = pcm.check_subtype(args.subtype) if args.subtype else sub_in
+    _check_rate(rate, "stdin: sample rate")
+    if channels > MAX_CHANNELS:
+        raise ParameterError(f"stdin: {channels} channels; npdgru takes at most {MAX_CHANNELS}")
+    enh = _load_enhancer(args)
+    stream = enh.stream(sample_rate=rate, channels=channels)
+    _warm_stream(enh, rate, channels, args.quiet)
+    block = max(1, round(rate * args.block_ms / 1000.0))
+    frame_bytes = channels * pcm.SUBTYPES[sub_in]
+    skip = 0 if args.keep_latency else stream.latency  # drop the delay: output aligned with input
+    n_in = n_out = 0
+    compute = 0.0
+
+    def emit(y):
+        nonlocal skip, n_out
+        y = y.reshape(-1, channels)
+        if skip:
+            cut = min(skip, len(y))
+            y, skip = y[cut:], skip - cut
+        if len(y):
+            stdout.write(pcm.encode(y, sub_out))
+            stdout.flush()
+            n_out += len(y)
+
+    try:
+        if fmt == "wav":
+            stdout.write(pcm.wav_header(rate, channels, sub_out))
+        while True:
+            data = pcm._read_exact(stdin, block * frame_bytes)
+            whole = len(data) - len(data) % frame_bytes
+            if whole:
+                x = pcm.decode(data[:whole], sub_in, channels)
+                t0 = time.perf_counter()
+                y = stream.process(x if channels > 1 else x[:, 0])
+                compute += time.perf_counter() - t0
+                n_in += len(x)
+                emit(y)
+            if len(data) < block * frame_bytes:
+                if whole != len(data):
+                    print(f"npdgru: warning: stdin: ended inside a sample frame; the last {len(data) - whole} bytes are dropped", file=sys.stderr)
+                break
+        t0 = time.perf_counter()
+        emit(stream.flush())
+        compute += time.perf_counter() - t0
+        if fmt == "wav":
+            pcm.fix_wav_sizes(stdout, rate, channels, sub_out, n_out)
+        stdout.flush()
+    except BrokenPipeError:
+        sys.stderr.flush()
+        return _error("stdout: the reader closed the pipe")
+    if not args.quiet and n_in:
+        secs = n_in / rate
+        print(f"npdgru stream: {secs:.2f} s, {channels} ch, {rate} Hz, {_format_percent(enh.model.fraction_updated())}% of GRU neurons updated per frame (P={enh.update_percent:g}), "
+              f"model {_model_name(enh)}; latency {stream.latency} samples ({1000 * stream.latency / rate:.1f} ms), blocks of {block} samples; "
+              f"real-time factor {compute / secs:.3f} (compute / audio time)", file=sys.stderr)
+    return 0
+
+
 def cmd_models(args) -> int:
     from .shipped import ALIASES, shipped_models
 
@@ -153,9 +346,9 @@ def cmd_models(args) -> int:
     print("shipped models (npdgru enhance --model NAME, Enhancer(model=NAME)):")
     for m in models:
         alias = f" (or {aliases[m['name']]})" if m["name"] in aliases else ""
-        size = m["path"].stat().st_size / 1e6
-        print(f"  {m['name']:<{width}}  {size:5.1f} MB  {m['description']}{alias}")
-    print(f"files in {models[0]['path'].parent if models else '(none found)'}; npdgru info NAME for details")
+        size = m["path"].stat().st_size / 2**20
+        print(f"  {m['name']:<{width}}  {size:5.1f} MiB  P={m['update_percent']:<3g}  {m['description']}{alias}")
+    print(f"P: the update percent used when -P is not given; files in {models[0]['path'].parent if models else '(none found)'}; npdgru info NAME for details")
     return 0
 
 
@@ -168,8 +361,11 @@ def cmd_info(args) -> int:
     target = args.weights
     if not os.path.exists(target) and os.sep not in target and not target.endswith(".safetensors"):
         target = model_path(target)  # a shipped model's name
+    from .shipped import default_update_percent
+
     w = load_weights(target)
     print(w.describe())
+    print(f"runs at: P={default_update_percent(w):g} when -P / update_percent is not given")
     return 0
 
 
@@ -239,6 +435,15 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _model_options(p) -> None:
+    """--model/--weights/-P/--backend/--mask-floor-db of the commands that enhance."""
+    p.add_argument("--update-percent", "-P", type=float, default=None, help="P in (0, 100]: percent of GRU neurons updated per frame (default: the model's own P, shown by npdgru models: 50 for the any-P models, 100 for the original nsnet2 and for a weight file that records none)")
+    p.add_argument("--model", "-m", default=None, metavar="NAME", help="a shipped model by name (npdgru models lists them; default nsnet2-kd-anyp)")
+    p.add_argument("--weights", default=None, help="a weight file (instead of --model)")
+    p.add_argument("--backend", choices=("cpu", "reference", "cuda"), default="cpu", help="cpu (numba, default), cuda (numba.cuda, a GPU) or reference (the NumPy float64 specification: slow, for checking)")
+    p.add_argument("--mask-floor-db", type=float, default=-80.0, help="lowest gain of the mask in dB (default -80, as NSNet2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -246,20 +451,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"npdgru {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    e = sub.add_parser("enhance", help="enhance audio files or folders")
+    e = sub.add_parser("enhance", help="enhance audio files or folders (or standard input)",
+                       description="Remove noise from speech in audio files (WAV, FLAC, OGG, MP3, AIFF; any sample rate and channel count), folders "
+                                   "(searched recursively, the tree mirrored under -o) or manifests, with the default model at its own P unless told otherwise. "
+                                   "'-' reads standard input or writes standard output (WAV unless --format). Each output is written to a temporary file "
+                                   "and renamed; an input is never overwritten. A killed folder run resumes where it stopped.")
     e.add_argument("inputs", nargs="+", help="audio files, folders (searched recursively) or manifests (.csv or .jsonl with an input path column 'input' or 'audio_filepath', optionally 'output')")
-    e.add_argument("-o", "--output", required=True, help="output file (one input) or folder")
-    e.add_argument("--update-percent", "-P", type=float, default=100.0, help="P in (0, 100]: percent of GRU neurons updated per frame (default 100)")
-    e.add_argument("--model", "-m", default=None, metavar="NAME", help="a shipped model by name (npdgru models lists them; default nsnet2-kd-anyp)")
-    e.add_argument("--weights", default=None, help="a weight file (instead of --model)")
-    e.add_argument("--subtype", default=None, help="output sample format, e.g. PCM_16, PCM_24, FLOAT (default: the input's where the output format holds it)")
-    e.add_argument("--backend", choices=("cpu", "reference", "cuda"), default="cpu")
-    e.add_argument("--mask-floor-db", type=float, default=-80.0, help="lowest gain of the mask in dB (default -80, as NSNet2)")
+    e.add_argument("-o", "--output", required=True, help="output file (one input; its suffix picks the format: .wav .flac .ogg .mp3 .aiff), folder (several inputs or a folder), or '-' for standard output")
+    _model_options(e)
+    e.add_argument("--subtype", default=None, help="output sample format, e.g. PCM_16, PCM_24, FLOAT (default: the input's where the output format holds it); with --format raw also the input's (default PCM_16)")
+    e.add_argument("--format", default=None, metavar="FORMAT", help="format of '-' (standard input or output): wav (default for stdout), flac, ogg, mp3, aiff, or raw (headerless little-endian PCM, with --rate and --channels for stdin); stdin with a header is recognised")
+    e.add_argument("--rate", type=_positive_int, default=None, metavar="HZ", help="sample rate of raw PCM on stdin (with --format raw)")
+    e.add_argument("--channels", type=_positive_int, default=None, metavar="N", help="channels of raw PCM on stdin (with --format raw)")
     e.add_argument("--overwrite", action="store_true", help="replace existing output files (never an input)")
     e.add_argument("--jobs", type=_positive_int, default=None, help="run on a local Dask cluster of N single-threaded worker processes (needs the distributed extra)")
     e.add_argument("--scheduler", default=None, metavar="ADDRESS", help="run on the running Dask cluster at ADDRESS (tcp://host:8786); inputs and outputs on storage every worker sees")
-    e.add_argument("--quiet", "-q", action="store_true")
+    e.add_argument("--quiet", "-q", action="store_true", help="print only warnings and errors (no per-file lines, no compile notice, no progress bar)")
     e.set_defaults(func=cmd_enhance)
+
+    st = sub.add_parser("stream", help="enhance standard input to standard output in real time (WAV or raw PCM, any rate and channels)",
+                        description="Read WAV or raw PCM from standard input and write the enhanced audio to standard output as it arrives, "
+                                    "block by block with the model state carried (e.g. arecord -f S16_LE -r 48000 -c 2 -t raw | npdgru stream --format raw --rate 48000 --channels 2 | aplay -f S16_LE -r 48000 -c 2). "
+                                    "Messages go to standard error.")
+    st.add_argument("--format", default=None, choices=("wav", "raw"), help="wav (default: rate, channels and sample format from its header; the output is a WAV of unknown length) or raw (headerless little-endian PCM, with --rate and --channels)")
+    st.add_argument("--rate", type=_positive_int, default=None, metavar="HZ", help="sample rate of raw PCM")
+    st.add_argument("--channels", type=_positive_int, default=None, metavar="N", help="channels of raw PCM")
+    st.add_argument("--subtype", default=None, help="sample format: PCM_16 (raw default), PCM_24, PCM_32 or FLOAT; raw: in and out; wav: out (default: the input's)")
+    st.add_argument("--block-ms", type=float, default=10.0, metavar="MS", help="read and write blocks of this many milliseconds (default 10)")
+    st.add_argument("--keep-latency", action="store_true", help="keep the leading delay (the stream's latency of silence) instead of dropping it; without it the output lines up with the input and has its length")
+    _model_options(st)
+    st.add_argument("--quiet", "-q", action="store_true", help="no messages on standard error except errors")
+    st.set_defaults(func=cmd_stream)
 
     i = sub.add_parser("info", help="what a weight file holds (no argument: the shipped models)")
     i.add_argument("weights", nargs="?", default=None, help="a weight file or a shipped model's name")
@@ -269,18 +491,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     c = sub.add_parser("convert", help="convert a checkpoint (PyTorch .pt/.pth/.ckpt, .safetensors, NSNet2 .onnx) to npdgru weights")
-    c.add_argument("checkpoint")
-    c.add_argument("-o", "--output", required=True)
+    c.add_argument("checkpoint", help="the checkpoint to read: a PyTorch .pt/.pth/.ckpt (zip or legacy; read without torch and without running pickled code), a .safetensors or the NSNet2 .onnx")
+    c.add_argument("-o", "--output", required=True, help="the npdgru weight file to write (.safetensors)")
     c.add_argument("--arch", default="nsnet2", help="target architecture: nsnet2 (default), dprnn, mpt or an architecture JSON file")
     c.add_argument("--map", default=None, help="JSON file mapping checkpoint names to npdgru names")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace the output file if it exists (never the checkpoint)")
     c.add_argument("--trained-update-percent", default="100", help="P the model was trained at, or 'any' (stored in the metadata)")
     c.add_argument("--source", default=None, help="where the weights come from (metadata)")
     c.add_argument("--license", default=None, help="licence of the weights (metadata)")
     c.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="more metadata (repeatable)")
     c.set_defaults(func=cmd_convert)
 
-    v = sub.add_parser("eval", help="quality (PESQ, ESTOI, SI-SNR, DNSMOS) and compute of every model at every P on clean/noisy pairs")
+    v = sub.add_parser("eval", help="quality (PESQ, ESTOI, SI-SNR, DNSMOS) and compute of every model at every P on clean/noisy pairs",
+                       description="Enhance every noisy file of --data with every model at every P, score it against its clean reference "
+                                   "(PESQ, ESTOI, SI-SNR, DNSMOS) and time the model per frame; writes per_file.csv, summary.md, summary.json and "
+                                   "a plot of quality against compute to --out. Needs the eval extra.")
     v.add_argument("--data", required=True, help="folder with clean/ and noisy/ (files of the same names) and optionally manifest.csv")
     v.add_argument("--out", required=True, help="output folder: per_file.csv, summary.md, summary.json, quality_vs_compute.png")
     v.add_argument("--weights", nargs="+", default=None, help="weight files (default: every weights/*.safetensors); FILE@P1,P2 evaluates FILE only at those P")

@@ -1,0 +1,252 @@
+"""Where users meet npdgru: the model's own P by default, MP3, standard input and output, the
+compile notice, the one-call ``npdgru.enhance``.
+
+The pipes are real: ``python -m npdgru`` in a subprocess with stdin and stdout connected, so
+what is checked is the bytes a shell pipeline would see.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from npdgru import Enhancer
+from npdgru.cli import main
+from npdgru.errors import AudioError, WeightsError
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "noisy_dishes_5db.flac"
+SR = 16000
+MP3 = "MP3" in sf.available_formats()
+needs_mp3 = pytest.mark.skipif(not MP3, reason=f"libsndfile {sf.__libsndfile_version__} has no MP3 (needs >= 1.1 built with mpg123 and lame)")
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    x, sr = sf.read(EXAMPLE, dtype="float32")
+    assert sr == SR
+    return np.ascontiguousarray(x[: SR // 2])
+
+
+def run(capsys, *argv):
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def npdgru(*argv, stdin: bytes = b"", env=None, timeout=300):
+    """``python -m npdgru ARGV`` with ``stdin`` piped in: (status, stdout bytes, stderr text)."""
+    e = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "npdgru", *map(str, argv)], input=stdin, capture_output=True, env=e, timeout=timeout, cwd=REPO)
+    return p.returncode, p.stdout, p.stderr.decode()
+
+
+def one_error(status, err, *needles):
+    assert status == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("npdgru: error: ") and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+# ----------------------------------------------------------------------------- default P
+
+
+def test_shipped_models_run_at_their_own_p_by_default():
+    assert Enhancer().update_percent == 50.0  # the default model is an any-P model
+    assert Enhancer(model="dprnn").update_percent == 50.0
+    assert Enhancer(model="nsnet2").update_percent == 100.0  # trained dense: run dense
+    assert Enhancer(update_percent=75).update_percent == 75.0  # an explicit P wins
+
+
+def test_user_file_keeps_100_unless_it_records_a_p(tmp_path):
+    from npdgru import architectures, save_weights
+
+    w = architectures.tiny_weights(1, hidden=8)
+    plain, marked, bad = tmp_path / "plain.safetensors", tmp_path / "marked.safetensors", tmp_path / "bad.safetensors"
+    save_weights(plain, w.tensors, architecture=w.architecture)
+    save_weights(marked, w.tensors, architecture=w.architecture, extra={"default_update_percent": "30"})
+    save_weights(bad, w.tensors, architecture=w.architecture, extra={"default_update_percent": "0"})
+    assert Enhancer(plain).update_percent == 100.0
+    assert Enhancer(marked).update_percent == 30.0
+    with pytest.raises(WeightsError, match="default_update_percent"):
+        Enhancer(bad)
+    # a copy of a shipped file elsewhere is a user's file: nothing recorded, so dense
+    copy = tmp_path / "nsnet2-kd-anyp.safetensors"
+    copy.write_bytes((REPO / "weights" / "nsnet2-kd-anyp.safetensors").read_bytes())
+    assert Enhancer(copy).update_percent == 100.0
+
+
+def test_cli_default_p_and_models_listing(capsys, tmp_path, speech):
+    src = tmp_path / "in.wav"
+    sf.write(src, speech, SR, subtype="FLOAT")
+    out = tmp_path / "out.wav"
+    status, stdout, err = run(capsys, "enhance", src, "-o", out)
+    assert status == 0, err
+    assert "model nsnet2-kd-anyp" in stdout and "(P=50)" in stdout and "enhanced in " in stdout
+    y, _ = sf.read(out, dtype="float32")
+    assert np.array_equal(y, Enhancer(update_percent=50).enhance(speech, SR))
+    status, stdout, _ = run(capsys, "models")
+    line = next(ln for ln in stdout.splitlines() if ln.strip().startswith("nsnet2-kd-anyp"))
+    assert "P=50" in line and "MiB" in line
+    assert "P=100" in next(ln for ln in stdout.splitlines() if ln.strip().startswith("nsnet2 "))
+
+
+# ----------------------------------------------------------------------------- MP3 and subtypes
+
+
+def test_codec_subtype_is_not_carried_into_another_format(tmp_path):
+    from npdgru.enhance import output_subtype
+
+    y = np.zeros(10, np.float32)
+    assert output_subtype(tmp_path / "o.wav", y, source_subtype="MPEG_LAYER_III")[0] == "PCM_16"
+    assert output_subtype(tmp_path / "o.flac", y, source_subtype="VORBIS")[0] == "PCM_16"
+    assert output_subtype(tmp_path / "o.ogg", y, source_subtype="VORBIS")[0] == "VORBIS"
+    assert output_subtype(tmp_path / "o.wav", y, source_subtype="PCM_24")[0] == "PCM_24"
+
+
+@needs_mp3
+def test_mp3_in_and_out(capsys, tmp_path, speech):
+    src = tmp_path / "talk.mp3"
+    sf.write(src, speech, SR)
+    status, stdout, err = run(capsys, "enhance", src, "-o", tmp_path / "out.wav")
+    assert status == 0, err
+    info = sf.info(tmp_path / "out.wav")
+    assert (info.format, info.subtype, info.samplerate) == ("WAV", "PCM_16", SR)
+    status, _, err = run(capsys, "enhance", tmp_path / "out.wav", "-o", tmp_path / "back.mp3")
+    assert status == 0, err
+    y, sr = sf.read(tmp_path / "back.mp3", dtype="float32")
+    assert sf.info(tmp_path / "back.mp3").format == "MP3" and sr == SR and abs(len(y) - len(speech)) < 2000
+    assert 0 < np.sum(y**2)
+
+
+@needs_mp3
+def test_folder_scan_takes_mp3(capsys, tmp_path, speech):
+    (tmp_path / "in").mkdir()
+    sf.write(tmp_path / "in" / "a.mp3", speech, SR)
+    status, stdout, err = run(capsys, "enhance", tmp_path / "in", "-o", tmp_path / "out")
+    assert status == 0, err
+    assert sf.info(tmp_path / "out" / "a.mp3").format == "MP3"
+
+
+def test_read_error_names_the_formats_read(tmp_path):
+    bad = tmp_path / "x.wav"
+    bad.write_bytes(b"RIFF0000not really audio")
+    with pytest.raises(AudioError) as e:
+        from npdgru import read_audio
+
+        read_audio(bad)
+    msg = str(e.value)
+    assert str(bad) in msg and "WAV, FLAC, OGG" in msg and ("MP3" in msg) == MP3 and "soundfile reads" not in msg
+
+
+# ----------------------------------------------------------------------------- stdin / stdout
+
+
+@pytest.fixture(scope="module")
+def wav_bytes(speech) -> bytes:
+    b = io.BytesIO()
+    sf.write(b, speech, SR, format="WAV", subtype="PCM_16")
+    return b.getvalue()
+
+
+def test_stdin_to_stdout_wav(speech, wav_bytes, tmp_path):
+    status, out, err = npdgru("enhance", "-", "-o", "-", stdin=wav_bytes)
+    assert status == 0, err
+    y, sr = sf.read(io.BytesIO(out), dtype="float32")  # stdout holds the WAV and nothing else
+    assert sr == SR and y.shape == speech.shape and sf.info(io.BytesIO(out)).subtype == "PCM_16"
+    ref = Enhancer().enhance(sf.read(io.BytesIO(wav_bytes), dtype="float32")[0], SR)
+    assert np.max(np.abs(y - ref)) <= 1 / 32768 + 1e-6  # the 16-bit rounding of the output
+    assert "stdin -> stdout" in err and "model nsnet2-kd-anyp" in err and "P=50" in err
+    status, out2, err = npdgru("enhance", "-", "-o", "/dev/stdout", "-q", stdin=wav_bytes)
+    assert status == 0 and out2 == out and err == "", err
+
+
+def test_raw_pcm_pipe_and_file_to_stdout(speech, tmp_path):
+    pcm = np.round(speech * 32767).astype("<i2")
+    status, out, err = npdgru("enhance", "-", "-o", "-", "--format", "raw", "--rate", SR, "--channels", 1, "-q", stdin=pcm.tobytes())
+    assert status == 0, err
+    y = np.frombuffer(out, "<i2").astype(np.float32) / 32768
+    assert len(y) == len(pcm)
+    ref = Enhancer().enhance(pcm.astype(np.float32) / 32768, SR)
+    assert np.max(np.abs(y - ref)) <= 1.5 / 32768
+    src = tmp_path / "in.flac"
+    sf.write(src, speech, SR, subtype="PCM_24")
+    status, out, err = npdgru("enhance", src, "-o", "-", "--format", "flac", "-q")
+    assert status == 0, err
+    info = sf.info(io.BytesIO(out))
+    assert (info.format, info.subtype, info.frames) == ("FLAC", "PCM_24", len(speech))
+
+
+@pytest.mark.parametrize("argv, stdin, needles", [
+    (["enhance", "-", "-o", "-", "--format", "raw"], b"\0\0" * 100, ["--rate", "--channels"]),
+    (["enhance", "-", "-o", "-"], b"", ["stdin", "no data"]),
+    (["enhance", "-", "-o", "-"], b"garbage" * 10, ["stdin", "cannot read audio", "--format raw"]),
+    (["enhance", "-", "-o", "-", "--format", "mp4"], b"", ["--format", "raw"]),
+    (["enhance", "-", "-o", "-", "--format", "raw", "--rate", "16000", "--channels", "1", "--subtype", "ULAW"], b"\0" * 100, ["subtype"]),
+], ids=["raw-needs-rate", "empty", "garbage", "bad-format", "raw-subtype"])
+def test_stdio_errors_are_one_line_and_stdout_stays_empty(argv, stdin, needles):
+    status, out, err = npdgru(*argv, stdin=stdin)
+    one_error(status, err, *needles)
+    assert out == b""
+
+
+def test_stdin_to_existing_file_needs_overwrite(tmp_path, wav_bytes):
+    dst = tmp_path / "o.wav"
+    dst.write_bytes(b"keep")
+    status, out, err = npdgru("enhance", "-", "-o", dst, stdin=wav_bytes)
+    one_error(status, err, str(dst), "--overwrite")
+    assert dst.read_bytes() == b"keep"
+
+
+# ----------------------------------------------------------------------------- compile notice
+
+
+@pytest.mark.slow
+def test_compile_notice_on_a_cold_cache_without_a_terminal(tmp_path, wav_bytes):
+    """A cold numba cache (an empty NUMBA_CACHE_DIR) is announced on stderr before compiling,
+    although stderr is a pipe; stdout still holds only audio."""
+    status, out, err = npdgru("enhance", "-", "-o", "-", stdin=wav_bytes, env={"NUMBA_CACHE_DIR": str(tmp_path / "numba")}, timeout=600)
+    assert status == 0, err
+    assert err.splitlines()[0].startswith("npdgru: compiling the numba kernels (first run only; about ")
+    assert "kernels compiled in" in err and sf.read(io.BytesIO(out))[1] == SR
+
+
+def test_cold_cache_detection(tmp_path, monkeypatch):
+    from npdgru.cli import _numba_cache_cold
+
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    assert _numba_cache_cold()
+
+
+# ----------------------------------------------------------------------------- npdgru.enhance
+
+
+def test_one_call_enhance_caches_an_enhancer_per_options(speech):
+    import npdgru
+    from npdgru import enhance as module_enhance
+    from npdgru.errors import ParameterError
+
+    npdgru.enhance._CACHED.clear()
+    y = npdgru.enhance(speech, SR)
+    assert np.array_equal(y, Enhancer().enhance(speech, SR))
+    first = list(npdgru.enhance._CACHED.values())[0]
+    assert first.update_percent == 50.0
+    y2 = module_enhance(speech, SR)  # `from npdgru import enhance`: the same callable
+    assert np.array_equal(y, y2) and list(npdgru.enhance._CACHED.values()) == [first]  # reused, not rebuilt
+    y3 = npdgru.enhance(speech, SR, update_percent=100)
+    assert len(npdgru.enhance._CACHED) == 2 and not np.array_equal(y, y3)
+    assert np.array_equal(y3, Enhancer(update_percent=100).enhance(speech, SR))
+    with pytest.raises(ParameterError, match="unknown option.*update_prcent"):
+        npdgru.enhance(speech, SR, update_prcent=50)
+    for P in (90, 80, 70, 60, 40):  # at most four are kept
+        npdgru.enhance(speech[:1600], SR, update_percent=P)
+    assert len(npdgru.enhance._CACHED) == 4
