@@ -12,15 +12,42 @@ outputs are ``resample_poly(x)`` (to float rounding: float64 taps and sums, floa
 
 Latency: after n inputs it has emitted ``ceil(n·up/down) - delay`` outputs, so it lags by
 ``delay`` outputs (10 to 11 samples of the lower rate, about 0.7 ms between 16 and 48 or 44.1
-kHz; :attr:`StreamResampler.delay`). Plain NumPy per chunk (a gather and one matrix product);
-no numba kernel, so no twin to keep.
+kHz; :attr:`StreamResampler.delay`). The sums run in a numba kernel (:func:`_polyphase`, float64
+taps and sums, as ``resample_poly`` computes float64 input); :func:`polyphase_numpy` is its NumPy
+twin (a gather and one product per output), compared in tests/test_stream_rates.py.
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
 
+import numba
 import numpy as np
+
+from .kernels._config import JIT
+
+
+@numba.njit(**JIT)
+def _polyphase(buf, taps, m0, m1, up, down, base, out):
+    """out[r] = sum_j buf[i0 - j]·taps[ph, j] for output m = m0 + r, t = m·down, i0 = t // up - base, ph = t % up."""
+    K = taps.shape[1]
+    for r in range(m1 - m0):
+        t = (m0 + r) * down
+        i0 = t // up - base
+        ph = t % up
+        for c in range(buf.shape[1]):
+            acc = 0.0
+            for j in range(K):
+                acc += taps[ph, j] * buf[i0 - j, c]
+            out[r, c] = acc
+
+
+def polyphase_numpy(buf, taps, m0, m1, up, down, base) -> np.ndarray:
+    """The NumPy twin of :func:`_polyphase`: (m1 - m0, C) float64."""
+    m = np.arange(m0, m1)
+    t = m * down
+    idx = (t // up - base)[:, None] - np.arange(taps.shape[1])[None, :]  # (M, K): rows of x[i0 - j]
+    return np.einsum("mk,mkc->mc", taps[t % up], buf[idx])
 
 
 def resample_filter(up: int, down: int) -> tuple[np.ndarray, int]:
@@ -71,14 +98,12 @@ class StreamResampler:
     def process(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64).reshape(-1, self.channels)
         n = len(x)
-        buf = np.concatenate([self._hist, x]) if n else self._hist
+        buf = np.ascontiguousarray(np.concatenate([self._hist, x]) if n else self._hist)
         n_total = self._n_in + n
         m_end = -(-(n_total * self.up) // self.down)  # outputs whose inputs have all arrived
-        m = np.arange(self._m_next, m_end)
-        t = m * self.down
-        i0 = t // self.up - (self._n_in - (self.K - 1))  # row of x[i0] in buf
-        idx = i0[:, None] - np.arange(self.K)[None, :]  # (M, K): x[i0 - j]
-        y = np.einsum("mk,mkc->mc", self.taps[t % self.up], buf[idx]) if len(m) else np.zeros((0, self.channels))
+        y = np.empty((max(0, m_end - self._m_next), self.channels))
+        if len(y):  # buf row of input i is i - base
+            _polyphase(buf, self.taps, self._m_next, m_end, self.up, self.down, self._n_in - (self.K - 1), y)
         if self.K > 1:
             self._hist = buf[len(buf) - (self.K - 1) :].copy()
         self._n_in, self._m_next = n_total, m_end

@@ -47,6 +47,21 @@ def test_resampler_matches_resample_poly_for_any_chunking(rate_in, rate_out):
     np.testing.assert_allclose(y[: len(ref)], ref, atol=2e-6, rtol=0, err_msg=f"{rate_in} -> {rate_out}")
 
 
+@pytest.mark.parametrize("up, down", [(1, 3), (3, 1), (160, 441), (441, 160), (2, 3)])
+def test_polyphase_kernel_matches_its_numpy_twin(up, down):
+    from npdgru.resample import _polyphase, polyphase_numpy
+
+    rng = np.random.default_rng(up * 1000 + down)
+    K, C, m0 = 7, 3, 5
+    taps = rng.standard_normal((up, K))
+    base = (m0 * down) // up - (K - 1)  # the first output reaches back to buf row 0
+    m1 = m0 + 40
+    buf = rng.standard_normal(((m1 * down) // up - base + 1, C))
+    got = np.empty((m1 - m0, C))
+    _polyphase(buf, taps, m0, m1, up, down, base, got)
+    np.testing.assert_allclose(got, polyphase_numpy(buf, taps, m0, m1, up, down, base), rtol=1e-12, atol=1e-12, err_msg=f"up={up} down={down}")
+
+
 @pytest.mark.parametrize("rate, channels", [(16000, 2), (48000, 1), (44100, 2), (8000, 1)])
 def test_stream_at_any_rate_equals_offline_delayed(speech, rate, channels):
     """At P = 100 (no select gate to flip on a rounding difference) the stream is the offline
