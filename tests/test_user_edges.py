@@ -250,3 +250,29 @@ def test_one_call_enhance_caches_an_enhancer_per_options(speech):
     for P in (90, 80, 70, 60, 40):  # at most four are kept
         npdgru.enhance(speech[:1600], SR, update_percent=P)
     assert len(npdgru.enhance._CACHED) == 4
+
+
+# ----------------------------------------------------------------------------- convert: LSTM by name
+
+
+def test_lstm_under_nsnet2_names_is_refused_in_one_line(capsys, tmp_path):
+    """A 2-layer LSTM saved under the PyTorch NSNet2 names (rnn.weight_ih_l0, ...) maps onto the
+    GRU tensors: it is named as an LSTM, not listed as eight shape mismatches."""
+    from safetensors.numpy import save_file
+
+    from npdgru.convert import NSNET2_TORCH_NAMES
+    from npdgru.weights import expected_shapes
+    from npdgru.architectures import architecture
+
+    want = expected_shapes(architecture("nsnet2"))
+    state = {}
+    for ck, name in NSNET2_TORCH_NAMES.items():
+        shape = list(want[name])
+        if ck.startswith("rnn."):
+            shape[0] = shape[0] // 3 * 4  # an LSTM's i, f, g, o blocks
+        state[ck] = np.zeros(shape, np.float32)
+    src = tmp_path / "lstm.safetensors"
+    save_file(state, str(src))
+    status, out, err = run(capsys, "convert", src, "-o", tmp_path / "o.safetensors")
+    one_error(status, err, str(src), "an LSTM (4 gate blocks in rnn.weight_", "GRU layers only")
+    assert "expected" not in err and not (tmp_path / "o.safetensors").exists()
