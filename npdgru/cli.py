@@ -416,7 +416,17 @@ def cmd_eval(args) -> int:
 
     argv = getattr(args, "argv", None)
     command = "npdgru eval " + " ".join(argv) if argv is not None else None
-    summary = evaluate(args.data, args.out, weights=args.weights, percents=args.percents, onnx=args.onnx, jobs=args.jobs, scheduler=args.scheduler, limit=args.limit, timing_frames=args.timing_frames, timing_repeats=args.timing_repeats, progress=not args.quiet, command=command, reference=not args.no_reference)
+    weights, percents = args.weights, args.percents
+    if weights is None:  # the quick question: the default model dense and at the P it runs at
+        from .shipped import default_update_percent
+        from .weights import default_weights_path, load_weights
+
+        path = default_weights_path()
+        own = [100.0] + [p for p in [default_update_percent(load_weights(path))] if p != 100.0]
+        weights = [str(path) if percents is not None else f"{path}@{','.join(f'{p:g}' for p in own)}"]
+    if percents is None:
+        percents = [100, 75, 50, 25, 10]
+    summary = evaluate(args.data, args.out, weights=weights, percents=percents, onnx=args.onnx, jobs=args.jobs, scheduler=args.scheduler, limit=args.limit, timing_frames=args.timing_frames, timing_repeats=args.timing_repeats, progress=not args.quiet, command=command, reference=not args.no_reference)
     if not args.quiet:
         text = markdown(summary)
         start = text.index("## All")
@@ -508,8 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a plot of quality against compute to --out. Needs the eval extra.")
     v.add_argument("--data", required=True, help="folder with clean/ and noisy/ (files of the same names) and optionally manifest.csv")
     v.add_argument("--out", required=True, help="output folder: per_file.csv, summary.md, summary.json, quality_vs_compute.png")
-    v.add_argument("--weights", nargs="+", default=None, help="weight files (default: every weights/*.safetensors); FILE@P1,P2 evaluates FILE only at those P")
-    v.add_argument("--percents", nargs="+", type=float, default=[100, 75, 50, 25, 10], help="update percentages P (default 100 75 50 25 10)")
+    v.add_argument("--weights", nargs="+", default=None, help="weight files (default: the default model at P = 100 and at its own P, 50; every shipped model: --weights weights/*.safetensors); FILE@P1,P2 evaluates FILE only at those P")
+    v.add_argument("--percents", nargs="+", type=float, default=None, help="update percentages P of the --weights files (default 100 75 50 25 10)")
     v.add_argument("--onnx", default=None, help="NSNet2 ONNX model for the onnxruntime row (default: .cache/nsnet2/nsnet2-20ms-baseline.onnx; left out if absent)")
     v.add_argument("--jobs", type=_positive_int, default=1, help="worker processes over files (default 1: in this process; more: a local Dask cluster, the distributed extra)")
     v.add_argument("--scheduler", default=None, metavar="ADDRESS", help="evaluate the files on the running Dask cluster at ADDRESS (tcp://host:8786)")

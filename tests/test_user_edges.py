@@ -276,3 +276,26 @@ def test_lstm_under_nsnet2_names_is_refused_in_one_line(capsys, tmp_path):
     status, out, err = run(capsys, "convert", src, "-o", tmp_path / "o.safetensors")
     one_error(status, err, str(src), "an LSTM (4 gate blocks in rnn.weight_", "GRU layers only")
     assert "expected" not in err and not (tmp_path / "o.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- eval: the quick question
+
+
+def test_eval_without_weights_is_the_default_model_dense_and_at_its_p(capsys, tmp_path):
+    import json
+
+    from npdgru.evaluate import missing_dependencies
+
+    if missing_dependencies():
+        pytest.skip(f"the eval extra is missing: {missing_dependencies()}")
+    data = tmp_path / "data"
+    for sub, name in (("clean", "clean_dishes_5db.flac"), ("noisy", "noisy_dishes_5db.flac")):
+        (data / sub).mkdir(parents=True)
+        x, sr = sf.read(REPO / "examples" / name, dtype="float32")
+        sf.write(data / sub / "a.wav", x, sr)
+    status, _, err = run(capsys, "eval", "--data", data, "--out", tmp_path / "out", "--timing-frames", "50", "--timing-repeats", "1", "--quiet")
+    assert status == 0, err
+    rows = [r["name"] for r in json.loads((tmp_path / "out" / "summary.json").read_text())["rows"]]
+    ours = [r for r in rows if r.startswith("nsnet2")]
+    assert ours == ["nsnet2-kd-anyp P=100", "nsnet2-kd-anyp P=50"], rows
+    assert "clean" in rows and "noisy" in rows
