@@ -286,6 +286,8 @@ def cmd_stream(args) -> int:
     enh = _load_enhancer(args)
     stream = enh.stream(sample_rate=rate, channels=channels)
     _warm_stream(enh, rate, channels, args.quiet)
+    if not 0 < args.block_ms <= 1000:
+        raise ParameterError(f"--block-ms {args.block_ms:g}: must be in (0, 1000]")
     block = max(1, round(rate * args.block_ms / 1000.0))
     frame_bytes = channels * pcm.SUBTYPES[sub_in]
     skip = 0 if args.keep_latency else stream.latency  # drop the delay: output aligned with input
@@ -334,6 +336,104 @@ def cmd_stream(args) -> int:
         print(f"npdgru stream: {secs:.2f} s, {channels} ch, {rate} Hz, {_format_percent(enh.model.fraction_updated())}% of GRU neurons updated per frame (P={enh.update_percent:g}), "
               f"model {_model_name(enh)}; latency {stream.latency} samples ({1000 * stream.latency / rate:.1f} ms), blocks of {block} samples; "
               f"real-time factor {compute / secs:.3f} (compute / audio time)", file=sys.stderr)
+    return 0
+
+
+def _sounddevice():
+    try:
+        import sounddevice
+    except ImportError:
+        raise ParameterError('npdgru live needs sounddevice (the live extra): pip install -e ".[live]"') from None
+    except OSError as e:  # sounddevice imports, but PortAudio is missing
+        raise ParameterError(f"npdgru live: sounddevice cannot load PortAudio ({e}); install it (e.g. apt-get install libportaudio2)") from None
+    return sounddevice
+
+
+def _device(text):
+    """--input-device/--output-device: an index or (part of) a name, as sounddevice takes them."""
+    if text is None:
+        return None
+    return int(text) if str(text).lstrip("-").isdigit() else text
+
+
+def cmd_live(args) -> int:
+    """Microphone to speakers (or to a file), block by block, with the model state carried."""
+    import numpy as np
+
+    sd = _sounddevice()
+    if args.list_devices:
+        print(sd.query_devices())
+        return 0
+    out_path = args.output
+    if out_path is not None:
+        from .enhance import audio_format
+
+        audio_format(out_path)  # a writable format, checked before the microphone opens
+        if os.path.isdir(out_path):
+            raise ParameterError(f"{out_path}: is a folder; name the file to record to")
+        if os.path.exists(out_path) and not args.overwrite:
+            raise ParameterError(f"{out_path}: output exists; pass --overwrite to replace it")
+        if args.output_device is not None:
+            raise ParameterError("--output-device plays; -o records to a file: pass one of them")
+    if args.seconds is not None and not args.seconds > 0:
+        raise ParameterError(f"--seconds {args.seconds}: must be > 0")
+    enh = _load_enhancer(args)
+    rate, channels = args.rate, args.channels
+    stream = enh.stream(sample_rate=rate, channels=channels)
+    _warm_stream(enh, rate, channels, args.quiet)
+    if not 0 < args.block_ms <= 1000:
+        raise ParameterError(f"--block-ms {args.block_ms:g}: must be in (0, 1000]")
+    block = max(1, round(rate * args.block_ms / 1000.0))
+    limit = None if args.seconds is None else int(round(args.seconds * rate))
+    inp, outp = _device(args.input_device), _device(args.output_device)
+    try:
+        if out_path is None:
+            dev = sd.Stream(samplerate=rate, blocksize=block, channels=channels, dtype="float32", device=(inp, outp))
+        else:
+            dev = sd.InputStream(samplerate=rate, blocksize=block, channels=channels, dtype="float32", device=inp)
+    except Exception as e:  # PortAudio's errors: a missing device, a rate it refuses
+        raise ParameterError(f"npdgru live: cannot open the audio device ({' '.join(str(e).split())}); npdgru live --list-devices shows them") from None
+    writer = tmp = None
+    if out_path is not None:
+        import tempfile
+
+        import soundfile as sf
+
+        folder = os.path.dirname(os.path.abspath(out_path))
+        fd, tmp = tempfile.mkstemp(prefix=".npdgru-", suffix=Path(out_path).suffix + ".part", dir=folder)
+        os.close(fd)
+        writer = sf.SoundFile(tmp, "w", samplerate=rate, channels=channels, format=audio_format(out_path))
+    n_in = dropped = 0
+    compute = 0.0
+    if not args.quiet:
+        where = out_path if out_path is not None else "the speakers"
+        print(f"npdgru live: {rate} Hz, {channels} ch, blocks of {block} samples, latency {stream.latency} samples ({1000 * stream.latency / rate:.1f} ms) "
+              f"plus the devices'; to {where}; Ctrl-C ends", file=sys.stderr, flush=True)
+    try:
+        with dev:
+            while limit is None or n_in < limit:
+                x, overflowed = dev.read(block)
+                dropped += bool(overflowed)
+                x = np.asarray(x, np.float32).reshape(-1, channels)
+                t0 = time.perf_counter()
+                y = stream.process(x if channels > 1 else x[:, 0])
+                compute += time.perf_counter() - t0
+                n_in += len(x)
+                if writer is not None:
+                    writer.write(y)
+                else:
+                    dropped += bool(dev.write(np.ascontiguousarray(y.reshape(-1, channels))))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if writer is not None:
+            writer.write(stream.flush())
+            writer.close()
+            os.replace(tmp, out_path)
+    if not args.quiet and n_in:
+        secs = n_in / rate
+        print(f"npdgru live: {secs:.2f} s, real-time factor {compute / secs:.3f} (compute / audio time), {dropped} dropped blocks "
+              f"(input overflows and output underflows), model {_model_name(enh)}, P={enh.update_percent:g}", file=sys.stderr)
     return 0
 
 
@@ -492,6 +592,22 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(st)
     st.add_argument("--quiet", "-q", action="store_true", help="no messages on standard error except errors")
     st.set_defaults(func=cmd_stream)
+
+    lv = sub.add_parser("live", help="enhance the microphone to the speakers or to a file (needs the live extra: sounddevice)",
+                        description="Record from an input device, enhance block by block and play on an output device, or record the "
+                                    "enhanced audio to a file with -o; prints the real-time factor and the dropped blocks at the end. Ctrl-C ends.")
+    lv.add_argument("--input-device", default=None, metavar="DEV", help="input device: index or part of its name (default: the system's)")
+    lv.add_argument("--output-device", default=None, metavar="DEV", help="output device: index or part of its name (default: the system's)")
+    lv.add_argument("-o", "--output", default=None, metavar="FILE", help="record the enhanced audio to this file (.wav, .flac, ...) instead of playing it")
+    lv.add_argument("--overwrite", action="store_true", help="replace the -o file if it exists")
+    lv.add_argument("--rate", type=_positive_int, default=48000, metavar="HZ", help="device sample rate (default 48000)")
+    lv.add_argument("--channels", type=_positive_int, default=1, metavar="N", help="channels (default 1)")
+    lv.add_argument("--block-ms", type=float, default=10.0, metavar="MS", help="block length in milliseconds (default 10)")
+    lv.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: at Ctrl-C)")
+    lv.add_argument("--list-devices", action="store_true", help="list the audio devices and exit")
+    _model_options(lv)
+    lv.add_argument("--quiet", "-q", action="store_true", help="no messages on standard error except errors")
+    lv.set_defaults(func=cmd_live)
 
     i = sub.add_parser("info", help="what a weight file holds (no argument: the shipped models)")
     i.add_argument("weights", nargs="?", default=None, help="a weight file or a shipped model's name")

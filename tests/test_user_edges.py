@@ -299,3 +299,88 @@ def test_eval_without_weights_is_the_default_model_dense_and_at_its_p(capsys, tm
     ours = [r for r in rows if r.startswith("nsnet2")]
     assert ours == ["nsnet2-kd-anyp P=100", "nsnet2-kd-anyp P=50"], rows
     assert "clean" in rows and "noisy" in rows
+
+
+# ----------------------------------------------------------------------------- npdgru live (a fake device)
+
+
+class FakeSoundDevice:
+    """The part of sounddevice that ``npdgru live`` uses, over a fixed signal: ``read`` hands
+    out the signal block by block (``overflow_at``: blocks reported as overflowed), ``write``
+    keeps what is played (``underflow_at``: blocks reported as underflowed)."""
+
+    def __init__(self, signal, overflow_at=(), underflow_at=()):
+        self.signal, self.overflow_at, self.underflow_at = signal, set(overflow_at), set(underflow_at)
+        self.played, self.opened = [], []
+
+    def query_devices(self):
+        return "0 fake mic, 1 in, 0 out\n1 fake speakers, 0 in, 2 out"
+
+    def _open(self, kind, **kw):
+        dev, self.pos, self.reads, self.writes = self, 0, 0, 0
+        self.opened.append((kind, kw))
+
+        class S:
+            def __enter__(s):
+                return s
+
+            def __exit__(s, *a):
+                return False
+
+            def read(s, frames):
+                x = dev.signal[dev.pos : dev.pos + frames]
+                if len(x) < frames:  # the microphone goes on: silence
+                    x = np.concatenate([x, np.zeros((frames - len(x),) + x.shape[1:], np.float32)])
+                dev.pos += frames
+                dev.reads += 1
+                return x.reshape(frames, -1), (dev.reads - 1) in dev.overflow_at
+
+            def write(s, y):
+                dev.played.append(np.array(y))
+                dev.writes += 1
+                return (dev.writes - 1) in dev.underflow_at
+
+        return S()
+
+    def Stream(self, **kw):  # noqa: N802 (sounddevice's name)
+        return self._open("duplex", **kw)
+
+    def InputStream(self, **kw):  # noqa: N802
+        return self._open("input", **kw)
+
+
+def test_live_to_speakers_with_a_fake_device(monkeypatch, capsys, speech):
+    from scipy.signal import resample_poly
+
+    x = resample_poly(speech, 3, 1).astype(np.float32)  # the device runs at 48 kHz
+    fake = FakeSoundDevice(x[:, None], overflow_at={3}, underflow_at={7, 8})
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    status, out, err = run(capsys, "live", "--seconds", len(x) / 48000, "--input-device", "2", "--output-device", "speakers")
+    assert status == 0, err
+    kind, kw = fake.opened[-1]
+    assert kind == "duplex" and kw["device"] == (2, "speakers") and kw["samplerate"] == 48000 and kw["blocksize"] == 480
+    played = np.concatenate(fake.played)[:, 0]
+    st = Enhancer().stream(sample_rate=48000)
+    want = np.concatenate([st.process(x[i : i + 480]) for i in range(0, len(played), 480)])
+    assert np.array_equal(played, want[: len(played)])  # the stream's output, block by block
+    assert "3 dropped blocks" in err and "real-time factor" in err and "latency 1024 samples" in err
+
+
+def test_live_to_a_file_and_without_sounddevice(monkeypatch, capsys, speech, tmp_path):
+    fake = FakeSoundDevice(speech[:, None])
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    out = tmp_path / "rec.wav"
+    status, _, err = run(capsys, "live", "-o", out, "--rate", SR, "--seconds", 0.3, "-P", "100")
+    assert status == 0, err
+    assert fake.opened[-1][0] == "input"
+    y, sr = sf.read(out, dtype="float32")
+    n = int(0.3 * SR)
+    st = Enhancer(update_percent=100).stream()
+    want = np.concatenate([st.process(speech[i : i + 160]) for i in range(0, n, 160)] + [st.flush()])
+    assert sr == SR and len(y) == len(want) and np.max(np.abs(y - want)) <= 1 / 32768  # PCM_16
+    assert "0 dropped blocks" in err
+    status, _, err = run(capsys, "live", "-o", out, "--seconds", 0.1)
+    one_error(status, err, str(out), "--overwrite")
+    monkeypatch.setitem(sys.modules, "sounddevice", None)  # not installed: import fails
+    status, _, err = run(capsys, "live", "--seconds", 0.1)
+    one_error(status, err, "sounddevice", "pip install")
