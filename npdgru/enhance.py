@@ -375,9 +375,9 @@ class Enhancer:
         """A streaming enhancer with its own state, at any rate and channel count; see :class:`Stream`."""
         return Stream(self, sample_rate=sample_rate, channels=channels)
 
-    def stream_batch(self) -> "StreamBatch":
-        """An empty batch of concurrent streams (16 kHz mono, 10 ms hops); see :class:`StreamBatch`."""
-        return StreamBatch(self)
+    def stream_batch(self, *, sample_rate: int = stft.SAMPLE_RATE, channels: int = 1) -> "StreamBatch":
+        """An empty batch of concurrent streams (10 ms hops; any rate that is a multiple of 100 Hz); see :class:`StreamBatch`."""
+        return StreamBatch(self, sample_rate=sample_rate, channels=channels)
 
 
 class Stream:
@@ -585,9 +585,14 @@ class StreamBatch:
     latency = ALGORITHMIC_LATENCY
     hop = stft.HOP
 
-    def __init__(self, enhancer: Enhancer):
+    def __init__(self, enhancer: Enhancer, *, sample_rate: int = stft.SAMPLE_RATE, channels: int = 1):
         if not isinstance(enhancer, Enhancer):
             raise ParameterError(f"StreamBatch needs an Enhancer, got {type(enhancer).__name__}")
+        self._adapter = None
+        if (sample_rate, channels) != (stft.SAMPLE_RATE, 1):
+            self._adapter = _RateStreamBatch(enhancer, sample_rate, channels)
+            self.latency, self.hop = self._adapter.latency, self._adapter.hop
+        self.sample_rate, self.channels = int(sample_rate), int(channels)
         self.enhancer = enhancer
         self._model = enhancer.model
         self._ids: list[int] = []  # stream id of each batch row, in row order
@@ -602,13 +607,13 @@ class StreamBatch:
     @property
     def ids(self) -> list:
         """Ids of the open streams, in the order they joined."""
-        return list(self._ids)
+        return list(self._ids) if self._adapter is None else list(self._adapter.streams)
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self.ids)
 
     def __contains__(self, stream_id) -> bool:
-        return stream_id in self._ids
+        return stream_id in self.ids
 
     def _row(self, stream_id) -> int:
         try:
@@ -635,6 +640,8 @@ class StreamBatch:
 
     def add(self) -> int:
         """Open a new stream (silence before its first sample); returns its id."""
+        if self._adapter is not None:
+            return self._adapter.add()
         sid = self._next_id
         self._next_id += 1
         self._reshape(np.append(np.arange(len(self._ids)), -1), self._ids + [sid])
@@ -642,6 +649,8 @@ class StreamBatch:
 
     def remove(self, stream_id, *, flush: bool = False):
         """Close a stream. With ``flush=True`` return its last ``latency`` samples (``Stream.flush``)."""
+        if self._adapter is not None:
+            return self._adapter.remove(stream_id, flush=flush)
         r = self._row(stream_id)
         tail = None
         if flush:
@@ -663,7 +672,9 @@ class StreamBatch:
         names the refused ids and carries the others' outputs (``e.outputs``).
         """
         if not isinstance(chunks, dict):
-            raise ParameterError(f"chunks must be a dict {{stream id: (160,) samples}}, got {type(chunks).__name__}")
+            raise ParameterError(f"chunks must be a dict {{stream id: ({self.hop},) samples}}, got {type(chunks).__name__}")
+        if self._adapter is not None:
+            return self._adapter.process(chunks)
         row_of = {sid: r for r, sid in enumerate(self._ids)}  # one pass: O(N) for N streams
         ok, x, rejected = _validate_hops(chunks, row_of)
         out = {}
@@ -703,6 +714,113 @@ class StreamBatch:
         out = self._pending[rows]
         self._pending[rows] = yp
         return out
+
+
+class _RateStreamBatch:
+    """A :class:`StreamBatch` at any rate that is a multiple of 100 Hz and any channel count: each
+    stream's C channels are C streams of one 16 kHz mono StreamBatch (the core), behind the
+    stream's own streaming resamplers.
+
+    A stream's resampled input gathers in a queue; the core takes a 160-sample hop from every
+    queue that holds one, so it sees exactly what :class:`Stream` at that rate sees (the input
+    resampler's output without its first ``delay`` samples) and the two give the same output, to
+    float rounding. The first hop waits for the resampler's delay (``ceil(delay/160)`` calls), so
+    each stream's output queue starts with ``lead`` zeros = that many 10 ms hops plus the output
+    resampler's delay: ``latency`` = ``lead`` + 20 ms (1471 samples, 30.6 ms at 48 kHz).
+    """
+
+    def __init__(self, enhancer: Enhancer, sample_rate, channels):
+        from .resample import StreamResampler
+
+        _check_rate(sample_rate)
+        if isinstance(channels, (bool, np.bool_)) or not isinstance(channels, (int, np.integer)) or not 1 <= channels <= MAX_CHANNELS:
+            raise ParameterError(f"channels={channels!r} must be an integer from 1 to {MAX_CHANNELS}")
+        if sample_rate % 100:
+            raise ParameterError(f"StreamBatch at {sample_rate} Hz: a 10 ms hop needs a rate that is a multiple of 100 Hz; use Stream (any chunk size) for this rate")
+        self.rate, self.C, self.hop = int(sample_rate), int(channels), int(sample_rate) // 100
+        self.core = StreamBatch(enhancer)
+        self._resamplers = (lambda: StreamResampler(self.rate, stft.SAMPLE_RATE, self.C), lambda: StreamResampler(stft.SAMPLE_RATE, self.rate, self.C))
+        probe_in, probe_out = (f() for f in self._resamplers)
+        self.lead = -(-probe_in.delay // stft.HOP) * self.hop + probe_out.delay
+        self.latency = self.lead + ALGORITHMIC_LATENCY * self.rate // stft.SAMPLE_RATE
+        self.streams: dict = {}  # id -> {"core": [C core ids], "rs": (in, out), "q16": (m, C), "out": (k, C)}
+        self._next_id = 0
+
+    def add(self) -> int:
+        sid = self._next_id
+        self._next_id += 1
+        self.streams[sid] = {"core": [self.core.add() for _ in range(self.C)], "rs": tuple(f() for f in self._resamplers),
+                             "q16": np.zeros((0, self.C), np.float32), "out": np.zeros((self.lead, self.C), np.float32)}
+        return sid
+
+    def _get(self, sid):
+        if sid not in self.streams:
+            shown = list(self.streams)[:20]
+            raise ParameterError(f"stream id {sid!r} is not open (open ids: {shown})")
+        return self.streams[sid]
+
+    def _validate(self, sid, chunk) -> np.ndarray:
+        self._get(sid)
+        c = np.asarray(chunk)
+        want = (self.hop,) if self.C == 1 else (self.hop, self.C)
+        if c.shape != want and c.shape != (self.hop, self.C):
+            raise AudioError(f"stream {sid!r}: a chunk must be one 10 ms hop of shape {want} at {self.rate} Hz, got shape {c.shape}")
+        if c.dtype.kind != "f":
+            raise AudioError(f"stream {sid!r}: samples must be floats in [-1, 1], got dtype {c.dtype}")
+        _check_samples(c, f"stream {sid!r}")
+        return c.reshape(self.hop, self.C).astype(np.float32)
+
+    def _advance(self, hops: dict) -> dict:
+        """Push one checked hop (hop, C) per stream id; return each one's next hop of output."""
+        for sid, x in hops.items():
+            st = self.streams[sid]
+            st["q16"] = np.concatenate([st["q16"], st["rs"][0].process(x)])
+        ready = [sid for sid in hops if len(self.streams[sid]["q16"]) >= stft.HOP]
+        feed = {}
+        for sid in ready:
+            st = self.streams[sid]
+            for c, cid in enumerate(st["core"]):
+                feed[cid] = np.ascontiguousarray(st["q16"][: stft.HOP, c])
+            st["q16"] = st["q16"][stft.HOP :]
+        y16 = self.core.process(feed) if feed else {}
+        out = {}
+        for sid in hops:
+            st = self.streams[sid]
+            if sid in ready:
+                y = np.stack([y16[cid] for cid in st["core"]], axis=1)
+                st["out"] = np.concatenate([st["out"], st["rs"][1].process(y)])
+            out[sid], st["out"] = st["out"][: self.hop], st["out"][self.hop :]
+            if self.C == 1:
+                out[sid] = out[sid][:, 0]
+        return out
+
+    def process(self, chunks: dict) -> dict:
+        ok, rejected = {}, {}
+        for sid, chunk in chunks.items():
+            try:
+                ok[sid] = self._validate(sid, chunk)
+            except (AudioError, ParameterError) as e:
+                rejected[sid] = str(e)
+        out = self._advance(ok) if ok else {}
+        if rejected:
+            raise StreamInputError(rejected, out)
+        return out
+
+    def remove(self, sid, *, flush: bool = False):
+        st = self._get(sid)
+        tail = None
+        if flush:  # zeros after the end, as Stream.flush: until the last sample is out
+            parts, need = [], self.latency
+            zero = np.zeros((self.hop, self.C), np.float32)
+            while need > 0:
+                y = self._advance({sid: zero})[sid]
+                parts.append(y[:need])
+                need -= len(y)
+            tail = np.concatenate(parts)
+        for cid in st["core"]:
+            self.core.remove(cid)
+        del self.streams[sid]
+        return tail
 
 
 def _check_rate(sample_rate, name="sample_rate") -> None:

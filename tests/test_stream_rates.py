@@ -119,6 +119,55 @@ def test_stream_refuses_bad_chunks_and_options():
         enh.stream(channels=0)
 
 
+@pytest.mark.parametrize("rate, channels", [(48000, 1), (16000, 2), (44100, 2)])
+def test_stream_batch_at_any_rate_equals_offline_delayed(speech, rate, channels):
+    enh = Enhancer(update_percent=100)
+    x = resample_poly(speech, rate, 16000).astype(np.float32)
+    if channels == 2:
+        x = np.stack([x, 0.5 * x[::-1]], axis=1)
+    hop = rate // 100
+    x = x[: len(x) // hop * hop]
+    sb = enh.stream_batch(sample_rate=rate, channels=channels)
+    assert sb.hop == hop
+    a = sb.add()
+    ya, yb, b = [], [], None
+    for k, i in enumerate(range(0, len(x), hop)):
+        if k == 20:
+            b = sb.add()  # joins later: a's output does not change (checked against a alone below)
+        chunks = {a: x[i : i + hop]}
+        if b is not None:
+            chunks[b] = x[::-1][i : i + hop].copy()
+        out = sb.process(chunks)
+        ya.append(out[a])
+        if b is not None:
+            yb.append(out[b])
+    ya = np.concatenate(ya + [sb.remove(a, flush=True)])
+    L, e = sb.latency, rate // 100
+    assert len(ya) == len(x) + L and sb.ids == [b]
+    ref = enh.enhance(x, rate)
+    if rate == 16000:
+        assert np.array_equal(ya[L : L + len(x)], ref)
+    else:
+        np.testing.assert_allclose(ya[L : L + len(x) - e], ref[:-e], atol=2e-5, rtol=0)
+    alone = enh.stream_batch(sample_rate=rate, channels=channels)
+    s = alone.add()
+    ys = np.concatenate([alone.process({s: x[i : i + hop]})[s] for i in range(0, len(x), hop)] + [alone.remove(s, flush=True)])
+    assert np.array_equal(ys, ya)  # bit for bit what it gets alone
+
+
+def test_stream_batch_at_a_rate_refuses_one_bad_hop_alone():
+    from npdgru import StreamInputError
+
+    sb = Enhancer().stream_batch(sample_rate=48000, channels=2)
+    a, b = sb.add(), sb.add()
+    good = np.zeros((480, 2), np.float32)
+    with pytest.raises(StreamInputError) as e:
+        sb.process({a: good, b: np.zeros((160, 2), np.float32)})
+    assert list(e.value.outputs) == [a] and "(480, 2)" in str(e.value)
+    with pytest.raises(ParameterError, match="multiple of 100"):
+        Enhancer().stream_batch(sample_rate=22050)
+
+
 # ----------------------------------------------------------------------------- npdgru stream
 
 
