@@ -225,8 +225,13 @@ def test_npdgru_stream_carries_state_across_reads():
     (["stream", "--format", "raw", "--rate", "500", "--channels", "1"], b"\0\0", "sample rate"),
     (["stream", "--rate", "16000"], b"", "raw PCM"),
 ], ids=["empty", "garbage", "raw-needs-rate", "bad-rate", "rate-with-wav"])
-def test_npdgru_stream_errors(argv, stdin, needle):
-    status, out, err = npdgru(*argv, stdin=stdin)
+def test_npdgru_stream_errors(capsysbinary, monkeypatch, argv, stdin, needle):
+    from npdgru.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))  # in this process: the pipes are tested above
+    status = main(argv)
+    out, err = capsysbinary.readouterr()
+    err = err.decode()
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert status == 2 and len(lines) == 1 and lines[0].startswith("npdgru: error: ") and needle in lines[0], err
     assert out == b""

@@ -49,6 +49,14 @@ def npdgru(*argv, stdin: bytes = b"", env=None, timeout=300):
     return p.returncode, p.stdout, p.stderr.decode()
 
 
+def run_stdin(capsysbinary, monkeypatch, *argv, stdin: bytes = b""):
+    """main(argv) in this process with ``stdin`` as standard input: (status, stdout bytes, stderr text)."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    status = main([str(a) for a in argv])
+    out, err = capsysbinary.readouterr()
+    return status, out, err.decode()
+
+
 def one_error(status, err, *needles):
     assert status == 2, err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -193,16 +201,16 @@ def test_raw_pcm_pipe_and_file_to_stdout(speech, tmp_path):
     (["enhance", "-", "-o", "-", "--format", "mp4"], b"", ["--format", "raw"]),
     (["enhance", "-", "-o", "-", "--format", "raw", "--rate", "16000", "--channels", "1", "--subtype", "ULAW"], b"\0" * 100, ["subtype"]),
 ], ids=["raw-needs-rate", "empty", "garbage", "bad-format", "raw-subtype"])
-def test_stdio_errors_are_one_line_and_stdout_stays_empty(argv, stdin, needles):
-    status, out, err = npdgru(*argv, stdin=stdin)
+def test_stdio_errors_are_one_line_and_stdout_stays_empty(capsysbinary, monkeypatch, argv, stdin, needles):
+    status, out, err = run_stdin(capsysbinary, monkeypatch, *argv, stdin=stdin)
     one_error(status, err, *needles)
     assert out == b""
 
 
-def test_stdin_to_existing_file_needs_overwrite(tmp_path, wav_bytes):
+def test_stdin_to_existing_file_needs_overwrite(capsysbinary, monkeypatch, tmp_path, wav_bytes):
     dst = tmp_path / "o.wav"
     dst.write_bytes(b"keep")
-    status, out, err = npdgru("enhance", "-", "-o", dst, stdin=wav_bytes)
+    status, out, err = run_stdin(capsysbinary, monkeypatch, "enhance", "-", "-o", dst, stdin=wav_bytes)
     one_error(status, err, str(dst), "--overwrite")
     assert dst.read_bytes() == b"keep"
 
