@@ -157,6 +157,10 @@ def _enhance_stdio(args, enh) -> int:
             raise ParameterError(f"{dst}: output exists; pass --overwrite to replace it")
     if src != "-" and dst != "-" and os.path.realpath(src) == os.path.realpath(dst):
         raise ParameterError(f"{dst}: output would overwrite the input")
+    if src == "-" and sys.stdin.isatty():
+        raise ParameterError("'-' reads audio from standard input, which is a terminal here: pipe a file in (cat in.wav | npdgru enhance - -o ...)")
+    if dst == "-" and sys.stdout.isatty():
+        raise ParameterError("'-o -' writes audio to standard output, which is a terminal here: redirect it (> out.wav) or pipe it")
     x, sr, meta = read_audio(src, info=True, raw=raw)
     out_fmt = (fmt or "WAV") if dst == "-" else None
     _warm_up(enh, args.quiet)
@@ -270,6 +274,8 @@ def cmd_stream(args) -> int:
     if fmt not in ("wav", "raw"):
         raise ParameterError(f"--format {args.format!r}: npdgru stream reads and writes wav or raw")
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    if sys.stdin.isatty() or sys.stdout.isatty():
+        raise ParameterError("npdgru stream reads audio from standard input and writes it to standard output: pipe or redirect both (npdgru stream < in.wav > out.wav)")
     if fmt == "raw":
         if args.rate is None or args.channels is None:
             raise ParameterError("--format raw reads headerless PCM: pass --rate HZ and --channels N (and --subtype, default PCM_16)")
@@ -526,7 +532,7 @@ def cmd_eval(args) -> int:
         weights = [str(path) if percents is not None else f"{path}@{','.join(f'{p:g}' for p in own)}"]
     if percents is None:
         percents = [100, 75, 50, 25, 10]
-    summary = evaluate(args.data, args.out, weights=weights, percents=percents, onnx=args.onnx, jobs=args.jobs, scheduler=args.scheduler, limit=args.limit, timing_frames=args.timing_frames, timing_repeats=args.timing_repeats, progress=not args.quiet, command=command, reference=not args.no_reference)
+    summary = evaluate(args.data, args.out, weights=weights, percents=percents, onnx=args.onnx, jobs=args.jobs, scheduler=args.scheduler, limit=args.limit, timing_frames=args.timing_frames, timing_repeats=args.timing_repeats, progress=not args.quiet and sys.stderr.isatty(), command=command, reference=not args.no_reference)
     if not args.quiet:
         text = markdown(summary)
         start = text.index("## All")

@@ -207,6 +207,16 @@ def test_stdio_errors_are_one_line_and_stdout_stays_empty(capsysbinary, monkeypa
     assert out == b""
 
 
+def test_a_terminal_is_not_read_as_audio(capsys, monkeypatch, tmp_path):
+    import types
+
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(isatty=lambda: True, buffer=io.BytesIO()))
+    status, _, err = run(capsys, "enhance", "-", "-o", tmp_path / "o.wav")
+    one_error(status, err, "standard input", "terminal")
+    status, _, err = run(capsys, "stream")
+    one_error(status, err, "pipe or redirect")
+
+
 def test_stdin_to_existing_file_needs_overwrite(capsysbinary, monkeypatch, tmp_path, wav_bytes):
     dst = tmp_path / "o.wav"
     dst.write_bytes(b"keep")
