@@ -461,7 +461,7 @@ class Stream:
             self._out = np.concatenate([self._out, y])
 
     def process(self, chunk) -> np.ndarray:
-        """Feed samples (any count, float, 16 kHz mono); get as many enhanced samples back.
+        """Feed samples (any count, float; (k,) or (k, channels) at the stream's rate); get as many enhanced samples back.
 
         A refused chunk (wrong shape, NaN/Inf, a sample beyond ``MAX_ABS_SAMPLE``) raises
         AudioError and leaves the stream exactly as it was: the next chunk continues the timeline.
@@ -562,7 +562,9 @@ class _RateStream:
 
 
 class StreamBatch:
-    """N concurrent streams (16 kHz mono) through one model batch, one 10 ms hop per call.
+    """N concurrent streams through one model batch, one 10 ms hop per call (16 kHz mono, or
+    ``sample_rate=``/``channels=``: hops of (rate/100, channels) at any rate that is a multiple of
+    100 Hz, with ``hop`` and ``latency`` in samples of that rate; see :class:`_RateStreamBatch`).
 
     ``add()`` returns a stream id; ``process({id: chunk})`` takes exactly ``hop`` = 160 samples
     for each stream named and returns ``{id: 160 enhanced samples}``; ``remove(id)`` ends a
