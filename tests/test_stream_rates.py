@@ -235,3 +235,25 @@ def test_npdgru_stream_errors(capsysbinary, monkeypatch, argv, stdin, needle):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert status == 2 and len(lines) == 1 and lines[0].startswith("npdgru: error: ") and needle in lines[0], err
     assert out == b""
+
+
+@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "PCM_32", "FLOAT"])
+@pytest.mark.parametrize("channels", [1, 3])  # 3 channels: libsndfile writes WAVE_FORMAT_EXTENSIBLE
+def test_pcm_codec_and_wav_headers_agree_with_libsndfile(subtype, channels):
+    from npdgru import pcm
+
+    rng = np.random.default_rng(7)
+    x = np.clip(rng.standard_normal((300, channels)) * 0.3, -1, 0.999).astype(np.float32)
+    raw = io.BytesIO()
+    sf.write(raw, x, 16000, format="RAW", subtype=subtype, endian="LITTLE")
+    ref = sf.read(io.BytesIO(raw.getvalue()), samplerate=16000, channels=channels, format="RAW", subtype=subtype, endian="LITTLE", dtype="float32", always_2d=True)[0]
+    assert np.array_equal(pcm.decode(raw.getvalue(), subtype, channels), ref)
+    assert pcm.encode(ref, subtype) == raw.getvalue()  # integer samples: our rounding gives libsndfile's bytes back
+    wav = io.BytesIO()
+    sf.write(wav, x, 22050, format="WAV", subtype=subtype)
+    stream = io.BytesIO(wav.getvalue())
+    assert pcm.read_wav_header(stream) == (22050, channels, subtype)
+    assert np.array_equal(pcm.decode(stream.read(), subtype, channels), sf.read(io.BytesIO(wav.getvalue()), dtype="float32", always_2d=True)[0])
+    ours = pcm.wav_header(22050, channels, subtype) + raw.getvalue()  # length unknown: libsndfile reads to the end
+    got, rate = sf.read(io.BytesIO(ours), dtype="float32", always_2d=True)
+    assert rate == 22050 and np.array_equal(got, ref)
