@@ -504,8 +504,7 @@ class _RateStream:
         from .resample import StreamResampler
 
         _check_rate(sample_rate)
-        if isinstance(channels, (bool, np.bool_)) or not isinstance(channels, (int, np.integer)) or not 1 <= channels <= MAX_CHANNELS:
-            raise ParameterError(f"channels={channels!r} must be an integer from 1 to {MAX_CHANNELS}")
+        _check_channels(channels)
         self.rate, self.C = int(sample_rate), int(channels)
         self.streams = [Stream(enhancer) for _ in range(self.C)]
         sr16 = stft.SAMPLE_RATE
@@ -735,8 +734,7 @@ class _RateStreamBatch:
         from .resample import StreamResampler
 
         _check_rate(sample_rate)
-        if isinstance(channels, (bool, np.bool_)) or not isinstance(channels, (int, np.integer)) or not 1 <= channels <= MAX_CHANNELS:
-            raise ParameterError(f"channels={channels!r} must be an integer from 1 to {MAX_CHANNELS}")
+        _check_channels(channels)
         if sample_rate % 100:
             raise ParameterError(f"StreamBatch at {sample_rate} Hz: a 10 ms hop needs a rate that is a multiple of 100 Hz; use Stream (any chunk size) for this rate")
         self.rate, self.C, self.hop = int(sample_rate), int(channels), int(sample_rate) // 100
@@ -823,6 +821,11 @@ class _RateStreamBatch:
             self.core.remove(cid)
         del self.streams[sid]
         return tail
+
+
+def _check_channels(channels) -> None:
+    if isinstance(channels, (bool, np.bool_)) or not isinstance(channels, (int, np.integer)) or not 1 <= channels <= MAX_CHANNELS:
+        raise ParameterError(f"channels={channels!r} must be an integer from 1 to {MAX_CHANNELS}")
 
 
 def _check_rate(sample_rate, name="sample_rate") -> None:
