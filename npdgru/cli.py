@@ -140,7 +140,7 @@ def _stdio_options(args):
 
 def _enhance_stdio(args, enh) -> int:
     """One input to one output where either is '-' (standard input / output): in memory."""
-    from .enhance import output_subtype, read_audio, write_audio
+    from .enhance import audio_format, output_subtype, read_audio, write_audio
 
     if len(args.inputs) != 1:
         raise ParameterError("'-' (standard input or output) takes exactly one input")
@@ -153,6 +153,7 @@ def _enhance_stdio(args, enh) -> int:
     if dst != "-":
         if os.path.isdir(dst):
             raise ParameterError(f"{dst}: is a folder; name the output file for standard input (e.g. {os.path.join(dst, 'enhanced.wav')})")
+        audio_format(dst)  # a suffix npdgru writes, before standard input is read
         if os.path.exists(dst) and not args.overwrite:
             raise ParameterError(f"{dst}: output exists; pass --overwrite to replace it")
     if src != "-" and dst != "-" and os.path.realpath(src) == os.path.realpath(dst):

@@ -223,6 +223,10 @@ def test_stdin_to_existing_file_needs_overwrite(capsysbinary, monkeypatch, tmp_p
     status, out, err = run_stdin(capsysbinary, monkeypatch, "enhance", "-", "-o", dst, stdin=wav_bytes)
     one_error(status, err, str(dst), "--overwrite")
     assert dst.read_bytes() == b"keep"
+    status, out, err = run_stdin(capsysbinary, monkeypatch, "enhance", "-", "-o", tmp_path / "o.txt", stdin=wav_bytes)
+    one_error(status, err, "o.txt", "cannot write '.txt'")
+    status, out, err = run_stdin(capsysbinary, monkeypatch, "enhance", "-", "-o", tmp_path / "new.flac", "-q", stdin=wav_bytes)
+    assert status == 0 and out == b"" and sf.info(tmp_path / "new.flac").format == "FLAC", err
 
 
 # ----------------------------------------------------------------------------- compile notice
