@@ -406,3 +406,24 @@ def test_live_to_a_file_and_without_sounddevice(monkeypatch, capsys, speech, tmp
     monkeypatch.setitem(sys.modules, "sounddevice", None)  # not installed: import fails
     status, _, err = run(capsys, "live", "--seconds", 0.1)
     one_error(status, err, "sounddevice", "pip install")
+
+
+def test_eval_plot_labels_do_not_overlap():
+    """Points of one model a few microseconds apart got their 'P=..' labels printed on top of each other."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from npdgru.evaluate.report import _place_labels
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs, ys = [36, 43, 48, 52, 116, 117], [1.675, 1.661, 1.667, 1.666, 1.786, 1.785]
+    ax.plot(xs, ys, "o")
+    ax.plot([170, 230], [1.45, 1.80], "o")  # the range of a real panel
+    _place_labels(ax, [(x, y, f"P={p}") for x, y, p in zip(xs, ys, [25, 50, 75, 100, 75, 100])])
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in ax.texts]
+    assert len(boxes) == 6
+    overlaps = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if a.overlaps(b)]
+    plt.close(fig)
+    assert not overlaps
