@@ -165,6 +165,8 @@ def save_weights(path, tensors: dict, *, architecture: dict, trained_update_perc
     }
     for k, v in (extra or {}).items():
         meta[str(k)] = str(v)
+    if "default_update_percent" in meta:  # refused when written, not first when loaded
+        meta["default_update_percent"] = str(_default_percent(meta["default_update_percent"], path))
     data = save(tensors, metadata=meta)
     path = Path(path)
     if path.is_dir():

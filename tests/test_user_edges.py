@@ -82,10 +82,18 @@ def test_user_file_keeps_100_unless_it_records_a_p(tmp_path):
     plain, marked, bad = tmp_path / "plain.safetensors", tmp_path / "marked.safetensors", tmp_path / "bad.safetensors"
     save_weights(plain, w.tensors, architecture=w.architecture)
     save_weights(marked, w.tensors, architecture=w.architecture, extra={"default_update_percent": "30"})
-    save_weights(bad, w.tensors, architecture=w.architecture, extra={"default_update_percent": "0"})
+    with pytest.raises(WeightsError, match="default_update_percent"):  # refused when written ...
+        save_weights(bad, w.tensors, architecture=w.architecture, extra={"default_update_percent": "0"})
+    assert not bad.exists()
     assert Enhancer(plain).update_percent == 100.0
     assert Enhancer(marked).update_percent == 30.0
-    with pytest.raises(WeightsError, match="default_update_percent"):
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(marked), framework="np") as f:
+        meta = dict(f.metadata())
+    save_file(load_file(str(marked)), str(bad), metadata=dict(meta, default_update_percent="fifty"))
+    with pytest.raises(WeightsError, match="default_update_percent"):  # ... and when read
         Enhancer(bad)
     # a copy of a shipped file elsewhere is a user's file: nothing recorded, so dense
     copy = tmp_path / "nsnet2-kd-anyp.safetensors"
