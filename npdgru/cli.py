@@ -533,6 +533,8 @@ def cmd_eval(args) -> int:
         weights = [str(path) if percents is not None else f"{path}@{','.join(f'{p:g}' for p in own)}"]
     if percents is None:
         percents = [100, 75, 50, 25, 10]
+    if not args.quiet and _numba_cache_cold():
+        print(COMPILE_NOTICE, file=sys.stderr, flush=True)
     summary = evaluate(args.data, args.out, weights=weights, percents=percents, onnx=args.onnx, jobs=args.jobs, scheduler=args.scheduler, limit=args.limit, timing_frames=args.timing_frames, timing_repeats=args.timing_repeats, progress=not args.quiet and sys.stderr.isatty(), command=command, reference=not args.no_reference)
     if not args.quiet:
         text = markdown(summary)
