@@ -556,7 +556,7 @@ def _positive_int(text: str) -> int:
 
 def _model_options(p) -> None:
     """--model/--weights/-P/--backend/--mask-floor-db of the commands that enhance."""
-    p.add_argument("--update-percent", "-P", type=float, default=None, help="P in (0, 100]: percent of GRU neurons updated per frame (default: the model's own P, shown by npdgru models: 50 for the any-P models, 100 for the original nsnet2 and for a weight file that records none)")
+    p.add_argument("--update-percent", "-P", type=float, default=None, metavar="P", help="P in (0, 100]: percent of GRU neurons updated per frame (default: the model's own P, shown by npdgru models: 50 for the any-P models, 100 for the original nsnet2 and for a weight file that records none)")
     p.add_argument("--model", "-m", default=None, metavar="NAME", help="a shipped model by name (npdgru models lists them; default nsnet2-kd-anyp)")
     p.add_argument("--weights", default=None, help="a weight file (instead of --model)")
     p.add_argument("--backend", choices=("cpu", "reference", "cuda"), default="cpu", help="cpu (numba, default), cuda (numba.cuda, a GPU) or reference (the NumPy float64 specification: slow, for checking)")
@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("enhance", help="enhance audio files or folders (or standard input)",
-                       description="Remove noise from speech in audio files (WAV, FLAC, OGG, MP3, AIFF; any sample rate and channel count), folders "
+                       description="Remove noise from speech in audio files (WAV, FLAC, OGG, MP3, AIFF; 1 kHz to 384 kHz, up to 64 channels), folders "
                                    "(searched recursively, the tree mirrored under -o) or manifests, with the default model at its own P unless told otherwise. "
                                    "'-' reads standard input or writes standard output (WAV unless --format). Each output is written to a temporary file "
                                    "and renamed; an input is never overwritten. A killed folder run resumes where it stopped.")
