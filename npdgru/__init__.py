@@ -5,6 +5,9 @@ The main entry points are available at the top level::
     from npdgru import Enhancer
     y = Enhancer(model="dprnn", update_percent=50).enhance(x, sample_rate=16000)
 
+    import npdgru
+    y = npdgru.enhance(x, sr)        # one call; an Enhancer is made once per set of options and kept
+
 Layers of the package (imports point down; ``docs/design.md``): ``cli`` -> ``enhance`` ->
 ``model`` -> ``kernels`` (reference, cpu, cuda) -> ``weights`` -> ``plan`` -> ``kinds`` (one class per
 layer kind) -> ``reference`` (the NumPy specification, importing nothing of npdgru) -> ``errors``.
@@ -35,10 +38,14 @@ _EXPORTS = {
     "StreamInputError": "errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", "enhance", *_EXPORTS]
 
 
 def __getattr__(name):
+    if name == "enhance":  # the module npdgru.enhance, which is also callable: npdgru.enhance(x, sr, **options)
+        from importlib import import_module
+
+        return import_module(".enhance", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'npdgru' has no attribute {name!r}")

@@ -289,6 +289,9 @@ class Enhancer:
     model : instead of ``weights``, the name of a shipped model (``"dprnn"``, ``"mpt"``,
         ``"nsnet2"``, ...; :func:`npdgru.shipped_models` lists them).
     update_percent : P in (0, 100]; each GRU layer updates ceil(P·H/100) neurons per frame.
+        None (the default): the model's own P (:func:`npdgru.shipped.default_update_percent`:
+        50 for the shipped any-P models, 100 for the original NSNet2 and for a weight file that
+        records no ``default_update_percent``).
     backend : "cpu" (Numba, float32), "cuda" (numba.cuda, float32; model state on the GPU) or
         "reference" (NumPy, float64, slow).
     mask_floor_db : lowest gain the mask may apply, in dB (NSNet2: -80 dB).
@@ -301,8 +304,12 @@ class Enhancer:
 
     sample_rate = stft.SAMPLE_RATE
 
-    def __init__(self, weights=None, *, model: str | None = None, update_percent: float = 100.0, backend: str = "cpu", mask_floor_db: float = DEFAULT_MASK_FLOOR_DB):
+    def __init__(self, weights=None, *, model: str | None = None, update_percent: float | None = None, backend: str = "cpu", mask_floor_db: float = DEFAULT_MASK_FLOOR_DB):
         weights = _resolve_weights(weights, model)
+        if update_percent is None:
+            from .shipped import default_update_percent
+
+            update_percent = default_update_percent(weights)
         if weights.architecture["n_features"] != stft.N_BINS:
             raise ParameterError(f"{weights.path}: model expects {weights.architecture['n_features']} features, the STFT gives {stft.N_BINS}")
         if isinstance(mask_floor_db, (bool, np.bool_)) or not isinstance(mask_floor_db, numbers.Real) or not (math.isfinite(mask_floor_db) and mask_floor_db <= 0):
@@ -402,32 +409,48 @@ class Enhancer:
             out.append(y[:, 0] if mono else y)
         return out
 
-    def stream(self) -> "Stream":
-        """A streaming enhancer (16 kHz mono) with its own state; see :class:`Stream`."""
-        return Stream(self)
+    def stream(self, *, sample_rate: int = stft.SAMPLE_RATE, channels: int = 1) -> "Stream":
+        """A streaming enhancer with its own state, at any rate and channel count; see :class:`Stream`."""
+        return Stream(self, sample_rate=sample_rate, channels=channels)
 
-    def stream_batch(self) -> "StreamBatch":
-        """An empty batch of concurrent streams (16 kHz mono, 10 ms hops); see :class:`StreamBatch`."""
-        return StreamBatch(self)
+    def stream_batch(self, *, sample_rate: int = stft.SAMPLE_RATE, channels: int = 1) -> "StreamBatch":
+        """An empty batch of concurrent streams (10 ms hops; any rate that is a multiple of 100 Hz); see :class:`StreamBatch`."""
+        return StreamBatch(self, sample_rate=sample_rate, channels=channels)
 
 
 class Stream:
-    """Chunks in, chunks out, with carried state (16 kHz mono).
+    """Chunks in, chunks out, with carried state.
 
     ``process(chunk)`` accepts any number of samples and returns exactly as many: the offline
     output delayed by ``latency`` = 320 samples (20 ms), the first 320 output samples being
     zeros. ``flush()`` ends the stream and returns the last ``latency`` samples plus whatever the
     final partial frame held, so that ``concat(outputs)[latency:latency + n] ==
     Enhancer.enhance(x)`` for the n input samples. The stream can then be used again.
+
+    ``Stream(enh, sample_rate=48000, channels=2)`` takes chunks of (k,) samples (one channel) or
+    (k, channels) at that rate: each channel runs as its own 16 kHz stream behind a streaming
+    resampler (:class:`npdgru.resample.StreamResampler`, ``resample_poly``'s filter), which adds
+    about 1.3 ms: ``latency`` is then in samples of ``sample_rate`` (1024 at 48 kHz, 21.3 ms), and
+    the output equals the offline output delayed by ``latency`` to float rounding for rates that
+    are multiples of 50 Hz (at other rates 20 ms is not a whole number of samples: within a
+    sample). At 16 kHz with several channels each channel is bit for bit the mono stream's.
     """
 
     latency = ALGORITHMIC_LATENCY
 
-    def __init__(self, enhancer: Enhancer):
+    def __init__(self, enhancer: Enhancer, *, sample_rate: int = stft.SAMPLE_RATE, channels: int = 1):
         self.enhancer = enhancer
+        self._adapter = None
+        if (sample_rate, channels) != (stft.SAMPLE_RATE, 1):
+            self._adapter = _RateStream(enhancer, sample_rate, channels)
+            self.latency = self._adapter.latency
+        self.sample_rate, self.channels = int(sample_rate), int(channels)
         self.reset()
 
     def reset(self) -> None:
+        if self._adapter is not None:
+            self._adapter.reset()
+            return
         self._spectra = _StftBatch(1)
         self._state = self.enhancer.model.init_state(1)
         self._partial = np.zeros(0, np.float32)  # input samples of the hop in progress (< HOP)
@@ -476,11 +499,13 @@ class Stream:
             self._out = np.concatenate([self._out, y])
 
     def process(self, chunk) -> np.ndarray:
-        """Feed samples (any count, float, 16 kHz mono); get as many enhanced samples back.
+        """Feed samples (any count, float; (k,) or (k, channels) at the stream's rate); get as many enhanced samples back.
 
         A refused chunk (wrong shape, NaN/Inf, a sample beyond ``MAX_ABS_SAMPLE``) raises
         AudioError and leaves the stream exactly as it was: the next chunk continues the timeline.
         """
+        if self._adapter is not None:
+            return self._adapter.process(chunk)
         c = _validate_chunk(chunk)  # everything checked before any state changes
         if not len(c):
             return c
@@ -491,6 +516,8 @@ class Stream:
 
     def flush(self) -> np.ndarray:
         """End of input: return the remaining ``latency`` samples (and reset the stream)."""
+        if self._adapter is not None:
+            return self._adapter.flush()
         n = self._n_in
         if n:
             self._run(np.zeros(stft.HOP * stft.num_frames(n) - n, np.float32))
@@ -502,8 +529,79 @@ class Stream:
         return out
 
 
+class _RateStream:
+    """A :class:`Stream` at any rate and channel count: C mono 16 kHz streams between two
+    streaming resamplers, and a queue that returns exactly as many samples as came in.
+
+    After n inputs the resamplers and the streams have produced at least n - lead outputs
+    (``lead`` = the input resampler's delay in output samples, rounded up, plus the output
+    resampler's delay), so a queue that starts with ``lead`` zeros always holds enough.
+    """
+
+    def __init__(self, enhancer: Enhancer, sample_rate, channels):
+        from .resample import StreamResampler
+
+        _check_rate(sample_rate)
+        _check_channels(channels)
+        self.rate, self.C = int(sample_rate), int(channels)
+        self.streams = [Stream(enhancer) for _ in range(self.C)]
+        sr16 = stft.SAMPLE_RATE
+        if self.rate == sr16:
+            self.rs_in = self.rs_out = None
+            self.lead = 0
+        else:
+            self.rs_in, self.rs_out = StreamResampler(self.rate, sr16, self.C), StreamResampler(sr16, self.rate, self.C)
+            self.lead = -(-self.rs_in.delay * self.rate // sr16) + self.rs_out.delay
+        self.latency = self.lead + -(-ALGORITHMIC_LATENCY * self.rate // sr16)
+        self.reset()
+
+    def reset(self) -> None:
+        for s in self.streams:
+            s.reset()
+        for rs in (self.rs_in, self.rs_out):
+            if rs is not None:
+                rs.reset()
+        self._out = np.zeros((self.lead, self.C), np.float32)
+
+    def _validate(self, chunk) -> np.ndarray:
+        c = np.asarray(chunk)
+        mono_ok = self.C == 1 and c.ndim == 1
+        if not (mono_ok or (c.ndim == 2 and c.shape[1] == self.C)):
+            want = "(k,) or (k, 1)" if self.C == 1 else f"(k, {self.C})"
+            raise AudioError(f"chunk: this stream takes {want} samples at {self.rate} Hz, got shape {c.shape}")
+        if c.dtype.kind != "f":
+            raise AudioError(f"chunk: samples must be floats in [-1, 1], got dtype {c.dtype}")
+        if c.size:
+            _check_samples(c, "chunk")
+        return c.reshape(len(c), self.C).astype(np.float32)
+
+    def _push(self, x: np.ndarray) -> None:
+        x16 = self.rs_in.process(x) if self.rs_in is not None else x
+        y16 = np.stack([s.process(np.ascontiguousarray(x16[:, i])) for i, s in enumerate(self.streams)], axis=1)
+        y = self.rs_out.process(y16) if self.rs_out is not None else y16
+        self._out = np.concatenate([self._out, y])
+
+    def _pop(self, k: int, mono: bool) -> np.ndarray:
+        out, self._out = self._out[:k], self._out[k:]
+        return out[:, 0] if mono else out
+
+    def process(self, chunk) -> np.ndarray:
+        c = self._validate(chunk)  # everything checked before any state changes
+        self._push(c)
+        return self._pop(len(c), np.ndim(chunk) == 1)
+
+    def flush(self) -> np.ndarray:
+        """The last ``latency`` samples: zeros after the end, as the offline path pads."""
+        self._push(np.zeros((self.latency, self.C), np.float32))
+        out = self._pop(self.latency, self.C == 1)
+        self.reset()
+        return out
+
+
 class StreamBatch:
-    """N concurrent streams (16 kHz mono) through one model batch, one 10 ms hop per call.
+    """N concurrent streams through one model batch, one 10 ms hop per call (16 kHz mono, or
+    ``sample_rate=``/``channels=``: hops of (rate/100, channels) at any rate that is a multiple of
+    100 Hz, with ``hop`` and ``latency`` in samples of that rate; see :class:`_RateStreamBatch`).
 
     ``add()`` returns a stream id; ``process({id: chunk})`` takes exactly ``hop`` = 160 samples
     for each stream named and returns ``{id: 160 enhanced samples}``; ``remove(id)`` ends a
@@ -526,9 +624,14 @@ class StreamBatch:
     latency = ALGORITHMIC_LATENCY
     hop = stft.HOP
 
-    def __init__(self, enhancer: Enhancer):
+    def __init__(self, enhancer: Enhancer, *, sample_rate: int = stft.SAMPLE_RATE, channels: int = 1):
         if not isinstance(enhancer, Enhancer):
             raise ParameterError(f"StreamBatch needs an Enhancer, got {type(enhancer).__name__}")
+        self._adapter = None
+        if (sample_rate, channels) != (stft.SAMPLE_RATE, 1):
+            self._adapter = _RateStreamBatch(enhancer, sample_rate, channels)
+            self.latency, self.hop = self._adapter.latency, self._adapter.hop
+        self.sample_rate, self.channels = int(sample_rate), int(channels)
         self.enhancer = enhancer
         self._model = enhancer.model
         self._ids: list[int] = []  # stream id of each batch row, in row order
@@ -543,13 +646,13 @@ class StreamBatch:
     @property
     def ids(self) -> list:
         """Ids of the open streams, in the order they joined."""
-        return list(self._ids)
+        return list(self._ids) if self._adapter is None else list(self._adapter.streams)
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self.ids)
 
     def __contains__(self, stream_id) -> bool:
-        return stream_id in self._ids
+        return stream_id in self.ids
 
     def _row(self, stream_id) -> int:
         try:
@@ -576,6 +679,8 @@ class StreamBatch:
 
     def add(self) -> int:
         """Open a new stream (silence before its first sample); returns its id."""
+        if self._adapter is not None:
+            return self._adapter.add()
         sid = self._next_id
         self._next_id += 1
         self._reshape(np.append(np.arange(len(self._ids)), -1), self._ids + [sid])
@@ -583,6 +688,8 @@ class StreamBatch:
 
     def remove(self, stream_id, *, flush: bool = False):
         """Close a stream. With ``flush=True`` return its last ``latency`` samples (``Stream.flush``)."""
+        if self._adapter is not None:
+            return self._adapter.remove(stream_id, flush=flush)
         r = self._row(stream_id)
         tail = None
         if flush:
@@ -604,7 +711,9 @@ class StreamBatch:
         names the refused ids and carries the others' outputs (``e.outputs``).
         """
         if not isinstance(chunks, dict):
-            raise ParameterError(f"chunks must be a dict {{stream id: (160,) samples}}, got {type(chunks).__name__}")
+            raise ParameterError(f"chunks must be a dict {{stream id: ({self.hop},) samples}}, got {type(chunks).__name__}")
+        if self._adapter is not None:
+            return self._adapter.process(chunks)
         row_of = {sid: r for r, sid in enumerate(self._ids)}  # one pass: O(N) for N streams
         ok, x, rejected = _validate_hops(chunks, row_of)
         out = {}
@@ -644,6 +753,117 @@ class StreamBatch:
         out = self._pending[rows]
         self._pending[rows] = yp
         return out
+
+
+class _RateStreamBatch:
+    """A :class:`StreamBatch` at any rate that is a multiple of 100 Hz and any channel count: each
+    stream's C channels are C streams of one 16 kHz mono StreamBatch (the core), behind the
+    stream's own streaming resamplers.
+
+    A stream's resampled input gathers in a queue; the core takes a 160-sample hop from every
+    queue that holds one, so it sees exactly what :class:`Stream` at that rate sees (the input
+    resampler's output without its first ``delay`` samples) and the two give the same output, to
+    float rounding. The first hop waits for the resampler's delay (``ceil(delay/160)`` calls), so
+    each stream's output queue starts with ``lead`` zeros = that many 10 ms hops plus the output
+    resampler's delay: ``latency`` = ``lead`` + 20 ms (1471 samples, 30.6 ms at 48 kHz).
+    """
+
+    def __init__(self, enhancer: Enhancer, sample_rate, channels):
+        from .resample import StreamResampler
+
+        _check_rate(sample_rate)
+        _check_channels(channels)
+        if sample_rate % 100:
+            raise ParameterError(f"StreamBatch at {sample_rate} Hz: a 10 ms hop needs a rate that is a multiple of 100 Hz; use Stream (any chunk size) for this rate")
+        self.rate, self.C, self.hop = int(sample_rate), int(channels), int(sample_rate) // 100
+        self.core = StreamBatch(enhancer)
+        self._resamplers = (lambda: StreamResampler(self.rate, stft.SAMPLE_RATE, self.C), lambda: StreamResampler(stft.SAMPLE_RATE, self.rate, self.C))
+        probe_in, probe_out = (f() for f in self._resamplers)
+        self.lead = -(-probe_in.delay // stft.HOP) * self.hop + probe_out.delay
+        self.latency = self.lead + ALGORITHMIC_LATENCY * self.rate // stft.SAMPLE_RATE
+        self.streams: dict = {}  # id -> {"core": [C core ids], "rs": (in, out), "q16": (m, C), "out": (k, C)}
+        self._next_id = 0
+
+    def add(self) -> int:
+        sid = self._next_id
+        self._next_id += 1
+        self.streams[sid] = {"core": [self.core.add() for _ in range(self.C)], "rs": tuple(f() for f in self._resamplers),
+                             "q16": np.zeros((0, self.C), np.float32), "out": np.zeros((self.lead, self.C), np.float32)}
+        return sid
+
+    def _get(self, sid):
+        if sid not in self.streams:
+            shown = list(self.streams)[:20]
+            raise ParameterError(f"stream id {sid!r} is not open (open ids: {shown})")
+        return self.streams[sid]
+
+    def _validate(self, sid, chunk) -> np.ndarray:
+        self._get(sid)
+        c = np.asarray(chunk)
+        want = (self.hop,) if self.C == 1 else (self.hop, self.C)
+        if c.shape != want and c.shape != (self.hop, self.C):
+            raise AudioError(f"stream {sid!r}: a chunk must be one 10 ms hop of shape {want} at {self.rate} Hz, got shape {c.shape}")
+        if c.dtype.kind != "f":
+            raise AudioError(f"stream {sid!r}: samples must be floats in [-1, 1], got dtype {c.dtype}")
+        _check_samples(c, f"stream {sid!r}")
+        return c.reshape(self.hop, self.C).astype(np.float32)
+
+    def _advance(self, hops: dict) -> dict:
+        """Push one checked hop (hop, C) per stream id; return each one's next hop of output."""
+        for sid, x in hops.items():
+            st = self.streams[sid]
+            st["q16"] = np.concatenate([st["q16"], st["rs"][0].process(x)])
+        ready = [sid for sid in hops if len(self.streams[sid]["q16"]) >= stft.HOP]
+        feed = {}
+        for sid in ready:
+            st = self.streams[sid]
+            for c, cid in enumerate(st["core"]):
+                feed[cid] = np.ascontiguousarray(st["q16"][: stft.HOP, c])
+            st["q16"] = st["q16"][stft.HOP :]
+        y16 = self.core.process(feed) if feed else {}
+        out = {}
+        for sid in hops:
+            st = self.streams[sid]
+            if sid in ready:
+                y = np.stack([y16[cid] for cid in st["core"]], axis=1)
+                st["out"] = np.concatenate([st["out"], st["rs"][1].process(y)])
+            out[sid], st["out"] = st["out"][: self.hop], st["out"][self.hop :]
+            if self.C == 1:
+                out[sid] = out[sid][:, 0]
+        return out
+
+    def process(self, chunks: dict) -> dict:
+        ok, rejected = {}, {}
+        for sid, chunk in chunks.items():
+            try:
+                ok[sid] = self._validate(sid, chunk)
+            except (AudioError, ParameterError) as e:
+                rejected[sid] = str(e)
+        out = self._advance(ok) if ok else {}
+        if rejected:
+            raise StreamInputError(rejected, out)
+        return out
+
+    def remove(self, sid, *, flush: bool = False):
+        st = self._get(sid)
+        tail = None
+        if flush:  # zeros after the end, as Stream.flush: until the last sample is out
+            parts, need = [], self.latency
+            zero = np.zeros((self.hop, self.C), np.float32)
+            while need > 0:
+                y = self._advance({sid: zero})[sid]
+                parts.append(y[:need])
+                need -= len(y)
+            tail = np.concatenate(parts)
+        for cid in st["core"]:
+            self.core.remove(cid)
+        del self.streams[sid]
+        return tail
+
+
+def _check_channels(channels) -> None:
+    if isinstance(channels, (bool, np.bool_)) or not isinstance(channels, (int, np.integer)) or not 1 <= channels <= MAX_CHANNELS:
+        raise ParameterError(f"channels={channels!r} must be an integer from 1 to {MAX_CHANNELS}")
 
 
 def _check_rate(sample_rate, name="sample_rate") -> None:
@@ -742,48 +962,77 @@ def _fit_length(y: np.ndarray, n: int) -> np.ndarray:
 # files
 # --------------------------------------------------------------------------------------------
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")  # read (libsndfile >= 1.1 reads MP3)
+STDIO = "-"  # a path that means standard input (read_audio) or standard output (write_audio)
 
 
 MAX_PIPE_BYTES = 2**30  # a pipe or FIFO is read into memory (libsndfile cannot seek it): 1 GiB at most
 
 
-def read_audio(path, *, info: bool = False):
+def read_audio(path, *, info: bool = False, raw: dict | None = None):
     """Read an audio file as float32 (samples, channels). Raises AudioError naming the file.
 
     The file is opened once (a pipe or FIFO, e.g. ``<(cat x.wav)``, is read into memory first, as
-    libsndfile cannot seek it). The header is checked before any samples are read: the sample
-    rate must lie in [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE] and the channels number at most
-    MAX_CHANNELS. With ``info=True`` returns ``(x, sample_rate, {"format": ..., "subtype": ...})``.
+    libsndfile cannot seek it); ``path="-"`` reads standard input the same way. The header is
+    checked before any samples are read: the sample rate must lie in [MIN_SAMPLE_RATE,
+    MAX_SAMPLE_RATE] and the channels number at most MAX_CHANNELS. Headerless PCM needs ``raw=
+    {"samplerate": Hz, "channels": C, "subtype": "PCM_16"}`` (little-endian). With ``info=True``
+    returns ``(x, sample_rate, {"format": ..., "subtype": ...})``.
     """
     import io
     import stat
+    import sys
 
     import soundfile as sf
 
     path = os.fspath(path)
+    if path == STDIO:
+        st = None
+    else:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise AudioError(f"{path}: no such file") from None
+        except OSError as e:
+            raise AudioError(f"{path}: cannot open ({e.strerror or e})") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise AudioError(f"{path}: is a folder")
+        if stat.S_ISREG(st.st_mode):  # libsndfile says only "System error" for a file it may not read
+            try:  # (a FIFO is not probed: opening it would take its one writer)
+                os.close(os.open(path, os.O_RDONLY))
+            except OSError as e:
+                raise AudioError(f"{path}: cannot open ({e.strerror or e})") from None
+    name = "stdin" if st is None else path
+    raw_args = {}
+    if raw is not None:
+        raw_args = {"format": "RAW", "samplerate": raw["samplerate"], "channels": raw["channels"], "subtype": raw.get("subtype") or "PCM_16", "endian": "LITTLE"}
+        _check_rate(raw["samplerate"], f"{name}: --rate")
+        if not (isinstance(raw["channels"], int) and 1 <= raw["channels"] <= MAX_CHANNELS):
+            raise AudioError(f"{name}: --channels {raw['channels']!r} must be an integer from 1 to {MAX_CHANNELS}")
+        if raw_args["subtype"] not in _RAW_SUBTYPES:
+            raise AudioError(f"{name}: raw PCM subtype {raw_args['subtype']!r} is not one of {', '.join(_RAW_SUBTYPES)}")
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise AudioError(f"{path}: no such file") from None
-    except OSError as e:
-        raise AudioError(f"{path}: cannot open ({e.strerror or e})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise AudioError(f"{path}: is a folder")
-    try:
-        if stat.S_ISREG(st.st_mode):
+        if st is not None and stat.S_ISREG(st.st_mode):
             source = _sf_name(path)
-        else:  # FIFO, pipe, character device: read once, with a bound
-            with open(path, "rb") as fh:
-                source = io.BytesIO(_read_bounded(fh, path))
-        with sf.SoundFile(source) as f:
+        else:  # stdin, FIFO, pipe, character device: read once, with a bound
+            fh = sys.stdin.buffer if st is None else open(path, "rb")
+            try:
+                data = _read_bounded(fh, name)
+            finally:
+                if st is not None:
+                    fh.close()
+            if not data:
+                raise AudioError(f"{name}: no data (an empty pipe or file)")
+            source = io.BytesIO(data)
+        path = name
+        with sf.SoundFile(source, **raw_args) as f:
             sr, C, fmt, subtype = int(f.samplerate), int(f.channels), f.format, f.subtype
             _check_header(path, sr, C)
             x = f.read(dtype="float32", always_2d=True)
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError, MemoryError) as e:
-        raise AudioError(f"{path}: cannot read audio ({e}); soundfile reads WAV, FLAC, OGG, AIFF") from None
+        raise AudioError(f"{path}: cannot read audio ({' '.join(str(e).split())}); npdgru reads {_readable_formats()}{'' if raw else ', or raw PCM with --format raw --rate HZ --channels N'}") from None
     if x.shape[0] == 0:
         raise AudioError(f"{path}: the file holds no samples")
     _check_samples(x, path)
@@ -896,7 +1145,7 @@ class AudioInput:
             try:
                 self._sf = sf.SoundFile(source)
             except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError, MemoryError) as e:
-                raise AudioError(f"{path}: cannot read audio ({e}); soundfile reads WAV, FLAC, OGG, AIFF") from None
+                raise AudioError(f"{path}: cannot read audio ({' '.join(str(e).split())}); npdgru reads {_readable_formats()}") from None
             f = self._sf
             self.samplerate, self.channels, self.frames = int(f.samplerate), int(f.channels), int(f.frames)
             self.format, self.subtype = f.format, f.subtype
@@ -914,7 +1163,7 @@ class AudioInput:
             try:
                 x = self._sf.read(frames, dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError, ValueError, OSError, MemoryError) as e:
-                raise AudioError(f"{self.path}: cannot read audio ({e}); soundfile reads WAV, FLAC, OGG, AIFF") from None
+                raise AudioError(f"{self.path}: cannot read audio ({' '.join(str(e).split())}); npdgru reads {_readable_formats()}") from None
             if not len(x):
                 break
             _check_samples(x, self.path)
@@ -952,22 +1201,56 @@ class AudioInput:
         self.close()
 
 
-_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".aiff": "AIFF", ".aif": "AIFF"}
+_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".mp3": "MP3", ".aiff": "AIFF", ".aif": "AIFF"}
+_RAW_SUBTYPES = ("PCM_16", "PCM_24", "PCM_32", "FLOAT")  # headerless PCM, little-endian
+# a codec subtype is kept only in its own format (an MP3 input's MPEG_LAYER_III is no WAV subtype)
+_CODEC_FORMATS = {"VORBIS": "OGG", "OPUS": "OGG", "MPEG_LAYER_I": "MP3", "MPEG_LAYER_II": "MP3", "MPEG_LAYER_III": "MP3"}
+
+
+def _readable_formats() -> str:
+    """The formats this libsndfile reads among npdgru's suffixes, for error messages."""
+    import soundfile as sf
+
+    have = sf.available_formats()
+    return ", ".join(dict.fromkeys(f for f in _FORMATS.values() if f in have))
+
+
+def stdio_format(name) -> str:
+    """``--format`` of ``-`` (standard input/output): a soundfile format name, AudioError otherwise."""
+    import soundfile as sf
+
+    fmt = str(name).upper()
+    if fmt == "AIF":
+        fmt = "AIFF"
+    if fmt != "RAW" and fmt not in set(_FORMATS.values()):
+        raise AudioError(f"--format {name!r}: choose from wav, flac, ogg, mp3, aiff, raw")
+    if fmt not in sf.available_formats():
+        raise AudioError(f"--format {name!r}: this libsndfile ({sf.__libsndfile_version__}) does not write {fmt}")
+    return fmt
 # how much of a sample a subtype keeps, to tell when a format change loses bits
 _SUBTYPE_RANK = {"PCM_S8": 1, "PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 5, "DOUBLE": 6}
 _FLOAT_SUBTYPES = ("FLOAT", "DOUBLE", "VORBIS", "OPUS")  # no clipping at ±1
 
 
-def audio_format(path) -> str:
-    """The soundfile format written for ``path`` by its suffix (no suffix: WAV); AudioError otherwise."""
+def audio_format(path, format: str | None = None) -> str:
+    """The soundfile format written for ``path``: ``format`` if given (``-``: standard output,
+    WAV by default), else by its suffix (no suffix: WAV); AudioError otherwise."""
+    import soundfile as sf
+
+    if format is not None:
+        return stdio_format(format)
+    if os.fspath(path) == STDIO:
+        return "WAV"
     ext = os.path.splitext(os.fspath(path))[1]
     fmt = _FORMATS.get(ext.lower() or ".wav")
     if fmt is None:
-        raise AudioError(f"{path}: cannot write '{ext}' files; use .wav, .flac, .ogg or .aiff")
+        raise AudioError(f"{path}: cannot write '{ext}' files; use .wav, .flac, .ogg, .mp3 or .aiff")
+    if fmt not in sf.available_formats():
+        raise AudioError(f"{path}: this libsndfile ({sf.__libsndfile_version__}) cannot write {fmt}; use .wav or .flac")
     return fmt
 
 
-def output_subtype(path, y: np.ndarray, *, source_subtype: str | None = None, subtype: str | None = None) -> tuple[str, list[str]]:
+def output_subtype(path, y: np.ndarray, *, source_subtype: str | None = None, subtype: str | None = None, format: str | None = None) -> tuple[str, list[str]]:
     """The subtype to write ``y`` to ``path`` with, and warnings for what the format change loses.
 
     ``subtype`` (the user's ``--subtype``) is taken as given if the format can hold it. Otherwise
@@ -977,8 +1260,10 @@ def output_subtype(path, y: np.ndarray, *, source_subtype: str | None = None, su
     """
     import soundfile as sf
 
-    fmt = audio_format(path)
+    fmt = audio_format(path, format)
     notes = []
+    if source_subtype in _CODEC_FORMATS and _CODEC_FORMATS[source_subtype] != fmt:
+        source_subtype = None  # a codec of another format: the output format's default
     if subtype is not None:
         if not (isinstance(subtype, str) and sf.check_format(fmt, subtype.upper())):
             raise AudioError(f"{path}: subtype {subtype!r} cannot be written as {fmt} (choose from {', '.join(sorted(sf.available_subtypes(fmt)))})")
@@ -986,7 +1271,7 @@ def output_subtype(path, y: np.ndarray, *, source_subtype: str | None = None, su
     elif source_subtype and sf.check_format(fmt, source_subtype):
         chosen = source_subtype
     else:
-        chosen = sf.default_subtype(fmt)
+        chosen = sf.default_subtype(fmt) or "PCM_16"  # RAW has no default
         lost = _SUBTYPE_RANK.get(source_subtype or "", 0) > _SUBTYPE_RANK.get(chosen, 9)
         if lost:
             best = max((s for s in sf.available_subtypes(fmt) if s in _SUBTYPE_RANK), key=_SUBTYPE_RANK.get, default=None)
@@ -1007,16 +1292,34 @@ def _clip_note(path, subtype: str, n: int, size: int) -> str | None:
     return f"{path}: {n} samples ({100.0 * n / size:.3g} %) exceed ±1.0 and are clipped in {audio_format(path)} {subtype}; write a .wav with --subtype FLOAT to keep them"
 
 
-def write_audio(path, y: np.ndarray, sample_rate: int, *, subtype: str | None = None) -> None:
+def write_audio(path, y: np.ndarray, sample_rate: int, *, subtype: str | None = None, format: str | None = None) -> None:
     """Write audio atomically: a temporary file in the same folder, then rename.
 
     The temporary file is ``.npdgru-XXXX.<ext>.part``: folder scans never take it as an input,
     and it is removed on any failure (a full disk, an unwritable folder: an AudioError naming
     ``path``) and on KeyboardInterrupt or the SIGTERM that ``npdgru enhance`` turns into one.
+    ``path="-"`` writes to standard output (``format``: WAV by default; ``"RAW"``: headerless
+    little-endian PCM), encoded in memory first so that a failure writes nothing.
     """
     import soundfile as sf
 
-    fmt = audio_format(path)  # before anything is created
+    path = os.fspath(path)
+    fmt = audio_format(path, format)  # before anything is created
+    if path == STDIO:
+        import io
+        import sys
+
+        buf = io.BytesIO()
+        try:
+            sf.write(buf, y, sample_rate, format=fmt, subtype=subtype or sf.default_subtype(fmt) or "PCM_16", **({"endian": "LITTLE"} if fmt == "RAW" else {}))
+        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
+            raise AudioError(f"stdout: cannot encode the output as {fmt} ({' '.join(str(e).split())})") from None
+        try:
+            sys.stdout.buffer.write(buf.getvalue())
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            raise AudioError("stdout: the reader closed the pipe") from None
+        return
     with _atomic_output(path) as tmp:
         sf.write(_sf_name(tmp), y, sample_rate, format=fmt, subtype=subtype)
 
@@ -1118,3 +1421,66 @@ def enhance_file(enhancer: Enhancer, src: AudioInput, dst, *, subtype: str | Non
         identity = src.identity()
     note = _clip_note(dst, chosen, clipped, n_out * C)
     return {"warnings": notes + ([note] if note else []), "compute": compute, "identity": identity}
+
+
+# --------------------------------------------------------------------------------------------
+# one call: npdgru.enhance(x, sr, **options)
+# --------------------------------------------------------------------------------------------
+
+_ENHANCER_OPTIONS = ("weights", "model", "update_percent", "backend", "mask_floor_db")
+_CACHED: dict = {}  # options -> Enhancer, most recent last
+_CACHE_SIZE = 4
+
+
+def _options_key(options: dict) -> tuple:
+    def key(value):
+        if isinstance(value, (str, os.PathLike)):
+            return ("path", os.path.abspath(os.fspath(value)))
+        if isinstance(value, Weights):
+            return ("weights", id(value))  # the cached Enhancer keeps the object alive
+        return (type(value).__name__, value)
+
+    return tuple(sorted((k, key(v)) for k, v in options.items()))
+
+
+def enhance(audio, sample_rate, **options) -> np.ndarray:
+    """Enhance a signal in one call: ``npdgru.enhance(x, sr)``, ``npdgru.enhance(x, sr, model="dprnn")``.
+
+    ``options`` are :class:`Enhancer`'s (``weights``, ``model``, ``update_percent``, ``backend``,
+    ``mask_floor_db``). The Enhancer for each set of options is made on the first call and kept
+    (the four most recently used), so later calls with the same options load no weights and
+    compile nothing. A weight file is keyed by its path: after changing the file, pass it as a
+    loaded :func:`load_weights` or make an :class:`Enhancer`. The cache is per process and not
+    locked: from several threads, give each thread its own Enhancer.
+
+    Returns the enhanced signal, float32, of the shape of ``audio`` (see :meth:`Enhancer.enhance`).
+    """
+    unknown = sorted(set(options) - set(_ENHANCER_OPTIONS))
+    if unknown:
+        raise ParameterError(f"npdgru.enhance: unknown option(s) {', '.join(unknown)} (options: {', '.join(_ENHANCER_OPTIONS)})")
+    try:
+        k = _options_key(options)
+        hash(k)
+    except TypeError:
+        raise ParameterError(f"npdgru.enhance: options must be numbers, strings, paths or Weights, got {options!r}") from None
+    enh = _CACHED.pop(k, None)
+    if enh is None:
+        enh = Enhancer(**options)
+    _CACHED[k] = enh  # most recent last
+    while len(_CACHED) > _CACHE_SIZE:
+        _CACHED.pop(next(iter(_CACHED)))
+    return enh.enhance(audio, sample_rate)
+
+
+class _CallableModule(type(os)):
+    """``npdgru.enhance`` is this module (``from npdgru.enhance import Enhancer``) and, called,
+    the one-call :func:`enhance`: Python binds a package's attribute to its submodule on import,
+    so a function of that name in ``npdgru/__init__.py`` would be replaced by the module."""
+
+    def __call__(self, audio, sample_rate, **options):
+        return enhance(audio, sample_rate, **options)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

@@ -19,6 +19,10 @@ DESCRIPTIONS = {
     "dprnn-anyp": "DPRNN (dual-path, 41 bands), distilled from NSNet2, for any P",
     "mpt-anyp": "MPT, our reconstruction (4 sub-band + 1 full-band D-GRU paths), distilled from NSNet2, for any P",
 }
+# The P each shipped model runs at unless told otherwise, from the quality table (docs/quality.md):
+# the any-P models lose at most 0.03 PESQ at P = 50 against their own P = 100 and do half the
+# recurrent work; the original NSNet2, trained dense, loses 0.21 there and runs dense.
+DEFAULT_PERCENT = {"nsnet2-kd-anyp": 50.0, "dprnn-anyp": 50.0, "mpt-anyp": 50.0, "nsnet2": 100.0}
 ALIASES = {"default": DEFAULT_MODEL.removesuffix(".safetensors"), "dprnn": "dprnn-anyp", "mpt": "mpt-anyp"}
 
 
@@ -28,12 +32,15 @@ def weights_folder() -> Path:
 
 
 def shipped_models() -> list[dict]:
-    """``[{"name", "path", "description", "default"}]`` for every shipped weight file, by name."""
+    """``[{"name", "path", "description", "default", "update_percent"}]`` for every shipped weight file, by name.
+
+    ``update_percent`` is the P the model runs at when none is given (:func:`default_update_percent`).
+    """
     default = DEFAULT_MODEL.removesuffix(".safetensors")
     out = []
     for p in sorted(weights_folder().glob("*.safetensors")):
         name = p.name.removesuffix(".safetensors")
-        out.append({"name": name, "path": p, "description": DESCRIPTIONS.get(name, ""), "default": name == default})
+        out.append({"name": name, "path": p, "description": DESCRIPTIONS.get(name, ""), "default": name == default, "update_percent": DEFAULT_PERCENT.get(name, 100.0)})
     return out
 
 
@@ -47,3 +54,26 @@ def model_path(name) -> Path:
         known = ", ".join(list(models) + [a for a in ALIASES if ALIASES[a] in models])
         raise ParameterError(f"model {name!r} is not a shipped model (known: {known}); pass a weight file with --weights / weights=")
     return models[key]
+
+
+def default_update_percent(weights) -> float:
+    """The P a model runs at when the caller gives none.
+
+    The weight file's own ``default_update_percent`` metadata if it has one; else, for a shipped
+    file, its entry of ``DEFAULT_PERCENT``; else 100 (dense: a user's file that says nothing is
+    run as it was most likely trained).
+    """
+    recorded = weights.default_update_percent
+    if recorded is not None:
+        return recorded
+    path = getattr(weights, "path", None)
+    if path is not None:
+        p = Path(path)
+        name = p.name.removesuffix(".safetensors")
+        try:
+            shipped = p.resolve().parent == weights_folder().resolve()
+        except OSError:
+            shipped = False
+        if shipped and name in DEFAULT_PERCENT:
+            return DEFAULT_PERCENT[name]
+    return 100.0

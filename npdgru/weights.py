@@ -76,6 +76,12 @@ class Weights:
         except ValueError:
             return 100.0
 
+    @property
+    def default_update_percent(self) -> float | None:
+        """P the file asks to be run at when the user names none (metadata ``default_update_percent``); None if it records none."""
+        value = self.metadata.get("default_update_percent")
+        return None if value is None else _default_percent(value, self.path)
+
     def describe(self) -> str:
         """Human-readable summary (what ``npdgru info`` prints)."""
         lines = [f"file: {self.path}"] if self.path else []
@@ -87,7 +93,7 @@ class Weights:
         for a in self.tensors.values():
             n_params += a.size
         lines.append(f"parameters: {n_params:,} float32 ({n_params * 4 / 2**20:.1f} MiB)")
-        for key in ("format_version", "sample_rate", "trained_update_percent", "source", "license", "converted_from", "source_sha256", "notes"):
+        for key in ("format_version", "sample_rate", "trained_update_percent", "default_update_percent", "source", "license", "converted_from", "source_sha256", "notes"):
             if key in self.metadata:
                 lines.append(f"{key}: {self.metadata[key]}")
         return "\n".join(lines)
@@ -130,6 +136,17 @@ def _trained_percent(value, path) -> str:
     return str(p)
 
 
+def _default_percent(value, path) -> float:
+    """The metadata ``default_update_percent``: a P in (0, 100] (what ``-P`` defaults to for this file)."""
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        p = float("nan")
+    if not 0.0 < p <= 100.0:
+        _fail(path, f"default_update_percent={value!r} must be a number in (0, 100]")
+    return p
+
+
 def save_weights(path, tensors: dict, *, architecture: dict, trained_update_percent: float | str = 100.0, source: str = "", license: str = "", extra: dict | None = None) -> None:
     """Write a weight file atomically (temporary file in the same folder, then rename)."""
     from safetensors.numpy import save
@@ -148,6 +165,8 @@ def save_weights(path, tensors: dict, *, architecture: dict, trained_update_perc
     }
     for k, v in (extra or {}).items():
         meta[str(k)] = str(v)
+    if "default_update_percent" in meta:  # refused when written, not first when loaded
+        meta["default_update_percent"] = str(_default_percent(meta["default_update_percent"], path))
     data = save(tensors, metadata=meta)
     path = Path(path)
     if path.is_dir():
@@ -201,6 +220,8 @@ def load_weights(path) -> Weights:
             validate_architecture(arch, path)
             if meta.get("sample_rate", "16000") != "16000":
                 _fail(path, f"sample_rate={meta.get('sample_rate')!r}: only 16000 Hz models are supported")
+            if "default_update_percent" in meta:
+                _default_percent(meta["default_update_percent"], path)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except WeightsError:
         raise

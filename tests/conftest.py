@@ -108,3 +108,18 @@ def warm_kernels():
         layer.forward(c.x[:1], state)
     cpu.dgru_sequence(c.x, c.h0, *c.weights, 5)
     return cpu
+
+
+# The quick selection (`python3 -m pytest -m quick`): the specification and its cpu kernels, the
+# weight file and STFT, the command line, conversion, streaming and the user-facing edges; under
+# two minutes on 2 cores with the numba cache warm. The full suite stays the one CI runs.
+QUICK_MODULES = {
+    "test_reference", "test_weights", "test_stft", "test_kernels_cpu", "test_cli", "test_convert",
+    "test_stream_batch", "test_user_edges", "test_stream_rates",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in QUICK_MODULES and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.quick)

@@ -205,7 +205,7 @@ def test_bad_sample_rate_refused(enh100, speech, rate):
         enh100.enhance(speech[:100], rate)
 
 
-@pytest.mark.parametrize("P", [0, -5, 100.01, 1000, float("nan"), float("inf"), "50", None])
+@pytest.mark.parametrize("P", [0, -5, 100.01, 1000, float("nan"), float("inf"), "50"])  # None: the model's own P
 def test_update_percent_out_of_range(P):
     with pytest.raises(ParameterError, match="update_percent"):
         Enhancer(update_percent=P)

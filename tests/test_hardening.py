@@ -225,9 +225,9 @@ def test_fifo_input_is_opened_once(tmp_path, capsys, fmt):
 # ------------------------------------------------------------------- row 10: output names
 
 
-@pytest.mark.parametrize("name", ["ok.mp3", "out.txt"])
+@pytest.mark.parametrize("name", ["ok.m4a", "out.txt"])  # .mp3 is written where libsndfile has MP3
 def test_output_with_a_foreign_suffix_is_refused(tmp_path, capsys, name):
-    """Row 10: '-o out/ok.mp3' became a folder 'ok.mp3/' and was left behind empty."""
+    """Row 10: '-o out/ok.m4a' became a folder 'ok.m4a/' and was left behind empty."""
     src = tmp_path / "in.wav"
     sf.write(src, signal(1600, 0), SR)
     dst = tmp_path / "out" / name
@@ -462,14 +462,20 @@ def test_warm_up_says_when_it_compiles(monkeypatch, capsys):
             time.sleep(0.8)
             return x
 
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)  # said on a pipe too
+    monkeypatch.setattr(cli, "_numba_cache_cold", lambda: False)  # a cache that misses a kernel: said after 1 s
+    Slow.enhance = lambda self, x, sr: (setattr(Slow, "calls", Slow.calls + 1), time.sleep(1.3), x)[-1]
     cli._warm_up(Slow(), quiet=False)
     err = capsys.readouterr().err
     assert Slow.calls == 1
-    assert "compiling kernels (first run only)" in err and "not counted in the times below" in err
+    assert "compiling the numba kernels (first run only" in err and "not counted in the times below" in err
     Slow.enhance = lambda self, x, sr: x  # fast (cached): nothing said
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     cli._warm_up(Slow(), quiet=False)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(cli, "_numba_cache_cold", lambda: True)  # a cold cache: said before compiling
+    cli._warm_up(Slow(), quiet=False)
+    assert "compiling the numba kernels" in capsys.readouterr().err
+    cli._warm_up(Slow(), quiet=True)
     assert capsys.readouterr().err == ""
 
 

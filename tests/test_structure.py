@@ -15,10 +15,12 @@ PKG = Path(npdgru.__file__).parent
 
 # top to bottom; a module may import only modules on later lines (its own unit aside)
 LAYERS = [
+    ["__main__"],
     ["cli"],
     ["evaluate", "train"],
     ["distributed"],
     ["enhance"],
+    ["pcm", "resample"],
     ["shipped"],
     ["model"],
     ["kernels"],

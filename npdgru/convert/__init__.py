@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+import numpy as np
+
 
 def sha256_of(path) -> str:
     h = hashlib.sha256()
@@ -96,16 +98,27 @@ def map_state_dict(state: dict, arch: dict, mapping: dict, path) -> dict:
     from ..errors import CheckpointError
     from ..weights import WeightsError, check_tensors, expected_shapes
 
-    refused = []
+    import re
+
+    refused, lstm = [], []
     want = expected_shapes(arch)
     for k, a in state.items():
         low = k.lower()
-        if mapping.get(k, k) in want:  # a tensor the architecture asks for (e.g. a bigru's _reverse)
+        name = mapping.get(k, k)
+        if name in want:  # a tensor the architecture asks for (e.g. a bigru's _reverse) ...
+            rows = want[name][0] if want[name] else 0
+            # ... but under GRU names an LSTM's tensors have 4 gate blocks where a GRU has 3
+            if re.search(r"(weight|bias)_(ih|hh)(_reverse)?$", name) and np.ndim(a) >= 1 and rows % 3 == 0 and np.shape(a)[0] == 4 * (rows // 3) != rows:
+                lstm.append(k)
             continue
-        if "_reverse" in low:
+        if "lstm" in low or ("weight_hh" in low and np.ndim(a) == 2 and np.shape(a)[0] == 4 * np.shape(a)[1]):
+            lstm.append(k)
+        elif "_reverse" in low:
             refused.append(f"{k}: bidirectional GRU/LSTM (reverse direction) cannot run causally")
-        elif "lstm" in low or ("weight_hh" in low and a.ndim == 2 and a.shape[0] == 4 * a.shape[1]):
-            refused.append(f"{k}: looks like an LSTM (4 gate blocks); only GRU layers are supported")
+    if lstm:  # one line: the kind is the problem, not each tensor's shape
+        lstm.sort(key=lambda k: ("weight" not in k, k))
+        more = f" and {len(lstm) - 2} more" if len(lstm) > 2 else ""
+        raise CheckpointError(f"{path}: an LSTM (4 gate blocks in {', '.join(lstm[:2])}{more}); npdgru converts GRU layers only")
     if refused:
         raise CheckpointError(f"{path}: unsupported layers:\n  " + "\n  ".join(refused))
     out = {}

@@ -201,6 +201,27 @@ def _finite(o):
     return o
 
 
+def _place_labels(ax, labels, fontsize: int = 8) -> None:
+    """Annotate points so that no two labels overlap: each label takes the first of a few offsets
+    (right-above, right-below, further up or down, left) whose box, estimated in points from the
+    text length, meets no label placed before it; points are placed left to right."""
+    ax.autoscale_view()
+    scale = 72.0 / ax.figure.dpi  # display pixels -> points
+    w_char, h = 0.6 * fontsize, fontsize + 1
+    offsets = [(4, 4), (4, -h - 2), (4, h + 6), (4, -2 * h - 4), (-4, 4), (4, 2 * h + 8)]
+    placed = []  # boxes (x0, y0, x1, y1) in points
+    for x, y, text in sorted(labels, key=lambda t: (t[0], t[1])):
+        px, py = (v * scale for v in ax.transData.transform((x, y)))
+        w = w_char * len(text)
+        for dx, dy in offsets:
+            x0 = px + dx if dx >= 0 else px + dx - w
+            box = (x0, py + dy, x0 + w, py + dy + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(box[0] - px, box[1] - py), fontsize=fontsize)
+
+
 def plot(path: Path, summary: dict) -> None:
     """PESQ and DNSMOS OVRL against measured us/frame and counted MACs/frame (2 x 2 panels)."""
     import matplotlib
@@ -215,6 +236,7 @@ def plot(path: Path, summary: dict) -> None:
     for i, metric in enumerate(("pesq", "ovrl")):
         for j, xkind in enumerate(("us", "macs")):
             ax = axes[i, j]
+            labels = []  # (x, y, text) of every point, placed once the axes hold everything
             for k, wpath in enumerate(models):
                 pts = sorted((s for s in rows if s["engine"] == "npdgru" and s["path"] == wpath and s["mean"][metric] is not None), key=lambda s: s["percent"])
                 if not pts:
@@ -229,8 +251,7 @@ def plot(path: Path, summary: dict) -> None:
                     xp = [(s["macs"]["gru_paper"] + s["macs"]["other"]) / 1e6 for s in pts]
                     ax.plot(xs, ys, "o-", color=c, label=f"npdgru {pts[0]['model']} (ours, as run)")
                     ax.plot(xp, ys, "o--", color=c, mfc="none", alpha=0.6, label=f"{pts[0]['model']} (paper's count)")
-                for x, y, s in zip(xs, ys, pts):
-                    ax.annotate(f"P={s['percent']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                labels += [(x, y, f"P={s['percent']:g}") for x, y, s in zip(xs, ys, pts)]
             for s in rows:
                 v = s["mean"][metric]
                 if v is None:
@@ -242,6 +263,7 @@ def plot(path: Path, summary: dict) -> None:
                     ax.axhline(v, ls=":", color="gray", label="noisy input")
                 elif s["model"] == "clean":
                     ax.axhline(v, ls="-.", color="green", alpha=0.6, label="clean reference")
+            _place_labels(ax, labels)
             ax.set_xlabel("model time per frame (us, one thread)" if xkind == "us" else "model MACs per frame (millions)")
             ax.set_ylabel("PESQ (wb)" if metric == "pesq" else "DNSMOS OVRL")
             ax.grid(alpha=0.3)

@@ -1,0 +1,7 @@
+"""``python -m npdgru``: the ``npdgru`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
