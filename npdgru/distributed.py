@@ -721,6 +721,7 @@ def _need_dask():
 
 
 SCHEDULER_TIMEOUT = 30.0  # seconds for --scheduler to connect and answer Dask's handshake
+WORKERLESS_TIMEOUT = 120.0  # seconds a cluster may have no worker at all before the run gives up
 
 
 class _LogTally(logging.Handler):
@@ -819,6 +820,33 @@ def _cluster(jobs, scheduler, allowed_failures):
             yield client
 
 
+def _as_completed(client, futures):
+    """``distributed.as_completed(futures)``, except that a cluster left with no worker for
+    WORKERLESS_TIMEOUT seconds (workers that could not start on a loaded machine, or that left a
+    remote scheduler) raises NpdgruError instead of waiting for ever: the journal keeps what was
+    done, and the next run resumes."""
+    from distributed import as_completed
+
+    pending = as_completed(futures)
+    since = None
+    checked = time.monotonic()
+    while not pending.is_empty():
+        if pending.has_ready():
+            yield from pending.next_batch(block=False)
+            since = None
+            continue
+        now = time.monotonic()
+        if now - checked >= 1.0:  # one scheduler call a second
+            checked = now
+            if client.scheduler_info().get("workers"):
+                since = None
+            elif since is None:
+                since = now
+            elif now - since > WORKERLESS_TIMEOUT:
+                raise NpdgruError(f"the Dask cluster has had no worker for {WORKERLESS_TIMEOUT:g} s (workers that cannot start or keep dying); run again to resume")
+        time.sleep(0.02)
+
+
 def _task_key(k: int, items: list[Item], stamp: str) -> str:
     h = hashlib.sha1(b"\0".join(os.fsencode(it.src) for it in items)).hexdigest()[:12]
     return f"npdgru-enhance-{stamp}-{k}-{h}"
@@ -846,8 +874,6 @@ def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, 
                     yield run_task([it], config, after_write)
         return
     with cluster(jobs=jobs, scheduler=scheduler, allowed_failures=allowed_failures, on_note=on_note) as client:
-        from distributed import as_completed
-
         threads = max(1, sum(client.nthreads().values()))
         total = sum(it.seconds for it in items)
         tasks = make_tasks(items, task_seconds=min(task_seconds, total / (8 * threads)))
@@ -859,7 +885,7 @@ def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, 
             f = client.submit(run_task, items, config, after_write, key=_task_key(k, items, stamp), pure=False)
             futures[f] = items
         suspects = []  # files of tasks whose workers died: maybe only beside the file that kills them
-        for f in as_completed(futures):
+        for f in _as_completed(client, futures):
             items = futures.pop(f)
             try:
                 yield f.result()
@@ -934,11 +960,9 @@ def map_ordered(fn, args: list, *, jobs: int | None = None, scheduler: str | Non
     ``on_done()`` after each. Worker failures propagate (an evaluation is all or nothing)."""
     out = [None] * len(args)
     with cluster(jobs=jobs, scheduler=scheduler) as client:
-        from distributed import as_completed
-
         stamp = f"{os.getpid()}-{time.time_ns()}"
         futures = {client.submit(fn, a, key=f"npdgru-{getattr(fn, '__name__', 'task')}-{stamp}-{k}", pure=False): k for k, a in enumerate(args)}
-        for f in as_completed(futures):
+        for f in _as_completed(client, futures):
             out[futures[f]] = f.result()
             f.release()
             if on_done is not None:

@@ -612,3 +612,46 @@ def test_dead_workers_are_one_summary_line(capfd, tmp_path, speech):
     err = capfd.readouterr().err
     assert "distributed." not in err and "Traceback" not in err, err
     assert len(notes) == 1 and "workers died" in notes[0], notes
+
+
+def _sleep_then(x):
+    import time
+
+    time.sleep(60)
+    return x
+
+
+def test_a_cluster_left_without_workers_is_an_error_not_a_hang(monkeypatch):
+    """Workers that cannot start on a loaded machine (or that all leave) once left map_ordered
+    waiting for ever; after WORKERLESS_TIMEOUT with no worker the run now ends in one error."""
+    pytest.importorskip("distributed")
+    import threading
+    import time
+
+    from npdgru.errors import NpdgruError
+
+    monkeypatch.setattr(dist, "WORKERLESS_TIMEOUT", 1.0)
+    outcome = []
+
+    def run():
+        import logging
+
+        from distributed import Client, LocalCluster
+
+        try:
+            with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL) as lc, Client(lc) as client:
+                futures = {client.submit(_sleep_then, 1, pure=False): 0}
+                while not any(client.processing().values()):
+                    time.sleep(0.05)  # the task has reached the worker
+                lc.scale(0)  # every worker leaves; none comes back
+                for _ in dist._as_completed(client, futures):
+                    pass
+            outcome.append(None)
+        except NpdgruError as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(45)
+    assert outcome, "map over a cluster with no worker still waits for ever"
+    assert isinstance(outcome[0], NpdgruError) and "no worker" in str(outcome[0])
