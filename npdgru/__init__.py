@@ -18,11 +18,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Enhancer": "enhance",
-    "Stream": "enhance",
-    "StreamBatch": "enhance",
-    "ALGORITHMIC_LATENCY": "enhance",
-    "read_audio": "enhance",
-    "write_audio": "enhance",
+    "Stream": "streaming",
+    "StreamBatch": "streaming",
+    "ALGORITHMIC_LATENCY": "streaming",
+    "read_audio": "audio",
+    "write_audio": "audio",
     "MaskModel": "model",
     "Weights": "weights",
     "load_weights": "weights",

@@ -126,7 +126,7 @@ def _model_name(enh) -> str:
 
 def _stdio_options(args):
     """(format of '-' or None, raw-PCM description of stdin or None), checked."""
-    from .enhance import stdio_format
+    from .audio import stdio_format
 
     uses_stdio = "-" in getattr(args, "inputs", ["-"]) or args.output == "-"
     fmt = stdio_format(args.format) if args.format is not None else None
@@ -144,7 +144,7 @@ def _stdio_options(args):
 
 def _enhance_stdio(args, enh) -> int:
     """One input to one output where either is '-' (standard input / output): in memory."""
-    from .enhance import audio_format, output_subtype, read_audio, write_audio
+    from .audio import audio_format, output_subtype, read_audio, write_audio
 
     if len(args.inputs) != 1:
         raise ParameterError("'-' (standard input or output) takes exactly one input")
@@ -271,7 +271,7 @@ def _warm_stream(enh, rate: int, channels: int, quiet: bool) -> None:
 def cmd_stream(args) -> int:
     """Standard input to standard output, block by block, with the model state carried."""
     from . import pcm
-    from .enhance import MAX_CHANNELS, _check_rate
+    from .audio import MAX_CHANNELS, _check_rate
 
     fmt = (args.format or "wav").lower()
     if fmt not in ("wav", "raw"):
@@ -375,7 +375,7 @@ def cmd_live(args) -> int:
         return 0
     out_path = args.output
     if out_path is not None:
-        from .enhance import audio_format
+        from .audio import audio_format
 
         audio_format(out_path)  # a writable format, checked before the microphone opens
         if os.path.isdir(out_path):

@@ -6,7 +6,7 @@
         -> run_items: tasks of about TASK_SECONDS of audio each, run in this process
            (neither jobs nor scheduler) or on dask.distributed (a LocalCluster of ``jobs``
            single-threaded worker processes, or the running cluster at ``scheduler``)
-        -> every output written atomically (npdgru.enhance.write_audio); one journal line per
+        -> every output written atomically (npdgru.audio.write_audio); one journal line per
            file: input, output, sha256 of the input, model, P, status, error
 
 Nothing lost, nothing twice:
@@ -58,7 +58,7 @@ from .errors import AudioError, NpdgruError, ParameterError
 JOURNAL_NAME = ".npdgru-journal.jsonl"
 LOCK_NAME = ".npdgru-lock"  # one run per output folder: flock'ed for the run; holds its pid and the folder's id
 TEMP_PREFIX = ".npdgru-"  # temporary outputs, the journal and the lock: never taken as inputs
-PART_SUFFIX = ".part"  # temporary outputs: TEMP_PREFIX ... PART_SUFFIX (npdgru.enhance.write_audio)
+PART_SUFFIX = ".part"  # temporary outputs: TEMP_PREFIX ... PART_SUFFIX (npdgru.audio.write_audio)
 TASK_SECONDS = 60.0  # audio per task: a few seconds of compute, so scheduling costs little
 TASK_MAX_FILES = 64
 ALLOWED_FAILURES = 3  # a task whose worker dies more often than this is recorded as failed
@@ -123,7 +123,7 @@ class Result:
 
 
 def _audio_suffixes():
-    from .enhance import AUDIO_SUFFIXES
+    from .audio import AUDIO_SUFFIXES
 
     return AUDIO_SUFFIXES
 
@@ -281,7 +281,7 @@ def _duration(path) -> float:
 
     if not _is_regular(path):  # a FIFO or pipe is read once, by the worker
         return 0.0
-    from .enhance import _sf_name
+    from .audio import _sf_name
 
     try:
         info = sf.info(_sf_name(os.fspath(path)))
@@ -511,7 +511,7 @@ def plan_work(inputs, out, *, config: Config, overwrite: bool = False) -> tuple[
             raise ParameterError(f"{dst}: two inputs would write the same output file{case}: {seen[r][0]} and {src}")
         seen[r] = (src, dst)
     if config.subtype is not None:  # a --subtype the output format cannot hold: once per format, before any work
-        from .enhance import output_subtype
+        from .audio import output_subtype
 
         for dst in {Path(d).suffix.lower(): d for _, d in pairs}.values():
             output_subtype(dst, np.zeros(1, np.float32), subtype=config.subtype)
@@ -597,7 +597,7 @@ def _quiet_numerics():
 
 def _write(item: Item, y, sr: int, after_write=None, *, source_subtype=None, subtype=None) -> list[str]:
     """Write one output atomically in the subtype ``output_subtype`` chooses; its warnings."""
-    from .enhance import output_subtype, write_audio
+    from .audio import output_subtype, write_audio
 
     chosen, warns = output_subtype(item.dst, y, source_subtype=source_subtype, subtype=subtype)
     write_audio(item.dst, y, sr, subtype=chosen)
@@ -629,7 +629,8 @@ def _is_regular(path) -> bool:
 def _process_one(enh, item: Item, after_write=None, subtype=None) -> Result:
     """One file, read, enhanced and written in blocks (``npdgru.enhance.enhance_file``); its
     identity (sha256, size, mtime) taken here from the open file that was read."""
-    from .enhance import AudioInput, enhance_file
+    from .audio import AudioInput
+    from .enhance import enhance_file
 
     r = Result(item.src, item.dst, "failed")
     try:
@@ -654,7 +655,8 @@ def _process_batch(enh, items: list[Item], after_write=None, subtype=None) -> li
     """cuda: the readable files of a task as one GPU batch (``Enhancer.enhance_batch``, which
     equals ``enhance`` per file bit for bit); a batch that fails falls back to file by file.
     A file longer than one block goes file by file, in blocks (bounded memory)."""
-    from .enhance import BLOCK_SECONDS, AudioInput
+    from .audio import AudioInput
+    from .enhance import BLOCK_SECONDS
 
     results = [Result(it.src, it.dst, "failed") for it in items]
     subtypes = {}
