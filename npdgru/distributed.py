@@ -705,7 +705,7 @@ def _process_batch(enh, items: list[Item], after_write=None, subtype=None) -> li
 def run_task(items: list[Item], config: Config, after_write=None) -> list[Result]:
     """One task: every file of ``items`` with this process's Enhancer; never raises for a file."""
     enh = _enhancer(config)
-    if config.backend == "cuda" and len(items) > 1:
+    if enh.model.executor.batches_files and len(items) > 1:
         return _process_batch(enh, items, after_write, config.subtype)
     return [_process_one(enh, it, after_write, config.subtype) for it in items]
 
@@ -841,7 +841,7 @@ def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, 
     worker thread, so that every worker has work until the end."""
     if not jobs and not scheduler:  # file by file (cuda: task by task, one batch each), journaled as they finish
         for items in make_tasks(items, task_seconds=task_seconds):
-            if config.backend == "cuda":
+            if _enhancer(config).model.executor.batches_files:
                 yield run_task(items, config, after_write)
             else:
                 for it in items:

@@ -30,7 +30,7 @@ from .audio import (AUDIO_SUFFIXES, MAX_ABS_SAMPLE, MAX_CHANNELS, MAX_SAMPLE_RAT
                     _check_audio, _check_rate, _clip_note, _clipped, _sf_name, audio_format, output_subtype, read_audio, stdio_format, write_audio)
 from .errors import ParameterError
 from .hop import _StftBatch
-from .model import MaskModel
+from .model import MaskModel, get_backend
 from .streaming import ALGORITHMIC_LATENCY, Stream, StreamBatch
 from .weights import Weights, default_weights_path, load_weights
 
@@ -42,16 +42,14 @@ __all__ = ["Enhancer", "Stream", "StreamBatch", "enhance_file", "ALGORITHMIC_LAT
 
 
 # Input accumulators (a D-GRU layer fed by a D-GRU layer reads only the changed input columns,
-# ``MaskModel(sparse_inputs=True)``) are used on cpu at P <= 50, where benchmarks/bench_enhance.py
-# measures them faster both offline and per streaming hop than the dense input product (NSNet2:
-# about 15 % offline and 8-12 % per hop at P = 50 and 25). One rule for both modes, so offline
-# and streaming still compute the same bits.
-_ACCUMULATOR_MAX_P = 50.0
-
-
+# ``MaskModel(sparse_inputs=True)``) are used where the backend says they pay
+# (``Executor.sparse_inputs_max_p``: on cpu P <= 50, where benchmarks/bench_enhance.py measures
+# them faster both offline and per streaming hop than the dense input product; NSNet2: about
+# 15 % offline and 8-12 % per hop at P = 50 and 25). One rule for both modes, so offline and
+# streaming still compute the same bits.
 def _input_accumulators_pay(backend, update_percent) -> bool:
     P = update_percent
-    return backend == "cpu" and isinstance(P, (int, float, np.floating, np.integer)) and not isinstance(P, bool) and P <= _ACCUMULATOR_MAX_P
+    return isinstance(P, (int, float, np.floating, np.integer)) and not isinstance(P, bool) and P <= get_backend(backend).Executor.sparse_inputs_max_p
 
 
 class _Offline16:

@@ -1,8 +1,13 @@
 """The hop engine: B streams' 10 ms hops in, their enhanced hops out.
 
-:class:`_StftBatch` is the one STFT driver (analysis history and synthesis tail per stream)
-behind the offline path and every stream; :class:`_FusedHop` runs one hop of B streams from
-samples to samples in buffers made once, where the backend has a one-frame program (cpu).
+:class:`Hops` is the one streaming path (:class:`~npdgru.streaming.Stream` and
+:class:`~npdgru.streaming.StreamBatch` run on it): the STFT history of each stream
+(:class:`_StftBatch`, also the offline path's STFT driver) and the model run on the hops. How a
+hop is computed is its own affair: where the backend has a one-frame program for the plan
+(``executor.has_frame_program``, the cpu backend) every hop of all streams goes through
+:class:`_FusedHop` (samples to samples in buffers made once), otherwise through batched
+analysis, the model on the frames and batched synthesis. Both give the same bits
+(tests/test_fused_hop.py).
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import stft
-from .errors import ParameterError
 
 
 class _StftBatch:
@@ -55,6 +59,20 @@ class _StftBatch:
             self.tail[rows] = y[:, -1, H:]
         return out.reshape(n, k * H)
 
+    def analyse_hop(self, x: np.ndarray, frames: np.ndarray) -> None:
+        """One hop x (B, HOP) of every row -> its windowed analysis frames into ``frames`` (B,
+        N_FFT), in place (the fused hop: :meth:`analyse`'s windowing, no allocation)."""
+        from .kernels.cpu import hop_frames
+
+        hop_frames(self.prev, x, stft.WINDOW, frames)
+
+    def synthesise_hop(self, y: np.ndarray, out: np.ndarray) -> None:
+        """The inverse FFTs y (B, N_FFT) of one hop of every row -> the output hops into out (B,
+        HOP), in place (the fused hop: :meth:`synthesise`'s overlap-add; y is windowed in place)."""
+        from .kernels.cpu import hop_overlap_add
+
+        hop_overlap_add(y, stft.WINDOW, self.tail, out)
+
     def reorder(self, rows: np.ndarray) -> None:
         """Keep rows ``rows`` in that order (a row < 0: a new stream)."""
         keep = rows >= 0
@@ -81,6 +99,7 @@ class _FusedHop:
 
         self.cpu = cpu  # the elementwise hop kernels (numba, imported with the cpu backend)
         self.prog = enhancer.model.executor.frame_program(batch)
+        self.batch = batch
         B, f32 = batch, np.float32
         self.frames = np.zeros((B, stft.N_FFT), f32)
         self.X = np.zeros((B, stft.N_BINS), np.complex64)
@@ -92,7 +111,7 @@ class _FusedHop:
     def run(self, x: np.ndarray, spectra: _StftBatch, state, out: np.ndarray) -> None:
         """Hops x (B, HOP) of every row of ``spectra``/``state`` -> their output hops into out (B, HOP)."""
         cpu = self.cpu
-        cpu.hop_frames(spectra.prev, x, stft.WINDOW, self.frames)
+        spectra.analyse_hop(x, self.frames)
         np.fft.rfft(self.frames, n=stft.N_FFT, axis=1, out=self.X)
         cpu.hop_power(self.X, stft._LOG_FLOOR, self.p64)  # stft.log_power, ufunc for ufunc
         np.log10(self.p64, out=self.p64)
@@ -101,16 +120,48 @@ class _FusedHop:
         prog.run(state)
         cpu.hop_apply_mask(self.X, prog.mask, self.floor, self.Y)  # Enhancer._apply
         np.fft.irfft(self.Y, n=stft.N_FFT, axis=1, out=self.y)
-        cpu.hop_overlap_add(self.y, stft.WINDOW, spectra.tail, out)
+        spectra.synthesise_hop(self.y, out)
 
 
-def _fused_hop(enhancer, batch: int):
-    """A :class:`_FusedHop` where the backend has one-frame programs (cpu), else None."""
-    if not hasattr(enhancer.model.executor, "frame_program"):
-        return None
-    try:
-        return _FusedHop(enhancer, batch)
-    except ParameterError:  # a plan the one-frame program does not cover: the per-layer path
-        return None
+class Hops:
+    """The hops of B streams through the model: ``run(x, state)`` takes hops x (B, k, HOP) and
+    returns their output hops (B, k·HOP), the synthesis's ``yp`` (the output one hop late), with
+    each stream's STFT history here and its model state in ``state``.
 
+    ``rows`` runs a subset of the streams (a batch of their own: their state is taken out of
+    ``state`` and put back); :meth:`reorder` keeps, reorders and adds streams. ``fused`` is the
+    fused hop of the batch in use, None where the backend has no one-frame program for the plan
+    (setting it to None runs the other route, as the tests do).
+    """
 
+    def __init__(self, enhancer, batch: int):
+        self.enhancer = enhancer
+        self.spectra = _StftBatch(batch)
+        self.fused = _FusedHop(enhancer, max(batch, 1)) if enhancer.model.executor.has_frame_program else None
+
+    def reset(self) -> None:
+        """Every stream back to its start (silence before the first sample)."""
+        self.spectra = _StftBatch(len(self.spectra.prev))
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Keep rows ``rows`` in that order (a row < 0: a new stream)."""
+        self.spectra.reorder(rows)
+
+    def run(self, x: np.ndarray, state, rows=None) -> np.ndarray:
+        """Hops x (n, k, HOP) of rows ``rows`` (all rows if None) -> their output hops (n, k·HOP)."""
+        n, k, H = x.shape
+        if rows is None and self.fused is not None:
+            if self.fused.batch != n:
+                self.fused = _FusedHop(self.enhancer, n)
+            y = np.empty((n, k, H), np.float32)
+            for j in range(k):
+                self.fused.run(x[:, j], self.spectra, state, y[:, j])
+            return y.reshape(n, k * H)
+        X = self.spectra.analyse(x, rows)
+        if rows is None:
+            Y = self.enhancer._apply(X, state)
+        else:
+            sub = state.take(rows)
+            Y = self.enhancer._apply(X, sub)
+            state.put(rows, sub)
+        return self.spectra.synthesise(Y, rows)

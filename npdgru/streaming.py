@@ -19,7 +19,7 @@ import numpy as np
 from . import stft
 from .audio import _check_audio, _check_channels, _check_rate, _check_samples
 from .errors import AudioError, ParameterError, StreamInputError
-from .hop import _fused_hop, _StftBatch
+from .hop import Hops
 
 ALGORITHMIC_LATENCY = stft.ALGORITHMIC_LATENCY  # samples at 16 kHz
 
@@ -96,7 +96,9 @@ class Stream:
         if self._adapter is not None:
             self._adapter.reset()
             return
-        self._spectra = _StftBatch(1)
+        if not hasattr(self, "_hops"):
+            self._hops = Hops(self.enhancer, 1)
+        self._hops.reset()
         self._state = self.enhancer.model.init_state(1)
         self._partial = np.zeros(0, np.float32)  # input samples of the hop in progress (< HOP)
         # The synthesis emits yp = y delayed by one hop; one more hop of zeros in front makes the
@@ -104,40 +106,14 @@ class Stream:
         self._out = np.zeros(stft.HOP, np.float32)
         self._n_in = 0
         self._lead = True  # the synthesis's first hop is still to come
-        if not hasattr(self, "_fused"):
-            self._fused = _fused_hop(self.enhancer, 1)
 
     def _run(self, samples: np.ndarray) -> None:
         H = stft.HOP
-        if self._fused is not None and len(samples) == H and not len(self._partial) and len(self._out) == H:
-            # steady state of 10 ms chunks: one hop, samples to samples, into the output queue
-            out = np.empty(2 * H, np.float32)
-            out[:H] = self._out
-            self._fused.run(samples.reshape(1, H), self._spectra, self._state, out[H:].reshape(1, H))
-            if self._lead:
-                out[H:] = 0.0
-                self._lead = False
-            self._out = out
-            return
-        if self._fused is not None:  # other chunk sizes: the completed hops one by one
-            x = np.concatenate([self._partial, samples]) if len(self._partial) else samples
-            k = len(x) // H
-            self._partial = x[k * H :].copy()
-            if k:
-                y = np.empty((k, H), np.float32)
-                for j in range(k):
-                    self._fused.run(x[j * H : (j + 1) * H].reshape(1, H), self._spectra, self._state, y[j : j + 1])
-                if self._lead:
-                    y[0] = 0.0
-                    self._lead = False
-                self._out = np.concatenate([self._out, y.reshape(-1)])
-            return
         x = np.concatenate([self._partial, samples]) if len(self._partial) else samples
         k = len(x) // H
         self._partial = x[k * H :].copy()
         if k:
-            X = self._spectra.analyse(x[: k * H].reshape(1, k, H))
-            y = self._spectra.synthesise(self.enhancer._apply(X, self._state))[0]
+            y = self._hops.run(x[: k * H].reshape(1, k, H), self._state)[0]
             if self._lead:  # yp[:HOP] is the (masked) front padding, not x: silence, as documented
                 y[:H] = 0.0
                 self._lead = False
@@ -283,8 +259,7 @@ class StreamBatch:
         self._next_id = 0
         self._state = None  # model state of len(self._ids) streams; None while empty
         H = stft.HOP
-        self._spectra = _StftBatch(0)  # analysis history and synthesis tail per stream
-        self._fused = _fused_hop(enhancer, 1)  # rebuilt for the batch size in use
+        self._hops = Hops(enhancer, 0)  # analysis history and synthesis tail per stream
         self._pending = np.zeros((0, H), np.float32)  # what the next call returns (yp one hop back)
         self._frames = np.zeros(0, np.int64)  # hops processed per stream
 
@@ -313,7 +288,7 @@ class StreamBatch:
             self._state = self._model.init_state(len(rows))
         else:
             self._state = self._state.take(rows)
-        self._spectra.reorder(rows)
+        self._hops.reorder(rows)
         keep = rows >= 0
         for name in ("_pending", "_frames"):
             old = getattr(self, name)
@@ -375,21 +350,7 @@ class StreamBatch:
     def _tick(self, rows: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Advance batch rows ``rows`` by the hops x (n, 160); return their outputs (n, 160)."""
         full = len(rows) == len(self._ids) and (rows == np.arange(len(rows))).all()
-        if full and self._fused is not None:
-            if self._fused.prog.batch != len(rows):
-                self._fused = _fused_hop(self.enhancer, len(rows))
-            yp = np.empty((len(rows), stft.HOP), np.float32)
-            self._fused.run(x, self._spectra, self._state, yp)
-            return self._emit(rows, yp)
-        sel = None if full else rows
-        X = self._spectra.analyse(x[:, None, :], sel)
-        if full:
-            Y = self.enhancer._apply(X, self._state)
-        else:  # a subset of the streams: run them as a batch of their own, write their state back
-            sub = self._state.take(rows)
-            Y = self.enhancer._apply(X, sub)
-            self._state.put(rows, sub)
-        return self._emit(rows, self._spectra.synthesise(Y, sel))
+        return self._emit(rows, self._hops.run(x[:, None, :], self._state, None if full else rows))
 
     def _emit(self, rows: np.ndarray, yp: np.ndarray) -> np.ndarray:
         """Hand out the pending hops of rows ``rows`` and queue their new output hops yp."""
