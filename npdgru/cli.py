@@ -186,13 +186,13 @@ def _enhance_stdio(args, enh) -> int:
 def cmd_enhance(args) -> int:
     from tqdm import tqdm
 
-    from . import distributed as dist
+    from . import corpus
     from .enhance import Enhancer
 
     if args.jobs and args.scheduler:
         raise ParameterError("--jobs and --scheduler exclude each other: --jobs N starts N local workers, --scheduler attaches to a running cluster")
     if args.jobs or args.scheduler:
-        dist._need_dask()
+        corpus.need_dask()
     if args.model is not None and args.weights is not None:
         raise ParameterError("pass either --model NAME or --weights FILE, not both")
     if args.output == "/dev/stdout":
@@ -204,13 +204,12 @@ def cmd_enhance(args) -> int:
         return _enhance_stdio(args, enh)
     weights_path = getattr(enh.weights, "path", None) or args.weights
     weights_path = os.path.abspath(weights_path) if weights_path else None  # workers run elsewhere
-    config = dist.Config(weights=weights_path, update_percent=enh.update_percent, backend=args.backend, mask_floor_db=enh.mask_floor_db,
-                         model=dist.model_id(weights_path) if weights_path else "", subtype=args.subtype)
-    items, skipped, journal = dist.plan_work(args.inputs, args.output, config=config, overwrite=args.overwrite)
+    config = corpus.Config(weights=weights_path, update_percent=enh.update_percent, backend=args.backend, mask_floor_db=enh.mask_floor_db,
+                         model=corpus.model_id(weights_path) if weights_path else "", subtype=args.subtype)
+    items, skipped, journal = corpus.plan_work(args.inputs, args.output, config=config, overwrite=args.overwrite)
     if journal is not None and journal.warning():
         print(f"npdgru: warning: {_shown(journal.warning())}", file=sys.stderr)
-    dist._ENHANCERS.clear()
-    dist._ENHANCERS[config] = enh  # the in-process loop uses this one
+    corpus.use_enhancer(config, enh)  # the in-process loop uses this one
     if items and not (args.jobs or args.scheduler):
         _warm_up(enh, args.quiet)  # per-file times exclude JIT compilation
     pct = _format_percent(enh.model.fraction_updated())
@@ -239,7 +238,7 @@ def cmd_enhance(args) -> int:
 
     try:
         with _sigterm_as_interrupt():
-            dist.run_items(items, config, journal=journal, jobs=args.jobs, scheduler=args.scheduler, on_result=on_result,
+            corpus.run_items(items, config, journal=journal, jobs=args.jobs, scheduler=args.scheduler, on_result=on_result,
                            on_note=lambda line: tqdm.write(f"npdgru: warning: {_shown(line)}", file=sys.stderr))
     finally:
         bar.close()

@@ -279,3 +279,21 @@ def test_model_without_a_gru_streams_through_the_per_layer_path():
     x = _signal(10 * HOP, seed=3)
     y = np.concatenate([st.process(x[i : i + HOP]) for i in range(0, len(x), HOP)] + [st.flush()])
     assert np.array_equal(y[320 : 320 + len(x)], e.enhance(x, 16000))
+
+
+def test_backend_policy_lives_in_the_executors(monkeypatch):
+    """The streaming route, the input accumulators and a corpus task's batching are read from
+    the backend's executor (``has_frame_program``, ``sparse_inputs_max_p``, ``batches_files``),
+    never decided by the backend's name above it."""
+    e = _enhancer("nsnet2", 50)
+    assert e.model.executor.has_frame_program and e.stream()._hops.fused is not None
+    assert e.model.sparse_inputs and not e.model.executor.batches_files
+    ref = Enhancer(MODELS["nsnet2"](), update_percent=50, backend="reference")
+    assert not ref.model.executor.has_frame_program and not ref.model.sparse_inputs and ref.stream()._hops.fused is None
+    arch = validate_architecture({"name": "lin", "n_features": 161, "layers": [{"kind": "linear", "name": "fc", "in": 161, "out": 161, "activation": "sigmoid"}]})
+    lin = MaskModel(_random_weights(arch, 3))
+    assert not lin.executor.has_frame_program
+    with pytest.raises(ParameterError):  # the property says what the program covers
+        lin.executor.frame_program(1)
+    monkeypatch.setattr(cpu.Executor, "sparse_inputs_max_p", 0.0)  # a backend where they never pay
+    assert not _enhancer("nsnet2", 25).model.sparse_inputs

@@ -1,4 +1,4 @@
-"""Many files: the work list, the journal, and their execution in-process or on a Dask cluster.
+"""A corpus of files: the work list, the journal, and their execution in-process or on a Dask cluster.
 
     inputs (files, folders, manifests) -o OUT
         -> plan_work: one Item (input, output) per file; collisions refused up front;
@@ -558,6 +558,14 @@ _ENHANCERS: dict = {}  # the main thread's: the in-process loop
 _THREAD = threading.local()
 
 
+def use_enhancer(config: Config, enhancer) -> None:
+    """The in-process loop (this process's main thread) runs ``config`` on ``enhancer``, an
+    Enhancer already made (``npdgru enhance`` checks the weights and P with it before planning),
+    instead of loading the weights again."""
+    _ENHANCERS.clear()
+    _ENHANCERS[config] = enhancer
+
+
 def _enhancer(config: Config):
     """One Enhancer per configuration per worker thread, kept: the weights are loaded once.
 
@@ -715,7 +723,8 @@ def run_task(items: list[Item], config: Config, after_write=None) -> list[Result
 # --------------------------------------------------------------------------------------------
 
 
-def _need_dask():
+def need_dask() -> None:
+    """ParameterError with the install command where dask.distributed is missing."""
     try:
         import distributed  # noqa: F401
     except ImportError:
@@ -747,7 +756,7 @@ def cluster(*, jobs: int | None = None, scheduler: str | None = None, allowed_fa
     The ``distributed`` log records of this process (the LocalCluster's scheduler and nannies)
     are not printed: at the end, ``on_note(line)`` gets one line that counts them and quotes the
     first (without ``on_note``, the ``npdgru`` logger warns with it)."""
-    _need_dask()
+    need_dask()
     log = logging.getLogger("distributed")
     saved = log.handlers[:], log.propagate, log.level
     tally = _LogTally()
