@@ -16,6 +16,8 @@ import numpy as np
 
 from . import stft
 
+_cpu = None  # the cpu backend's hop kernels (numba): imported by the first fused hop
+
 
 class _StftBatch:
     """Analysis and synthesis of B streams, hops in and hops out: the one STFT driver behind
@@ -62,16 +64,12 @@ class _StftBatch:
     def analyse_hop(self, x: np.ndarray, frames: np.ndarray) -> None:
         """One hop x (B, HOP) of every row -> its windowed analysis frames into ``frames`` (B,
         N_FFT), in place (the fused hop: :meth:`analyse`'s windowing, no allocation)."""
-        from .kernels.cpu import hop_frames
-
-        hop_frames(self.prev, x, stft.WINDOW, frames)
+        _cpu.hop_frames(self.prev, x, stft.WINDOW, frames)
 
     def synthesise_hop(self, y: np.ndarray, out: np.ndarray) -> None:
         """The inverse FFTs y (B, N_FFT) of one hop of every row -> the output hops into out (B,
         HOP), in place (the fused hop: :meth:`synthesise`'s overlap-add; y is windowed in place)."""
-        from .kernels.cpu import hop_overlap_add
-
-        hop_overlap_add(y, stft.WINDOW, self.tail, out)
+        _cpu.hop_overlap_add(y, stft.WINDOW, self.tail, out)
 
     def reorder(self, rows: np.ndarray) -> None:
         """Keep rows ``rows`` in that order (a row < 0: a new stream)."""
@@ -95,9 +93,10 @@ class _FusedHop:
     """
 
     def __init__(self, enhancer, batch: int):
+        global _cpu
         from .kernels import cpu
 
-        self.cpu = cpu  # the elementwise hop kernels (numba, imported with the cpu backend)
+        self.cpu = _cpu = cpu  # the elementwise hop kernels (numba, imported with the cpu backend)
         self.prog = enhancer.model.executor.frame_program(batch)
         self.batch = batch
         B, f32 = batch, np.float32
@@ -147,16 +146,21 @@ class Hops:
         """Keep rows ``rows`` in that order (a row < 0: a new stream)."""
         self.spectra.reorder(rows)
 
-    def run(self, x: np.ndarray, state, rows=None) -> np.ndarray:
-        """Hops x (n, k, HOP) of rows ``rows`` (all rows if None) -> their output hops (n, k·HOP)."""
+    def run(self, x: np.ndarray, state, rows=None, out=None) -> np.ndarray:
+        """Hops x (n, k, HOP) of rows ``rows`` (all rows if None) -> their output hops (n, k·HOP),
+        written into ``out`` if given (n, k·HOP) float32."""
         n, k, H = x.shape
         if rows is None and self.fused is not None:
             if self.fused.batch != n:
                 self.fused = _FusedHop(self.enhancer, n)
-            y = np.empty((n, k, H), np.float32)
-            for j in range(k):
-                self.fused.run(x[:, j], self.spectra, state, y[:, j])
-            return y.reshape(n, k * H)
+            y = np.empty((n, k * H), np.float32) if out is None else out
+            if k == 1:
+                self.fused.run(x.reshape(n, H), self.spectra, state, y)
+            else:
+                y3 = y.reshape(n, k, H)
+                for j in range(k):
+                    self.fused.run(x[:, j], self.spectra, state, y3[:, j])
+            return y
         X = self.spectra.analyse(x, rows)
         if rows is None:
             Y = self.enhancer._apply(X, state)
@@ -164,4 +168,7 @@ class Hops:
             sub = state.take(rows)
             Y = self.enhancer._apply(X, sub)
             state.put(rows, sub)
-        return self.spectra.synthesise(Y, rows)
+        y = self.spectra.synthesise(Y, rows)
+        if out is not None:
+            out[:] = y
+        return y if out is None else out

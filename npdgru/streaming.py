@@ -22,6 +22,8 @@ from .errors import AudioError, ParameterError, StreamInputError
 from .hop import Hops
 
 ALGORITHMIC_LATENCY = stft.ALGORITHMIC_LATENCY  # samples at 16 kHz
+_NO_SAMPLES = np.zeros(0, np.float32)  # an empty partial hop (read only)
+_NO_SAMPLES.flags.writeable = False
 
 __all__ = ["Stream", "StreamBatch", "ALGORITHMIC_LATENCY"]
 
@@ -100,7 +102,7 @@ class Stream:
             self._hops = Hops(self.enhancer, 1)
         self._hops.reset()
         self._state = self.enhancer.model.init_state(1)
-        self._partial = np.zeros(0, np.float32)  # input samples of the hop in progress (< HOP)
+        self._partial = _NO_SAMPLES  # input samples of the hop in progress (< HOP)
         # The synthesis emits yp = y delayed by one hop; one more hop of zeros in front makes the
         # output y delayed by exactly N_FFT samples, for any chunk sizes.
         self._out = np.zeros(stft.HOP, np.float32)
@@ -111,13 +113,16 @@ class Stream:
         H = stft.HOP
         x = np.concatenate([self._partial, samples]) if len(self._partial) else samples
         k = len(x) // H
-        self._partial = x[k * H :].copy()
+        self._partial = x[k * H :].copy() if len(x) > k * H else _NO_SAMPLES
         if k:
-            y = self._hops.run(x[: k * H].reshape(1, k, H), self._state)[0]
+            q = len(self._out)
+            out = np.empty(q + k * H, np.float32)  # the output queue and the new hops after it
+            out[:q] = self._out
+            self._hops.run(x[: k * H].reshape(1, k, H), self._state, out=out[q:].reshape(1, k * H))
             if self._lead:  # yp[:HOP] is the (masked) front padding, not x: silence, as documented
-                y[:H] = 0.0
+                out[q : q + H] = 0.0
                 self._lead = False
-            self._out = np.concatenate([self._out, y])
+            self._out = out
 
     def process(self, chunk) -> np.ndarray:
         """Feed samples (any count, float; (k,) or (k, channels) at the stream's rate); get as many enhanced samples back.
