@@ -4,7 +4,7 @@
 
 Generates ``--files`` files of ``--seconds`` s (16 kHz mono PCM_16: the example recording
 ``examples/noisy_dishes_5db.flac`` rolled by a different offset per file and tiled to length)
-in a temporary folder, then enhances the corpus (``npdgru.distributed.run_items``, the code
+in a temporary folder, then enhances the corpus (``npdgru.corpus.run_items``, the code
 behind ``npdgru enhance DIR -o OUT [--jobs N]``) with
 
 * ``serial``: the in-process loop (no ``--jobs``, no ``--scheduler``);
@@ -45,7 +45,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
-from npdgru import distributed as dist  # noqa: E402
+from npdgru import corpus as dist  # noqa: E402
 from npdgru.evaluate.runner import cpu_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

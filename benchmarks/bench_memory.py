@@ -42,7 +42,7 @@ write_audio(sys.argv[2], y, sr, subtype="PCM_16")
 
 def make_file(path: Path, hours: float, rate: int) -> None:
     """A mono PCM_16 file of ``hours`` hours, written a minute at a time."""
-    from npdgru.enhance import _resample
+    from npdgru.resample import resample_signal as _resample
 
     x, sr = sf.read(str(EXAMPLE), dtype="float32")
     x = _resample(x[:, None], sr, rate)[:, 0]

@@ -22,7 +22,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from npdgru import Enhancer  # noqa: E402
-from npdgru.enhance import _validate_chunk, _validate_hops  # noqa: E402
+from npdgru.streaming import _validate_chunk, _validate_hops  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

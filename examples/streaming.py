@@ -2,7 +2,7 @@
 
     python examples/streaming.py [--update-percent P]
 
-Feeds the shipped noisy example to a :class:`npdgru.enhance.Stream` 160 samples at a time (as a
+Feeds the shipped noisy example to a :class:`npdgru.streaming.Stream` 160 samples at a time (as a
 sound card callback would), times every ``process()`` call, and checks that the streamed output
 is the offline output delayed by ``stream.latency`` = 320 samples (20 ms), bit for bit.
 """

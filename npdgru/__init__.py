@@ -8,9 +8,10 @@ The main entry points are available at the top level::
     import npdgru
     y = npdgru.enhance(x, sr)        # one call; an Enhancer is made once per set of options and kept
 
-Layers of the package (imports point down; ``docs/design.md``): ``cli`` -> ``enhance`` ->
-``model`` -> ``kernels`` (reference, cpu, cuda) -> ``weights`` -> ``plan`` -> ``kinds`` (one class per
-layer kind) -> ``reference`` (the NumPy specification, importing nothing of npdgru) -> ``errors``.
+Layers of the package (imports point down; ``docs/design.md``): ``cli`` -> ``corpus`` (many
+files) -> ``enhance`` -> ``streaming`` -> ``hop`` -> ``audio``, ``resample`` -> ``model`` ->
+``kernels`` (reference, cpu, cuda) -> ``weights`` -> ``plan`` -> ``kinds`` (one class per layer
+kind) -> ``reference`` (the NumPy specification, importing nothing of npdgru) -> ``errors``.
 The names below are imported on first use, so ``import npdgru`` stays cheap.
 """
 
@@ -18,11 +19,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Enhancer": "enhance",
-    "Stream": "enhance",
-    "StreamBatch": "enhance",
-    "ALGORITHMIC_LATENCY": "enhance",
-    "read_audio": "enhance",
-    "write_audio": "enhance",
+    "Stream": "streaming",
+    "StreamBatch": "streaming",
+    "ALGORITHMIC_LATENCY": "streaming",
+    "read_audio": "audio",
+    "write_audio": "audio",
     "MaskModel": "model",
     "Weights": "weights",
     "load_weights": "weights",

@@ -126,7 +126,7 @@ def _model_name(enh) -> str:
 
 def _stdio_options(args):
     """(format of '-' or None, raw-PCM description of stdin or None), checked."""
-    from .enhance import stdio_format
+    from .audio import stdio_format
 
     uses_stdio = "-" in getattr(args, "inputs", ["-"]) or args.output == "-"
     fmt = stdio_format(args.format) if args.format is not None else None
@@ -144,7 +144,7 @@ def _stdio_options(args):
 
 def _enhance_stdio(args, enh) -> int:
     """One input to one output where either is '-' (standard input / output): in memory."""
-    from .enhance import audio_format, output_subtype, read_audio, write_audio
+    from .audio import audio_format, output_subtype, read_audio, write_audio
 
     if len(args.inputs) != 1:
         raise ParameterError("'-' (standard input or output) takes exactly one input")
@@ -186,13 +186,13 @@ def _enhance_stdio(args, enh) -> int:
 def cmd_enhance(args) -> int:
     from tqdm import tqdm
 
-    from . import distributed as dist
+    from . import corpus
     from .enhance import Enhancer
 
     if args.jobs and args.scheduler:
         raise ParameterError("--jobs and --scheduler exclude each other: --jobs N starts N local workers, --scheduler attaches to a running cluster")
     if args.jobs or args.scheduler:
-        dist._need_dask()
+        corpus.need_dask()
     if args.model is not None and args.weights is not None:
         raise ParameterError("pass either --model NAME or --weights FILE, not both")
     if args.output == "/dev/stdout":
@@ -204,13 +204,12 @@ def cmd_enhance(args) -> int:
         return _enhance_stdio(args, enh)
     weights_path = getattr(enh.weights, "path", None) or args.weights
     weights_path = os.path.abspath(weights_path) if weights_path else None  # workers run elsewhere
-    config = dist.Config(weights=weights_path, update_percent=enh.update_percent, backend=args.backend, mask_floor_db=enh.mask_floor_db,
-                         model=dist.model_id(weights_path) if weights_path else "", subtype=args.subtype)
-    items, skipped, journal = dist.plan_work(args.inputs, args.output, config=config, overwrite=args.overwrite)
+    config = corpus.Config(weights=weights_path, update_percent=enh.update_percent, backend=args.backend, mask_floor_db=enh.mask_floor_db,
+                         model=corpus.model_id(weights_path) if weights_path else "", subtype=args.subtype)
+    items, skipped, journal = corpus.plan_work(args.inputs, args.output, config=config, overwrite=args.overwrite)
     if journal is not None and journal.warning():
         print(f"npdgru: warning: {_shown(journal.warning())}", file=sys.stderr)
-    dist._ENHANCERS.clear()
-    dist._ENHANCERS[config] = enh  # the in-process loop uses this one
+    corpus.use_enhancer(config, enh)  # the in-process loop uses this one
     if items and not (args.jobs or args.scheduler):
         _warm_up(enh, args.quiet)  # per-file times exclude JIT compilation
     pct = _format_percent(enh.model.fraction_updated())
@@ -239,7 +238,7 @@ def cmd_enhance(args) -> int:
 
     try:
         with _sigterm_as_interrupt():
-            dist.run_items(items, config, journal=journal, jobs=args.jobs, scheduler=args.scheduler, on_result=on_result,
+            corpus.run_items(items, config, journal=journal, jobs=args.jobs, scheduler=args.scheduler, on_result=on_result,
                            on_note=lambda line: tqdm.write(f"npdgru: warning: {_shown(line)}", file=sys.stderr))
     finally:
         bar.close()
@@ -271,7 +270,7 @@ def _warm_stream(enh, rate: int, channels: int, quiet: bool) -> None:
 def cmd_stream(args) -> int:
     """Standard input to standard output, block by block, with the model state carried."""
     from . import pcm
-    from .enhance import MAX_CHANNELS, _check_rate
+    from .audio import MAX_CHANNELS, _check_rate
 
     fmt = (args.format or "wav").lower()
     if fmt not in ("wav", "raw"):
@@ -375,7 +374,7 @@ def cmd_live(args) -> int:
         return 0
     out_path = args.output
     if out_path is not None:
-        from .enhance import audio_format
+        from .audio import audio_format
 
         audio_format(out_path)  # a writable format, checked before the microphone opens
         if os.path.isdir(out_path):

@@ -1,22 +1,20 @@
-"""Enhance audio: arrays and files offline, or 10 ms chunks as a stream.
+"""Enhance audio: arrays and files offline; :mod:`npdgru.streaming` serves 10 ms chunks.
 
     noisy x -> STFT X (T, 161) -> log-power features -> model -> mask m in [floor, 1]
             -> X·m -> inverse STFT -> enhanced y (same length, same sample rate as x)
 
-Offline and streaming run the same code on the same frames (``stft.py``) and the model is
-causal, so a :class:`Stream` returns exactly the offline output delayed by
-``ALGORITHMIC_LATENCY = 320`` samples (20 ms at 16 kHz), bit for bit.
+Offline and streaming run the same code on the same frames (``stft.py``, the hop engine of
+``hop.py``) and the model is causal, so a :class:`Stream` returns exactly the offline output
+delayed by ``ALGORITHMIC_LATENCY = 320`` samples (20 ms at 16 kHz), bit for bit.
 
 Many signals at once: :meth:`Enhancer.enhance_batch` runs a list of signals as one batch of
-independent streams (zero padding after each signal's end, which a causal model never sees);
-:class:`StreamBatch` serves N concurrent streams, one 10 ms hop per stream per call, with
-streams joining and leaving at any call. On ``backend="cuda"`` both run every layer of every
-stream on the GPU in one batch; each stream's output is the one it would get alone.
+independent streams (zero padding after each signal's end, which a causal model never sees).
+:func:`enhance_file` enhances a file of any length in bounded memory; the one-call
+``npdgru.enhance(x, sr)`` keeps an Enhancer per set of options.
 
-Input is checked completely before any state changes (a refused chunk or hop leaves its stream
-exactly as it was) against the limits below: finite samples within ``MAX_ABS_SAMPLE`` = 1e6,
-``MIN_SAMPLE_RATE`` .. ``MAX_SAMPLE_RATE`` = 1 kHz .. 384 kHz, at most ``MAX_CHANNELS`` = 64
-channels and never more channels than samples (a transposed array).
+The layers below: ``audio.py`` (files, standard input/output, the input limits), ``streaming.py``
+(:class:`Stream`, :class:`StreamBatch`), ``hop.py`` (the STFT driver and the fused hop),
+``resample.py`` (other sample rates). Their public names are importable from here too.
 """
 
 from __future__ import annotations
@@ -24,210 +22,34 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from contextlib import contextmanager
-from fractions import Fraction
 
 import numpy as np
 
 from . import stft
-from .errors import AudioError, ParameterError, StreamInputError
-from .model import MaskModel
+from .audio import (AUDIO_SUFFIXES, MAX_ABS_SAMPLE, MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, STDIO, AudioInput, _atomic_output,  # noqa: F401
+                    _check_audio, _check_rate, _clip_note, _clipped, _sf_name, audio_format, output_subtype, read_audio, stdio_format, write_audio)
+from .errors import ParameterError
+from .hop import _StftBatch
+from .model import MaskModel, get_backend
+from .streaming import ALGORITHMIC_LATENCY, Stream, StreamBatch
 from .weights import Weights, default_weights_path, load_weights
 
-ALGORITHMIC_LATENCY = stft.ALGORITHMIC_LATENCY  # samples at 16 kHz
 _BLOCK_FRAMES = 1000  # frames (10 s) per model call of the offline path: bounded memory
 DEFAULT_MASK_FLOOR_DB = -80.0  # NSNet2's minimum gain: the mask is clipped to [10^(-80/20), 1]
 
-__all__ = ["Enhancer", "Stream", "StreamBatch", "ALGORITHMIC_LATENCY", "DEFAULT_MASK_FLOOR_DB", "MAX_ABS_SAMPLE", "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE", "MAX_CHANNELS", "read_audio", "write_audio"]
-
-
-# Input limits. Samples: nominal full scale is ±1; the largest magnitude whose features stay
-# finite is sqrt(float32 max) / sum(window) = 9.06e16 (a constant signal: |X[0]|^2 overflows
-# float32 in stft.log_power above it; tests/test_hardening.py finds it). MAX_ABS_SAMPLE leaves
-# ten orders of magnitude to that and still takes integer PCM scaled as floats (±32768).
-MAX_ABS_SAMPLE = 1e6
-MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 384_000  # Hz; resampling cost grows with the ratio
-MAX_CHANNELS = 64
-
-
-class _StftBatch:
-    """Analysis and synthesis of B streams, hops in and hops out: the one STFT driver behind
-    :meth:`Enhancer.enhance`, :class:`Stream` and :class:`StreamBatch`.
-
-    Row b carries its last input hop (the analysis history, initially the front padding of zeros)
-    and the second half of its last synthesis frame. Frame t of a stream is ``rfft((hop t-1, hop t)
-    · WINDOW)`` and its output hop ``irfft(Y[t])[:HOP] · WINDOW + tail``: the frames of
-    ``stft.stft`` and the overlap-add of ``stft.istft``, through the same kernels
-    (``stft._synthesise``, the same windowing and FFT sizes), so every path gives the same bits.
-    """
-
-    def __init__(self, batch: int):
-        self.prev = np.zeros((batch, stft.HOP), np.float32)
-        self.tail = np.zeros((batch, stft.HOP), np.float32)
-
-    def analyse(self, hops: np.ndarray, rows=None) -> np.ndarray:
-        """hops (n, k, HOP) float32 of rows ``rows`` (all rows if None) -> spectra (k, n, N_BINS)."""
-        prev = self.prev if rows is None else self.prev[rows]
-        blocks = np.concatenate((prev[:, None], hops), axis=1)  # (n, k + 1, HOP)
-        frames = np.concatenate((blocks[:, :-1], blocks[:, 1:]), axis=2)  # (n, k, N_FFT), a fresh copy
-        frames *= stft.WINDOW
-        X = np.fft.rfft(frames, n=stft.N_FFT, axis=2).astype(np.complex64, copy=False)
-        if rows is None:
-            self.prev[:] = hops[:, -1]
-        else:
-            self.prev[rows] = hops[:, -1]
-        return X.transpose(1, 0, 2)
-
-    def synthesise(self, Y: np.ndarray, rows=None) -> np.ndarray:
-        """Spectra (k, n, N_BINS) of rows ``rows`` -> the k output hops of each row, (n, k·HOP)."""
-        k, n = Y.shape[:2]
-        H = stft.HOP
-        y = stft._synthesise(np.ascontiguousarray(Y.transpose(1, 0, 2)).reshape(n * k, stft.N_BINS)).reshape(n, k, stft.N_FFT)
-        out = y[:, :, :H].copy()  # first halves ...
-        out[:, 0] += self.tail if rows is None else self.tail[rows]  # ... plus the second half of the frame before
-        out[:, 1:] += y[:, :-1, H:]
-        if rows is None:
-            self.tail[:] = y[:, -1, H:]
-        else:
-            self.tail[rows] = y[:, -1, H:]
-        return out.reshape(n, k * H)
-
-    def reorder(self, rows: np.ndarray) -> None:
-        """Keep rows ``rows`` in that order (a row < 0: a new stream)."""
-        keep = rows >= 0
-        for name in ("prev", "tail"):
-            old = getattr(self, name)
-            new = np.zeros((len(rows), stft.HOP), np.float32)
-            new[keep] = old[rows[keep]]
-            setattr(self, name, new)
-
-
-class _FusedHop:
-    """One 10 ms hop of B streams from samples to samples with no allocation: the analysis frame,
-    the log-power features, every model step (one jitted call, ``FrameProgram``), the mask and
-    the synthesis overlap-add, all into buffers made here once.
-
-    Every operation is the one of the general path: NumPy's FFTs and log10, the elementwise steps
-    of ``stft.log_power``, :meth:`Enhancer._apply` and :class:`_StftBatch` repeated operation for
-    operation by numba kernels compiled without FMA contraction (``cpu.hop_*``), and the model
-    kernels on one frame; so the output has the same bits (tests/test_fused_hop.py).
-    """
-
-    def __init__(self, enhancer, batch: int):
-        from .kernels import cpu
-
-        self.cpu = cpu  # the elementwise hop kernels (numba, imported with the cpu backend)
-        self.prog = enhancer.model.executor.frame_program(batch)
-        B, f32 = batch, np.float32
-        self.frames = np.zeros((B, stft.N_FFT), f32)
-        self.X = np.zeros((B, stft.N_BINS), np.complex64)
-        self.Y = np.zeros((B, stft.N_BINS), np.complex64)
-        self.p64 = np.zeros((B, stft.N_BINS), np.float64)
-        self.y = np.zeros((B, stft.N_FFT), f32)
-        self.floor = enhancer.mask_floor
-
-    def run(self, x: np.ndarray, spectra: _StftBatch, state, out: np.ndarray) -> None:
-        """Hops x (B, HOP) of every row of ``spectra``/``state`` -> their output hops into out (B, HOP)."""
-        cpu = self.cpu
-        cpu.hop_frames(spectra.prev, x, stft.WINDOW, self.frames)
-        np.fft.rfft(self.frames, n=stft.N_FFT, axis=1, out=self.X)
-        cpu.hop_power(self.X, stft._LOG_FLOOR, self.p64)  # stft.log_power, ufunc for ufunc
-        np.log10(self.p64, out=self.p64)
-        prog = self.prog
-        cpu.hop_features(self.p64, prog.features)
-        prog.run(state)
-        cpu.hop_apply_mask(self.X, prog.mask, self.floor, self.Y)  # Enhancer._apply
-        np.fft.irfft(self.Y, n=stft.N_FFT, axis=1, out=self.y)
-        cpu.hop_overlap_add(self.y, stft.WINDOW, spectra.tail, out)
-
-
-def _fused_hop(enhancer, batch: int):
-    """A :class:`_FusedHop` where the backend has one-frame programs (cpu), else None."""
-    if not hasattr(enhancer.model.executor, "frame_program"):
-        return None
-    try:
-        return _FusedHop(enhancer, batch)
-    except ParameterError:  # a plan the one-frame program does not cover: the per-layer path
-        return None
+__all__ = ["Enhancer", "Stream", "StreamBatch", "enhance_file", "ALGORITHMIC_LATENCY", "DEFAULT_MASK_FLOOR_DB", "MAX_ABS_SAMPLE", "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE", "MAX_CHANNELS",
+           "read_audio", "write_audio", "AudioInput"]
 
 
 # Input accumulators (a D-GRU layer fed by a D-GRU layer reads only the changed input columns,
-# ``MaskModel(sparse_inputs=True)``) are used on cpu at P <= 50, where benchmarks/bench_enhance.py
-# measures them faster both offline and per streaming hop than the dense input product (NSNet2:
-# about 15 % offline and 8-12 % per hop at P = 50 and 25). One rule for both modes, so offline
-# and streaming still compute the same bits.
-_ACCUMULATOR_MAX_P = 50.0
-
-
+# ``MaskModel(sparse_inputs=True)``) are used where the backend says they pay
+# (``Executor.sparse_inputs_max_p``: on cpu P <= 50, where benchmarks/bench_enhance.py measures
+# them faster both offline and per streaming hop than the dense input product; NSNet2: about
+# 15 % offline and 8-12 % per hop at P = 50 and 25). One rule for both modes, so offline and
+# streaming still compute the same bits.
 def _input_accumulators_pay(backend, update_percent) -> bool:
     P = update_percent
-    return backend == "cpu" and isinstance(P, (int, float, np.floating, np.integer)) and not isinstance(P, bool) and P <= _ACCUMULATOR_MAX_P
-
-
-def _check_audio(audio, name="audio") -> np.ndarray:
-    """The audio as an array, or AudioError naming ``name`` and the problem; never copies."""
-    a = np.asarray(audio)
-    if a.dtype.kind not in "fiu":
-        raise AudioError(f"{name}: audio must be a numeric array, got dtype {a.dtype}")
-    if a.dtype.kind in "iu":
-        raise AudioError(f"{name}: integer samples ({a.dtype}); pass floats in [-1, 1] (e.g. x / 32768)")
-    if a.ndim not in (1, 2):
-        raise AudioError(f"{name}: audio must be (samples,) or (samples, channels), got shape {a.shape}")
-    if a.shape[0] == 0 or (a.ndim == 2 and a.shape[1] == 0):
-        raise AudioError(f"{name}: audio is empty (shape {a.shape})")
-    if a.ndim == 2 and (a.shape[1] > a.shape[0] or a.shape[1] > MAX_CHANNELS):
-        raise AudioError(
-            f"{name}: shape {a.shape} reads as {a.shape[1]} channels of {a.shape[0]} samples; audio is "
-            f"(samples, channels) with at most {MAX_CHANNELS} channels (channels first? pass x.T)"
-        )
-    _check_samples(a, name)
-    return a
-
-
-def _check_samples(a: np.ndarray, name: str) -> None:
-    """NaN, Inf and magnitudes beyond MAX_ABS_SAMPLE are refused (one pass over the data)."""
-    peak = max(float(a.max()), -float(a.min())) if a.size else 0.0  # NaN propagates; no copy
-    if not math.isfinite(peak):
-        raise AudioError(f"{name}: audio contains NaN or Inf samples")
-    if peak > MAX_ABS_SAMPLE:
-        raise AudioError(f"{name}: a sample of magnitude {peak:.3g} exceeds the limit {MAX_ABS_SAMPLE:g} (full scale is ±1)")
-
-
-def _validate_chunk(chunk) -> np.ndarray:
-    """A Stream chunk, checked completely before any state changes: (k,) float32, maybe empty."""
-    c = np.asarray(chunk)
-    if c.size == 0 and c.ndim == 1:
-        return np.zeros(0, np.float32)
-    if c.ndim != 1:
-        raise AudioError(f"chunk: a stream takes mono samples (k,), got shape {c.shape}")
-    return _check_audio(c, "chunk").astype(np.float32)
-
-
-def _validate_hops(chunks: dict, open_rows: dict) -> tuple[list, np.ndarray, dict]:
-    """Check every stream's hop of a StreamBatch call before any state changes.
-
-    ``open_rows`` maps each open stream id to its batch row. Returns the accepted ids, their hops
-    (n, 160) float32, and ``{id: reason}`` for the refused ones (an id that is not open, a wrong
-    shape, NaN/Inf, a magnitude beyond the limit).
-    """
-    ok, hops, rejected = [], [], {}
-    for sid, chunk in chunks.items():
-        try:
-            if sid not in open_rows:
-                shown = list(open_rows)[:20]
-                more = f" and {len(open_rows) - 20} more" if len(open_rows) > 20 else ""
-                raise ParameterError(f"stream id {sid!r} is not open (open ids: {shown}{more})")
-            c = np.asarray(chunk)
-            if c.shape != (stft.HOP,):
-                raise AudioError(f"stream {sid!r}: a chunk must be one hop of {stft.HOP} samples (16 kHz mono), got shape {c.shape}")
-            c = _check_audio(c, f"stream {sid!r}")
-        except (AudioError, ParameterError) as e:
-            rejected[sid] = str(e)
-            continue
-        ok.append(sid)
-        hops.append(c)
-    x = np.array(hops, np.float32).reshape(len(hops), stft.HOP)
-    return ok, x, rejected
+    return isinstance(P, (int, float, np.floating, np.integer)) and not isinstance(P, bool) and P <= get_backend(backend).Executor.sparse_inputs_max_p
 
 
 class _Offline16:
@@ -345,9 +167,11 @@ class Enhancer:
         mono = a.ndim == 1
         x = (a[:, None] if mono else a).astype(np.float32, copy=False)  # never written to
         n, C = x.shape
-        x16 = _resample(x, sample_rate, self.sample_rate)
+        from .resample import resample_signal
+
+        x16 = resample_signal(x, sample_rate, self.sample_rate)
         y16 = self._enhance16(x16)
-        y = _resample(y16, self.sample_rate, sample_rate)
+        y = resample_signal(y16, self.sample_rate, sample_rate)
         y = _fit_length(y, n)
         return y[:, 0] if mono else y
 
@@ -387,12 +211,14 @@ class Enhancer:
         rates = list(sample_rate) if isinstance(sample_rate, (list, tuple)) else [sample_rate] * len(audios)
         if len(rates) != len(audios):
             raise ParameterError(f"sample_rate: {len(rates)} rates for {len(audios)} signals")
+        from .resample import resample_signal
+
         signals = []  # (mono, n, x16 (n16, C)) per signal
         for i, (audio, sr) in enumerate(zip(audios, rates)):
             a = _check_audio(audio, f"audios[{i}]")
             _check_rate(sr, f"sample_rate[{i}]" if isinstance(sample_rate, (list, tuple)) else "sample_rate")
             x = (a[:, None] if a.ndim == 1 else a).astype(np.float32, copy=False)
-            signals.append((a.ndim == 1, x.shape[0], _resample(x, sr, self.sample_rate)))
+            signals.append((a.ndim == 1, x.shape[0], resample_signal(x, sr, self.sample_rate)))
         n_max = max(x16.shape[0] for _, _, x16 in signals)
         cols = sum(x16.shape[1] for _, _, x16 in signals)
         xs = np.zeros((n_max, cols), np.float32)  # the streams side by side, zero-padded to n_max
@@ -405,7 +231,7 @@ class Enhancer:
         for (mono, n, x16), sr in zip(signals, rates):
             y16 = ys[: x16.shape[0], c : c + x16.shape[1]]
             c += x16.shape[1]
-            y = _fit_length(_resample(np.ascontiguousarray(y16), self.sample_rate, sr), n)
+            y = _fit_length(resample_signal(np.ascontiguousarray(y16), self.sample_rate, sr), n)
             out.append(y[:, 0] if mono else y)
         return out
 
@@ -417,458 +243,6 @@ class Enhancer:
         """An empty batch of concurrent streams (10 ms hops; any rate that is a multiple of 100 Hz); see :class:`StreamBatch`."""
         return StreamBatch(self, sample_rate=sample_rate, channels=channels)
 
-
-class Stream:
-    """Chunks in, chunks out, with carried state.
-
-    ``process(chunk)`` accepts any number of samples and returns exactly as many: the offline
-    output delayed by ``latency`` = 320 samples (20 ms), the first 320 output samples being
-    zeros. ``flush()`` ends the stream and returns the last ``latency`` samples plus whatever the
-    final partial frame held, so that ``concat(outputs)[latency:latency + n] ==
-    Enhancer.enhance(x)`` for the n input samples. The stream can then be used again.
-
-    ``Stream(enh, sample_rate=48000, channels=2)`` takes chunks of (k,) samples (one channel) or
-    (k, channels) at that rate: each channel runs as its own 16 kHz stream behind a streaming
-    resampler (:class:`npdgru.resample.StreamResampler`, ``resample_poly``'s filter), which adds
-    about 1.3 ms: ``latency`` is then in samples of ``sample_rate`` (1024 at 48 kHz, 21.3 ms), and
-    the output equals the offline output delayed by ``latency`` to float rounding for rates that
-    are multiples of 50 Hz (at other rates 20 ms is not a whole number of samples: within a
-    sample). At 16 kHz with several channels each channel is bit for bit the mono stream's.
-    """
-
-    latency = ALGORITHMIC_LATENCY
-
-    def __init__(self, enhancer: Enhancer, *, sample_rate: int = stft.SAMPLE_RATE, channels: int = 1):
-        self.enhancer = enhancer
-        self._adapter = None
-        if (sample_rate, channels) != (stft.SAMPLE_RATE, 1):
-            self._adapter = _RateStream(enhancer, sample_rate, channels)
-            self.latency = self._adapter.latency
-        self.sample_rate, self.channels = int(sample_rate), int(channels)
-        self.reset()
-
-    def reset(self) -> None:
-        if self._adapter is not None:
-            self._adapter.reset()
-            return
-        self._spectra = _StftBatch(1)
-        self._state = self.enhancer.model.init_state(1)
-        self._partial = np.zeros(0, np.float32)  # input samples of the hop in progress (< HOP)
-        # The synthesis emits yp = y delayed by one hop; one more hop of zeros in front makes the
-        # output y delayed by exactly N_FFT samples, for any chunk sizes.
-        self._out = np.zeros(stft.HOP, np.float32)
-        self._n_in = 0
-        self._lead = True  # the synthesis's first hop is still to come
-        if not hasattr(self, "_fused"):
-            self._fused = _fused_hop(self.enhancer, 1)
-
-    def _run(self, samples: np.ndarray) -> None:
-        H = stft.HOP
-        if self._fused is not None and len(samples) == H and not len(self._partial) and len(self._out) == H:
-            # steady state of 10 ms chunks: one hop, samples to samples, into the output queue
-            out = np.empty(2 * H, np.float32)
-            out[:H] = self._out
-            self._fused.run(samples.reshape(1, H), self._spectra, self._state, out[H:].reshape(1, H))
-            if self._lead:
-                out[H:] = 0.0
-                self._lead = False
-            self._out = out
-            return
-        if self._fused is not None:  # other chunk sizes: the completed hops one by one
-            x = np.concatenate([self._partial, samples]) if len(self._partial) else samples
-            k = len(x) // H
-            self._partial = x[k * H :].copy()
-            if k:
-                y = np.empty((k, H), np.float32)
-                for j in range(k):
-                    self._fused.run(x[j * H : (j + 1) * H].reshape(1, H), self._spectra, self._state, y[j : j + 1])
-                if self._lead:
-                    y[0] = 0.0
-                    self._lead = False
-                self._out = np.concatenate([self._out, y.reshape(-1)])
-            return
-        x = np.concatenate([self._partial, samples]) if len(self._partial) else samples
-        k = len(x) // H
-        self._partial = x[k * H :].copy()
-        if k:
-            X = self._spectra.analyse(x[: k * H].reshape(1, k, H))
-            y = self._spectra.synthesise(self.enhancer._apply(X, self._state))[0]
-            if self._lead:  # yp[:HOP] is the (masked) front padding, not x: silence, as documented
-                y[:H] = 0.0
-                self._lead = False
-            self._out = np.concatenate([self._out, y])
-
-    def process(self, chunk) -> np.ndarray:
-        """Feed samples (any count, float; (k,) or (k, channels) at the stream's rate); get as many enhanced samples back.
-
-        A refused chunk (wrong shape, NaN/Inf, a sample beyond ``MAX_ABS_SAMPLE``) raises
-        AudioError and leaves the stream exactly as it was: the next chunk continues the timeline.
-        """
-        if self._adapter is not None:
-            return self._adapter.process(chunk)
-        c = _validate_chunk(chunk)  # everything checked before any state changes
-        if not len(c):
-            return c
-        self._n_in += len(c)
-        self._run(c)
-        out, self._out = self._out[: len(c)], self._out[len(c) :]
-        return out
-
-    def flush(self) -> np.ndarray:
-        """End of input: return the remaining ``latency`` samples (and reset the stream)."""
-        if self._adapter is not None:
-            return self._adapter.flush()
-        n = self._n_in
-        if n:
-            self._run(np.zeros(stft.HOP * stft.num_frames(n) - n, np.float32))
-        emitted = n  # process() returned exactly n samples so far
-        out = self._out[: n + self.latency - emitted]
-        if len(out) < self.latency:  # nothing was pushed: just the latency of silence
-            out = np.concatenate([out, np.zeros(self.latency - len(out), np.float32)])
-        self.reset()
-        return out
-
-
-class _RateStream:
-    """A :class:`Stream` at any rate and channel count: C mono 16 kHz streams between two
-    streaming resamplers, and a queue that returns exactly as many samples as came in.
-
-    After n inputs the resamplers and the streams have produced at least n - lead outputs
-    (``lead`` = the input resampler's delay in output samples, rounded up, plus the output
-    resampler's delay), so a queue that starts with ``lead`` zeros always holds enough.
-    """
-
-    def __init__(self, enhancer: Enhancer, sample_rate, channels):
-        from .resample import StreamResampler
-
-        _check_rate(sample_rate)
-        _check_channels(channels)
-        self.rate, self.C = int(sample_rate), int(channels)
-        self.streams = [Stream(enhancer) for _ in range(self.C)]
-        sr16 = stft.SAMPLE_RATE
-        if self.rate == sr16:
-            self.rs_in = self.rs_out = None
-            self.lead = 0
-        else:
-            self.rs_in, self.rs_out = StreamResampler(self.rate, sr16, self.C), StreamResampler(sr16, self.rate, self.C)
-            self.lead = -(-self.rs_in.delay * self.rate // sr16) + self.rs_out.delay
-        self.latency = self.lead + -(-ALGORITHMIC_LATENCY * self.rate // sr16)
-        self.reset()
-
-    def reset(self) -> None:
-        for s in self.streams:
-            s.reset()
-        for rs in (self.rs_in, self.rs_out):
-            if rs is not None:
-                rs.reset()
-        self._out = np.zeros((self.lead, self.C), np.float32)
-
-    def _validate(self, chunk) -> np.ndarray:
-        c = np.asarray(chunk)
-        mono_ok = self.C == 1 and c.ndim == 1
-        if not (mono_ok or (c.ndim == 2 and c.shape[1] == self.C)):
-            want = "(k,) or (k, 1)" if self.C == 1 else f"(k, {self.C})"
-            raise AudioError(f"chunk: this stream takes {want} samples at {self.rate} Hz, got shape {c.shape}")
-        if c.dtype.kind != "f":
-            raise AudioError(f"chunk: samples must be floats in [-1, 1], got dtype {c.dtype}")
-        if c.size:
-            _check_samples(c, "chunk")
-        return c.reshape(len(c), self.C).astype(np.float32)
-
-    def _push(self, x: np.ndarray) -> None:
-        x16 = self.rs_in.process(x) if self.rs_in is not None else x
-        y16 = np.stack([s.process(np.ascontiguousarray(x16[:, i])) for i, s in enumerate(self.streams)], axis=1)
-        y = self.rs_out.process(y16) if self.rs_out is not None else y16
-        self._out = np.concatenate([self._out, y])
-
-    def _pop(self, k: int, mono: bool) -> np.ndarray:
-        out, self._out = self._out[:k], self._out[k:]
-        return out[:, 0] if mono else out
-
-    def process(self, chunk) -> np.ndarray:
-        c = self._validate(chunk)  # everything checked before any state changes
-        self._push(c)
-        return self._pop(len(c), np.ndim(chunk) == 1)
-
-    def flush(self) -> np.ndarray:
-        """The last ``latency`` samples: zeros after the end, as the offline path pads."""
-        self._push(np.zeros((self.latency, self.C), np.float32))
-        out = self._pop(self.latency, self.C == 1)
-        self.reset()
-        return out
-
-
-class StreamBatch:
-    """N concurrent streams through one model batch, one 10 ms hop per call (16 kHz mono, or
-    ``sample_rate=``/``channels=``: hops of (rate/100, channels) at any rate that is a multiple of
-    100 Hz, with ``hop`` and ``latency`` in samples of that rate; see :class:`_RateStreamBatch`).
-
-    ``add()`` returns a stream id; ``process({id: chunk})`` takes exactly ``hop`` = 160 samples
-    for each stream named and returns ``{id: 160 enhanced samples}``; ``remove(id)`` ends a
-    stream. Streams may join and leave at any call, and a call may name any subset of the
-    streams: the others keep their state untouched. Each stream's output is bit for bit what a
-    :class:`Stream` fed the same 160-sample chunks returns (the offline output delayed by
-    ``latency`` = 320 samples); ``remove(id, flush=True)`` returns what ``Stream.flush()`` would.
-
-    The STFT of all streams of a call is one batched FFT on the host and the model runs once
-    for the whole batch (on ``backend="cuda"``, on the GPU with the state kept there). Joining
-    and leaving copy the batch state once (``O(N)``, on the device for cuda).
-
-    Examples
-    --------
-    >>> sb = Enhancer(backend="cuda").stream_batch()            # doctest: +SKIP
-    >>> a, b = sb.add(), sb.add()                               # doctest: +SKIP
-    >>> out = sb.process({a: x[:160], b: y[:160]})              # doctest: +SKIP
-    """
-
-    latency = ALGORITHMIC_LATENCY
-    hop = stft.HOP
-
-    def __init__(self, enhancer: Enhancer, *, sample_rate: int = stft.SAMPLE_RATE, channels: int = 1):
-        if not isinstance(enhancer, Enhancer):
-            raise ParameterError(f"StreamBatch needs an Enhancer, got {type(enhancer).__name__}")
-        self._adapter = None
-        if (sample_rate, channels) != (stft.SAMPLE_RATE, 1):
-            self._adapter = _RateStreamBatch(enhancer, sample_rate, channels)
-            self.latency, self.hop = self._adapter.latency, self._adapter.hop
-        self.sample_rate, self.channels = int(sample_rate), int(channels)
-        self.enhancer = enhancer
-        self._model = enhancer.model
-        self._ids: list[int] = []  # stream id of each batch row, in row order
-        self._next_id = 0
-        self._state = None  # model state of len(self._ids) streams; None while empty
-        H = stft.HOP
-        self._spectra = _StftBatch(0)  # analysis history and synthesis tail per stream
-        self._fused = _fused_hop(enhancer, 1)  # rebuilt for the batch size in use
-        self._pending = np.zeros((0, H), np.float32)  # what the next call returns (yp one hop back)
-        self._frames = np.zeros(0, np.int64)  # hops processed per stream
-
-    @property
-    def ids(self) -> list:
-        """Ids of the open streams, in the order they joined."""
-        return list(self._ids) if self._adapter is None else list(self._adapter.streams)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __contains__(self, stream_id) -> bool:
-        return stream_id in self.ids
-
-    def _row(self, stream_id) -> int:
-        try:
-            return self._ids.index(stream_id)
-        except ValueError:
-            raise ParameterError(f"stream id {stream_id!r} is not open (open ids: {self._ids})") from None
-
-    def _reshape(self, rows: np.ndarray, ids: list) -> None:
-        """Keep batch rows ``rows`` (-1: a new stream) in that order, under ``ids``."""
-        if not len(rows):
-            self._state = None
-        elif self._state is None:
-            self._state = self._model.init_state(len(rows))
-        else:
-            self._state = self._state.take(rows)
-        self._spectra.reorder(rows)
-        keep = rows >= 0
-        for name in ("_pending", "_frames"):
-            old = getattr(self, name)
-            new = np.zeros((len(rows),) + old.shape[1:], old.dtype)
-            new[keep] = old[rows[keep]]
-            setattr(self, name, new)
-        self._ids = ids
-
-    def add(self) -> int:
-        """Open a new stream (silence before its first sample); returns its id."""
-        if self._adapter is not None:
-            return self._adapter.add()
-        sid = self._next_id
-        self._next_id += 1
-        self._reshape(np.append(np.arange(len(self._ids)), -1), self._ids + [sid])
-        return sid
-
-    def remove(self, stream_id, *, flush: bool = False):
-        """Close a stream. With ``flush=True`` return its last ``latency`` samples (``Stream.flush``)."""
-        if self._adapter is not None:
-            return self._adapter.remove(stream_id, flush=flush)
-        r = self._row(stream_id)
-        tail = None
-        if flush:
-            if self._frames[r]:  # the zero hop that completes the last frame, as Stream.flush
-                first = self._tick(np.array([r]), np.zeros((1, stft.HOP), np.float32))[0]
-                tail = np.concatenate([first, self._pending[r]])
-            else:
-                tail = np.zeros(self.latency, np.float32)
-        rows = np.array([i for i in range(len(self._ids)) if i != r], np.int64)
-        self._reshape(rows, [sid for sid in self._ids if sid != stream_id])
-        return tail
-
-    def process(self, chunks: dict) -> dict:
-        """One hop for each stream named: ``{id: (160,) float samples}`` -> ``{id: (160,) float32}``.
-
-        Every hop is checked before any state changes. A refused hop (an id that is not open, a
-        wrong shape, NaN/Inf, a sample beyond ``MAX_ABS_SAMPLE``) leaves its stream as it was;
-        the other streams are processed, and then :class:`~npdgru.errors.StreamInputError`
-        names the refused ids and carries the others' outputs (``e.outputs``).
-        """
-        if not isinstance(chunks, dict):
-            raise ParameterError(f"chunks must be a dict {{stream id: ({self.hop},) samples}}, got {type(chunks).__name__}")
-        if self._adapter is not None:
-            return self._adapter.process(chunks)
-        row_of = {sid: r for r, sid in enumerate(self._ids)}  # one pass: O(N) for N streams
-        ok, x, rejected = _validate_hops(chunks, row_of)
-        out = {}
-        if ok:
-            order = np.argsort([row_of[sid] for sid in ok], kind="stable")  # batch row order
-            ids = [ok[k] for k in order]
-            rows = np.array([row_of[sid] for sid in ids], np.int64)
-            y = self._tick(rows, x[order])
-            out = {sid: y[k] for k, sid in enumerate(ids)}
-        if rejected:
-            raise StreamInputError(rejected, out)
-        return out
-
-    def _tick(self, rows: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Advance batch rows ``rows`` by the hops x (n, 160); return their outputs (n, 160)."""
-        full = len(rows) == len(self._ids) and (rows == np.arange(len(rows))).all()
-        if full and self._fused is not None:
-            if self._fused.prog.batch != len(rows):
-                self._fused = _fused_hop(self.enhancer, len(rows))
-            yp = np.empty((len(rows), stft.HOP), np.float32)
-            self._fused.run(x, self._spectra, self._state, yp)
-            return self._emit(rows, yp)
-        sel = None if full else rows
-        X = self._spectra.analyse(x[:, None, :], sel)
-        if full:
-            Y = self.enhancer._apply(X, self._state)
-        else:  # a subset of the streams: run them as a batch of their own, write their state back
-            sub = self._state.take(rows)
-            Y = self.enhancer._apply(X, sub)
-            self._state.put(rows, sub)
-        return self._emit(rows, self._spectra.synthesise(Y, sel))
-
-    def _emit(self, rows: np.ndarray, yp: np.ndarray) -> np.ndarray:
-        """Hand out the pending hops of rows ``rows`` and queue their new output hops yp."""
-        yp[self._frames[rows] == 0] = 0.0  # the first hop is the (masked) front padding: silence
-        self._frames[rows] += 1
-        out = self._pending[rows]
-        self._pending[rows] = yp
-        return out
-
-
-class _RateStreamBatch:
-    """A :class:`StreamBatch` at any rate that is a multiple of 100 Hz and any channel count: each
-    stream's C channels are C streams of one 16 kHz mono StreamBatch (the core), behind the
-    stream's own streaming resamplers.
-
-    A stream's resampled input gathers in a queue; the core takes a 160-sample hop from every
-    queue that holds one, so it sees exactly what :class:`Stream` at that rate sees (the input
-    resampler's output without its first ``delay`` samples) and the two give the same output, to
-    float rounding. The first hop waits for the resampler's delay (``ceil(delay/160)`` calls), so
-    each stream's output queue starts with ``lead`` zeros = that many 10 ms hops plus the output
-    resampler's delay: ``latency`` = ``lead`` + 20 ms (1471 samples, 30.6 ms at 48 kHz).
-    """
-
-    def __init__(self, enhancer: Enhancer, sample_rate, channels):
-        from .resample import StreamResampler
-
-        _check_rate(sample_rate)
-        _check_channels(channels)
-        if sample_rate % 100:
-            raise ParameterError(f"StreamBatch at {sample_rate} Hz: a 10 ms hop needs a rate that is a multiple of 100 Hz; use Stream (any chunk size) for this rate")
-        self.rate, self.C, self.hop = int(sample_rate), int(channels), int(sample_rate) // 100
-        self.core = StreamBatch(enhancer)
-        self._resamplers = (lambda: StreamResampler(self.rate, stft.SAMPLE_RATE, self.C), lambda: StreamResampler(stft.SAMPLE_RATE, self.rate, self.C))
-        probe_in, probe_out = (f() for f in self._resamplers)
-        self.lead = -(-probe_in.delay // stft.HOP) * self.hop + probe_out.delay
-        self.latency = self.lead + ALGORITHMIC_LATENCY * self.rate // stft.SAMPLE_RATE
-        self.streams: dict = {}  # id -> {"core": [C core ids], "rs": (in, out), "q16": (m, C), "out": (k, C)}
-        self._next_id = 0
-
-    def add(self) -> int:
-        sid = self._next_id
-        self._next_id += 1
-        self.streams[sid] = {"core": [self.core.add() for _ in range(self.C)], "rs": tuple(f() for f in self._resamplers),
-                             "q16": np.zeros((0, self.C), np.float32), "out": np.zeros((self.lead, self.C), np.float32)}
-        return sid
-
-    def _get(self, sid):
-        if sid not in self.streams:
-            shown = list(self.streams)[:20]
-            raise ParameterError(f"stream id {sid!r} is not open (open ids: {shown})")
-        return self.streams[sid]
-
-    def _validate(self, sid, chunk) -> np.ndarray:
-        self._get(sid)
-        c = np.asarray(chunk)
-        want = (self.hop,) if self.C == 1 else (self.hop, self.C)
-        if c.shape != want and c.shape != (self.hop, self.C):
-            raise AudioError(f"stream {sid!r}: a chunk must be one 10 ms hop of shape {want} at {self.rate} Hz, got shape {c.shape}")
-        if c.dtype.kind != "f":
-            raise AudioError(f"stream {sid!r}: samples must be floats in [-1, 1], got dtype {c.dtype}")
-        _check_samples(c, f"stream {sid!r}")
-        return c.reshape(self.hop, self.C).astype(np.float32)
-
-    def _advance(self, hops: dict) -> dict:
-        """Push one checked hop (hop, C) per stream id; return each one's next hop of output."""
-        for sid, x in hops.items():
-            st = self.streams[sid]
-            st["q16"] = np.concatenate([st["q16"], st["rs"][0].process(x)])
-        ready = [sid for sid in hops if len(self.streams[sid]["q16"]) >= stft.HOP]
-        feed = {}
-        for sid in ready:
-            st = self.streams[sid]
-            for c, cid in enumerate(st["core"]):
-                feed[cid] = np.ascontiguousarray(st["q16"][: stft.HOP, c])
-            st["q16"] = st["q16"][stft.HOP :]
-        y16 = self.core.process(feed) if feed else {}
-        out = {}
-        for sid in hops:
-            st = self.streams[sid]
-            if sid in ready:
-                y = np.stack([y16[cid] for cid in st["core"]], axis=1)
-                st["out"] = np.concatenate([st["out"], st["rs"][1].process(y)])
-            out[sid], st["out"] = st["out"][: self.hop], st["out"][self.hop :]
-            if self.C == 1:
-                out[sid] = out[sid][:, 0]
-        return out
-
-    def process(self, chunks: dict) -> dict:
-        ok, rejected = {}, {}
-        for sid, chunk in chunks.items():
-            try:
-                ok[sid] = self._validate(sid, chunk)
-            except (AudioError, ParameterError) as e:
-                rejected[sid] = str(e)
-        out = self._advance(ok) if ok else {}
-        if rejected:
-            raise StreamInputError(rejected, out)
-        return out
-
-    def remove(self, sid, *, flush: bool = False):
-        st = self._get(sid)
-        tail = None
-        if flush:  # zeros after the end, as Stream.flush: until the last sample is out
-            parts, need = [], self.latency
-            zero = np.zeros((self.hop, self.C), np.float32)
-            while need > 0:
-                y = self._advance({sid: zero})[sid]
-                parts.append(y[:need])
-                need -= len(y)
-            tail = np.concatenate(parts)
-        for cid in st["core"]:
-            self.core.remove(cid)
-        del self.streams[sid]
-        return tail
-
-
-def _check_channels(channels) -> None:
-    if isinstance(channels, (bool, np.bool_)) or not isinstance(channels, (int, np.integer)) or not 1 <= channels <= MAX_CHANNELS:
-        raise ParameterError(f"channels={channels!r} must be an integer from 1 to {MAX_CHANNELS}")
-
-
-def _check_rate(sample_rate, name="sample_rate") -> None:
-    if isinstance(sample_rate, (bool, np.bool_)) or not isinstance(sample_rate, (int, np.integer)) or not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
-        raise AudioError(f"{name}={sample_rate!r} must be an integer number of Hz from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE}")
 
 
 def _resolve_weights(weights, model):
@@ -895,468 +269,11 @@ def _resolve_weights(weights, model):
     return load_weights(weights)
 
 
-def _resample(x: np.ndarray, sr_from: int, sr_to: int) -> np.ndarray:
-    if sr_from == sr_to:
-        return x
-    from scipy.signal import resample_poly
-
-    r = Fraction(int(sr_to), int(sr_from))
-    return resample_poly(x, r.numerator, r.denominator, axis=0).astype(np.float32)
-
-
-class _Resampler:
-    """``_resample`` (``scipy.signal.resample_poly``) fed in blocks, with the same output bits.
-
-    resample_poly's output sample j is a fixed sum over the input samples within its FIR
-    filter's half length (``10·max(up, down)`` at the upsampled rate) of j·down/up. So each
-    block is resampled together with ``margin`` input samples before and after it, and only the
-    outputs whose whole filter support has arrived are handed out; the input kept starts at a
-    multiple of ``down``, where output and input grids meet, so a segment's outputs are the
-    whole signal's, shifted by a whole number of samples (tests/test_enhance.py).
-    """
-
-    def __init__(self, sr_from: int, sr_to: int, channels: int):
-        r = Fraction(int(sr_to), int(sr_from))
-        self.up, self.down = r.numerator, r.denominator
-        half_len = 10 * max(self.up, self.down)  # resample_poly's default filter
-        self.margin = -(-(half_len + 2 * self.down) // self.up) + 2  # input samples, each side
-        self.buf = np.zeros((0, channels), np.float32)
-        self.start = 0  # input index of buf[0], a multiple of down
-        self.n = 0  # input samples pushed
-        self.done = 0  # output samples handed out
-
-    def _outputs(self, stop: int) -> np.ndarray:
-        """Outputs done .. stop of the whole signal, from the buffer."""
-        if stop <= self.done:
-            return np.zeros((0, self.buf.shape[1]), np.float32)
-        y = _resample(self.buf, self.down, self.up)  # rates in the ratio up:down
-        off = self.start * self.up // self.down
-        out = y[self.done - off : stop - off]
-        self.done = stop
-        return out
-
-    def push(self, x: np.ndarray) -> np.ndarray:
-        if self.up == self.down:
-            return x
-        self.buf = np.concatenate([self.buf, x])
-        self.n += len(x)
-        out = self._outputs(max(self.done, (self.n - self.margin) * self.up // self.down))
-        keep = max(self.start, (self.done * self.down // self.up - self.margin) // self.down * self.down)
-        self.buf = self.buf[keep - self.start :]
-        self.start = keep
-        return out
-
-    def finish(self) -> np.ndarray:
-        if self.up == self.down:
-            return np.zeros((0, self.buf.shape[1]), np.float32)
-        return self._outputs(-(-self.n * self.up // self.down))  # resample_poly's length: ceil(n·up/down)
-
-
 def _fit_length(y: np.ndarray, n: int) -> np.ndarray:
     if len(y) >= n:
         return np.ascontiguousarray(y[:n])
     return np.concatenate([y, np.zeros((n - len(y),) + y.shape[1:], y.dtype)])
 
-
-# --------------------------------------------------------------------------------------------
-# files
-# --------------------------------------------------------------------------------------------
-
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")  # read (libsndfile >= 1.1 reads MP3)
-STDIO = "-"  # a path that means standard input (read_audio) or standard output (write_audio)
-
-
-MAX_PIPE_BYTES = 2**30  # a pipe or FIFO is read into memory (libsndfile cannot seek it): 1 GiB at most
-
-
-def read_audio(path, *, info: bool = False, raw: dict | None = None):
-    """Read an audio file as float32 (samples, channels). Raises AudioError naming the file.
-
-    The file is opened once (a pipe or FIFO, e.g. ``<(cat x.wav)``, is read into memory first, as
-    libsndfile cannot seek it); ``path="-"`` reads standard input the same way. The header is
-    checked before any samples are read: the sample rate must lie in [MIN_SAMPLE_RATE,
-    MAX_SAMPLE_RATE] and the channels number at most MAX_CHANNELS. Headerless PCM needs ``raw=
-    {"samplerate": Hz, "channels": C, "subtype": "PCM_16"}`` (little-endian). With ``info=True``
-    returns ``(x, sample_rate, {"format": ..., "subtype": ...})``.
-    """
-    import io
-    import stat
-    import sys
-
-    import soundfile as sf
-
-    path = os.fspath(path)
-    if path == STDIO:
-        st = None
-    else:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise AudioError(f"{path}: no such file") from None
-        except OSError as e:
-            raise AudioError(f"{path}: cannot open ({e.strerror or e})") from None
-        if stat.S_ISDIR(st.st_mode):
-            raise AudioError(f"{path}: is a folder")
-        if stat.S_ISREG(st.st_mode):  # libsndfile says only "System error" for a file it may not read
-            try:  # (a FIFO is not probed: opening it would take its one writer)
-                os.close(os.open(path, os.O_RDONLY))
-            except OSError as e:
-                raise AudioError(f"{path}: cannot open ({e.strerror or e})") from None
-    name = "stdin" if st is None else path
-    raw_args = {}
-    if raw is not None:
-        raw_args = {"format": "RAW", "samplerate": raw["samplerate"], "channels": raw["channels"], "subtype": raw.get("subtype") or "PCM_16", "endian": "LITTLE"}
-        _check_rate(raw["samplerate"], f"{name}: --rate")
-        if not (isinstance(raw["channels"], int) and 1 <= raw["channels"] <= MAX_CHANNELS):
-            raise AudioError(f"{name}: --channels {raw['channels']!r} must be an integer from 1 to {MAX_CHANNELS}")
-        if raw_args["subtype"] not in _RAW_SUBTYPES:
-            raise AudioError(f"{name}: raw PCM subtype {raw_args['subtype']!r} is not one of {', '.join(_RAW_SUBTYPES)}")
-    try:
-        if st is not None and stat.S_ISREG(st.st_mode):
-            source = _sf_name(path)
-        else:  # stdin, FIFO, pipe, character device: read once, with a bound
-            fh = sys.stdin.buffer if st is None else open(path, "rb")
-            try:
-                data = _read_bounded(fh, name)
-            finally:
-                if st is not None:
-                    fh.close()
-            if not data:
-                raise AudioError(f"{name}: no data (an empty pipe or file)")
-            source = io.BytesIO(data)
-        path = name
-        with sf.SoundFile(source, **raw_args) as f:
-            sr, C, fmt, subtype = int(f.samplerate), int(f.channels), f.format, f.subtype
-            _check_header(path, sr, C)
-            x = f.read(dtype="float32", always_2d=True)
-    except AudioError:
-        raise
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError, MemoryError) as e:
-        raise AudioError(f"{path}: cannot read audio ({' '.join(str(e).split())}); npdgru reads {_readable_formats()}{'' if raw else ', or raw PCM with --format raw --rate HZ --channels N'}") from None
-    if x.shape[0] == 0:
-        raise AudioError(f"{path}: the file holds no samples")
-    _check_samples(x, path)
-    if info:
-        return x, sr, {"format": fmt, "subtype": subtype}
-    return x, sr
-
-
-def _read_bounded(fh, path) -> bytes:
-    data = fh.read(MAX_PIPE_BYTES + 1)
-    if len(data) > MAX_PIPE_BYTES:
-        raise AudioError(f"{path}: more than {MAX_PIPE_BYTES} bytes from a pipe; write the audio to a file first")
-    return data
-
-
-def _check_header(path, sr: int, channels: int) -> None:
-    """The header's rate and channels, checked before any sample is read."""
-    if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
-        raise AudioError(f"{path}: the header says {sr} Hz; npdgru takes {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz")
-    if channels > MAX_CHANNELS:
-        raise AudioError(f"{path}: the header says {channels} channels; npdgru takes at most {MAX_CHANNELS}")
-
-
-def _sf_name(path: str):
-    """soundfile encodes a str file name strictly: a name that is not UTF-8 goes as bytes."""
-    try:
-        path.encode()
-        return path
-    except UnicodeEncodeError:
-        return os.fsencode(path)
-
-
-class _HashedFile:
-    """A regular file as soundfile's virtual I/O reads it (``pread`` at its own position), with
-    the sha256 of its bytes taken from those same reads: each byte is hashed the first time a
-    read reaches it in order, and :meth:`sha256` reads only what the decoder skipped."""
-
-    def __init__(self, fd: int):
-        import hashlib
-
-        self.fd, self.pos, self.hashed = fd, 0, 0
-        self.size = os.fstat(fd).st_size
-        self._h = hashlib.sha256()
-
-    def _saw(self, start: int, data) -> None:
-        if start <= self.hashed < start + len(data):
-            self._h.update(data[self.hashed - start :])
-            self.hashed = start + len(data)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = max(0, offset + (0, self.pos, self.size)[whence])
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, buf) -> int:
-        view = memoryview(buf).cast("B")
-        if hasattr(os, "preadv"):
-            n = os.preadv(self.fd, [view], self.pos)
-        else:  # macOS before 11
-            data = os.pread(self.fd, len(view), self.pos)
-            n = len(data)
-            view[:n] = data
-        self._saw(self.pos, view[:n])
-        self.pos += n
-        return n
-
-    def sha256(self) -> str:
-        while True:
-            block = os.pread(self.fd, 1 << 20, self.hashed)
-            if not block:
-                return self._h.hexdigest()
-            self._saw(self.hashed, block)
-
-
-class AudioInput:
-    """An audio file opened once and read in blocks, with its identity from the same open file.
-
-    The header is checked before any sample is read (as :func:`read_audio`). ``identity()``
-    gives (sha256, size, mtime_ns) of the bytes that were decoded: the size and mtime of the
-    open file (``fstat``, so a file replaced meanwhile by a rename does not count), the hash
-    from the decoder's own reads; a file written to while it was read is an AudioError. A pipe
-    or FIFO is read into memory once (at most ``MAX_PIPE_BYTES``) and has no identity (None).
-    """
-
-    def __init__(self, path):
-        import io
-        import stat
-
-        import soundfile as sf
-
-        self.path = path = os.fspath(path)
-        try:
-            self._fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise AudioError(f"{path}: no such file") from None
-        except OSError as e:
-            raise AudioError(f"{path}: cannot open ({e.strerror or e})") from None
-        self._sf = self._raw = None
-        try:
-            self._st = os.fstat(self._fd)
-            if stat.S_ISDIR(self._st.st_mode):
-                raise AudioError(f"{path}: is a folder")
-            if stat.S_ISREG(self._st.st_mode):
-                self._raw = source = _HashedFile(self._fd)
-            else:  # FIFO, pipe, character device: read once, with a bound
-                with open(self._fd, "rb", closefd=False) as fh:
-                    source = io.BytesIO(_read_bounded(fh, path))
-            try:
-                self._sf = sf.SoundFile(source)
-            except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError, MemoryError) as e:
-                raise AudioError(f"{path}: cannot read audio ({' '.join(str(e).split())}); npdgru reads {_readable_formats()}") from None
-            f = self._sf
-            self.samplerate, self.channels, self.frames = int(f.samplerate), int(f.channels), int(f.frames)
-            self.format, self.subtype = f.format, f.subtype
-            _check_header(path, self.samplerate, self.channels)
-        except BaseException:
-            self.close()
-            raise
-
-    def blocks(self, frames: int):
-        """(k, channels) float32 blocks of at most ``frames`` samples, each checked (NaN, Inf, magnitude)."""
-        import soundfile as sf
-
-        n = 0
-        while True:
-            try:
-                x = self._sf.read(frames, dtype="float32", always_2d=True)
-            except (sf.LibsndfileError, RuntimeError, ValueError, OSError, MemoryError) as e:
-                raise AudioError(f"{self.path}: cannot read audio ({' '.join(str(e).split())}); npdgru reads {_readable_formats()}") from None
-            if not len(x):
-                break
-            _check_samples(x, self.path)
-            n += len(x)
-            yield x
-        if n == 0:
-            raise AudioError(f"{self.path}: the file holds no samples")
-
-    def read(self) -> np.ndarray:
-        """Every sample, (samples, channels) float32."""
-        return np.concatenate(list(self.blocks(max(self.frames, 1))))
-
-    def identity(self) -> tuple:
-        """(sha256, size, mtime_ns) of the file read; (None, None, None) for a pipe."""
-        if self._raw is None:
-            return None, None, None
-        digest = self._raw.sha256()
-        now = os.fstat(self._fd)
-        if (now.st_size, now.st_mtime_ns) != (self._st.st_size, self._st.st_mtime_ns) or self._raw.hashed != now.st_size:
-            raise AudioError(f"{self.path}: the file changed while it was read; run again to enhance what it holds now")
-        return digest, now.st_size, now.st_mtime_ns
-
-    def close(self) -> None:
-        if self._sf is not None:
-            self._sf.close()
-            self._sf = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".mp3": "MP3", ".aiff": "AIFF", ".aif": "AIFF"}
-_RAW_SUBTYPES = ("PCM_16", "PCM_24", "PCM_32", "FLOAT")  # headerless PCM, little-endian
-# a codec subtype is kept only in its own format (an MP3 input's MPEG_LAYER_III is no WAV subtype)
-_CODEC_FORMATS = {"VORBIS": "OGG", "OPUS": "OGG", "MPEG_LAYER_I": "MP3", "MPEG_LAYER_II": "MP3", "MPEG_LAYER_III": "MP3"}
-
-
-def _readable_formats() -> str:
-    """The formats this libsndfile reads among npdgru's suffixes, for error messages."""
-    import soundfile as sf
-
-    have = sf.available_formats()
-    return ", ".join(dict.fromkeys(f for f in _FORMATS.values() if f in have))
-
-
-def stdio_format(name) -> str:
-    """``--format`` of ``-`` (standard input/output): a soundfile format name, AudioError otherwise."""
-    import soundfile as sf
-
-    fmt = str(name).upper()
-    if fmt == "AIF":
-        fmt = "AIFF"
-    if fmt != "RAW" and fmt not in set(_FORMATS.values()):
-        raise AudioError(f"--format {name!r}: choose from wav, flac, ogg, mp3, aiff, raw")
-    if fmt not in sf.available_formats():
-        raise AudioError(f"--format {name!r}: this libsndfile ({sf.__libsndfile_version__}) does not write {fmt}")
-    return fmt
-# how much of a sample a subtype keeps, to tell when a format change loses bits
-_SUBTYPE_RANK = {"PCM_S8": 1, "PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 5, "DOUBLE": 6}
-_FLOAT_SUBTYPES = ("FLOAT", "DOUBLE", "VORBIS", "OPUS")  # no clipping at ±1
-
-
-def audio_format(path, format: str | None = None) -> str:
-    """The soundfile format written for ``path``: ``format`` if given (``-``: standard output,
-    WAV by default), else by its suffix (no suffix: WAV); AudioError otherwise."""
-    import soundfile as sf
-
-    if format is not None:
-        return stdio_format(format)
-    if os.fspath(path) == STDIO:
-        return "WAV"
-    ext = os.path.splitext(os.fspath(path))[1]
-    fmt = _FORMATS.get(ext.lower() or ".wav")
-    if fmt is None:
-        raise AudioError(f"{path}: cannot write '{ext}' files; use .wav, .flac, .ogg, .mp3 or .aiff")
-    if fmt not in sf.available_formats():
-        raise AudioError(f"{path}: this libsndfile ({sf.__libsndfile_version__}) cannot write {fmt}; use .wav or .flac")
-    return fmt
-
-
-def output_subtype(path, y: np.ndarray, *, source_subtype: str | None = None, subtype: str | None = None, format: str | None = None) -> tuple[str, list[str]]:
-    """The subtype to write ``y`` to ``path`` with, and warnings for what the format change loses.
-
-    ``subtype`` (the user's ``--subtype``) is taken as given if the format can hold it. Otherwise
-    the input's subtype is kept where the output format holds it (24-bit WAV -> 24-bit FLAC),
-    else the format's default, with a warning naming the option that keeps more bits. Samples
-    beyond ±1 clip in integer subtypes: counted and warned, with the way to keep them.
-    """
-    import soundfile as sf
-
-    fmt = audio_format(path, format)
-    notes = []
-    if source_subtype in _CODEC_FORMATS and _CODEC_FORMATS[source_subtype] != fmt:
-        source_subtype = None  # a codec of another format: the output format's default
-    if subtype is not None:
-        if not (isinstance(subtype, str) and sf.check_format(fmt, subtype.upper())):
-            raise AudioError(f"{path}: subtype {subtype!r} cannot be written as {fmt} (choose from {', '.join(sorted(sf.available_subtypes(fmt)))})")
-        chosen = subtype.upper()
-    elif source_subtype and sf.check_format(fmt, source_subtype):
-        chosen = source_subtype
-    else:
-        chosen = sf.default_subtype(fmt) or "PCM_16"  # RAW has no default
-        lost = _SUBTYPE_RANK.get(source_subtype or "", 0) > _SUBTYPE_RANK.get(chosen, 9)
-        if lost:
-            best = max((s for s in sf.available_subtypes(fmt) if s in _SUBTYPE_RANK), key=_SUBTYPE_RANK.get, default=None)
-            keep = f"pass --subtype {best} to keep more" if best and _SUBTYPE_RANK[best] > _SUBTYPE_RANK[chosen] else "write a .wav to keep them"
-            notes.append(f"{path}: the input's {source_subtype} samples are written as {fmt} {chosen}; {keep}")
-    note = _clip_note(path, chosen, _clipped(chosen, y), y.size)
-    return chosen, notes + ([note] if note else [])
-
-
-def _clipped(subtype: str, y: np.ndarray) -> int:
-    """Samples of y that ``subtype`` clips (beyond ±1 in an integer format)."""
-    return 0 if subtype in _FLOAT_SUBTYPES else int(np.count_nonzero(np.abs(y) > 1.0))
-
-
-def _clip_note(path, subtype: str, n: int, size: int) -> str | None:
-    if not n:
-        return None
-    return f"{path}: {n} samples ({100.0 * n / size:.3g} %) exceed ±1.0 and are clipped in {audio_format(path)} {subtype}; write a .wav with --subtype FLOAT to keep them"
-
-
-def write_audio(path, y: np.ndarray, sample_rate: int, *, subtype: str | None = None, format: str | None = None) -> None:
-    """Write audio atomically: a temporary file in the same folder, then rename.
-
-    The temporary file is ``.npdgru-XXXX.<ext>.part``: folder scans never take it as an input,
-    and it is removed on any failure (a full disk, an unwritable folder: an AudioError naming
-    ``path``) and on KeyboardInterrupt or the SIGTERM that ``npdgru enhance`` turns into one.
-    ``path="-"`` writes to standard output (``format``: WAV by default; ``"RAW"``: headerless
-    little-endian PCM), encoded in memory first so that a failure writes nothing.
-    """
-    import soundfile as sf
-
-    path = os.fspath(path)
-    fmt = audio_format(path, format)  # before anything is created
-    if path == STDIO:
-        import io
-        import sys
-
-        buf = io.BytesIO()
-        try:
-            sf.write(buf, y, sample_rate, format=fmt, subtype=subtype or sf.default_subtype(fmt) or "PCM_16", **({"endian": "LITTLE"} if fmt == "RAW" else {}))
-        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
-            raise AudioError(f"stdout: cannot encode the output as {fmt} ({' '.join(str(e).split())})") from None
-        try:
-            sys.stdout.buffer.write(buf.getvalue())
-            sys.stdout.buffer.flush()
-        except BrokenPipeError:
-            raise AudioError("stdout: the reader closed the pipe") from None
-        return
-    with _atomic_output(path) as tmp:
-        sf.write(_sf_name(tmp), y, sample_rate, format=fmt, subtype=subtype)
-
-
-@contextmanager
-def _atomic_output(path):
-    """The name of a temporary file beside ``path`` (``write_audio``'s), renamed to ``path`` when
-    the block ends, removed if it raises; OSError and libsndfile errors become AudioError."""
-    import tempfile
-
-    import soundfile as sf
-
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise AudioError(f"{path}: cannot create the output folder ({e.strerror or e})") from None
-    ext = os.path.splitext(path)[1] or ".wav"
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".npdgru-", suffix=ext + ".part", dir=folder)
-    except OSError as e:
-        raise AudioError(f"{path}: cannot write there ({e.strerror or e})") from None
-    os.close(fd)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise AudioError(f"{path}: cannot write the output ({e.strerror or e})") from None
-    except (sf.LibsndfileError, RuntimeError) as e:  # libsndfile: disk full, I/O error
-        raise AudioError(f"{path}: cannot write the output ({' '.join(str(e).split())})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1372,7 +289,7 @@ def enhance_file(enhancer: Enhancer, src: AudioInput, dst, *, subtype: str | Non
     A file of at most ``block_seconds`` is read whole and enhanced by :meth:`Enhancer.enhance`.
     A longer one is read, enhanced and written in blocks of ``block_seconds``: the 16 kHz path
     carries the model state and the STFT history (:class:`_Offline16`) and other rates go
-    through block-fed resamplers (:class:`_Resampler`), so memory does not grow with the
+    through block-fed resamplers (:class:`npdgru.resample.BlockResampler`), so memory does not grow with the
     length and the output has the bits of :meth:`Enhancer.enhance` on the whole file
     (tests/test_enhance.py). The input's identity is checked before the output is renamed into
     place: an input written to meanwhile leaves no output.
@@ -1400,7 +317,9 @@ def enhance_file(enhancer: Enhancer, src: AudioInput, dst, *, subtype: str | Non
         write_audio(dst, y, sr, subtype=chosen)
         return {"warnings": notes, "compute": compute, "identity": identity}
     _check_rate(sr)
-    r_in, r_out = _Resampler(sr, stft.SAMPLE_RATE, C), _Resampler(stft.SAMPLE_RATE, sr, C)
+    from .resample import BlockResampler
+
+    r_in, r_out = BlockResampler(sr, stft.SAMPLE_RATE, C), BlockResampler(stft.SAMPLE_RATE, sr, C)
     model = _Offline16(enhancer, C)
     clipped, n_in, n_out = 0, 0, 0
     with _atomic_output(dst) as tmp:
@@ -1484,3 +403,4 @@ class _CallableModule(type(os)):
 import sys as _sys  # noqa: E402
 
 _sys.modules[__name__].__class__ = _CallableModule
+

@@ -29,7 +29,7 @@ class CheckpointError(NpdgruError):
 
 
 class StreamInputError(AudioError, ParameterError):
-    """Some streams of a :class:`~npdgru.enhance.StreamBatch` call were refused; the others ran.
+    """Some streams of a :class:`~npdgru.streaming.StreamBatch` call were refused; the others ran.
 
     ``rejected`` maps each refused stream id to the reason; ``outputs`` holds the hops of the
     streams that were processed (``{id: (160,) float32}``), as ``process`` would have returned.

@@ -26,23 +26,18 @@ returns ``y = yp[HOP : HOP + n]``.
 
 Streaming
 ---------
-:class:`StftStream` produces the same frames from chunks of any size: frame ``t`` is emitted
-by the call during which the input count reaches ``t*HOP + HOP`` (its last sample,
-``xp[t*HOP + N_FFT - 1] == x[t*HOP + HOP - 1]``, has arrived). It keeps one hop of history,
-initially zeros, which *is* the front padding. The frames are bit for bit those of
-:func:`stft` (both call the same ``_analyse``); the tests allow 1e-6 in case a batched FFT
-ever rounds differently from a single one.
-
-:class:`IstftStream` overlap-adds with a carried tail: after frame ``t`` it emits
-``yp[t*HOP : t*HOP + HOP]``, the hop that frames ``t-1`` and ``t`` have now both completed. Its
-output is therefore ``yp`` from index 0, i.e. ``y`` delayed by ``HOP`` samples; the first block
-it emits (from frame 0) is the reconstruction of the 160 zeros of front padding, not part of
-``x``. The offline :func:`istft` drops that block; a stream cannot know the tail, so its last
-``HOP`` samples arrive only with the (zero-padded) frame after the final input.
+The streaming driver (``npdgru.hop._StftBatch``, behind every stream and the offline path)
+produces the same frames hop by hop: frame ``t`` is complete when the input count reaches
+``t*HOP + HOP`` (its last sample, ``xp[t*HOP + N_FFT - 1] == x[t*HOP + HOP - 1]``, has arrived).
+It keeps one hop of history, initially zeros, which *is* the front padding. Synthesis
+overlap-adds with a carried tail: after frame ``t`` it emits ``yp[t*HOP : t*HOP + HOP]``, the hop
+that frames ``t-1`` and ``t`` have now both completed; its output is ``yp`` from index 0, i.e.
+``y`` delayed by ``HOP`` samples (the first hop reconstructs the front padding, not ``x``), and
+its last ``HOP`` samples arrive only with the (zero-padded) frame after the final input.
 
 Algorithmic latency
 -------------------
-After ``r`` input samples the streams have emitted frames ``0 .. floor(r/HOP) - 1`` and hence
+After ``r`` input samples a stream has emitted frames ``0 .. floor(r/HOP) - 1`` and hence
 ``floor(r/HOP) * HOP`` samples of ``yp``, i.e. ``(floor(r/HOP) - 1) * HOP >= r - 319`` samples
 of ``y``. A causal stream that returns exactly ``len(chunk)`` samples per call, for arbitrary
 chunk sizes, must therefore delay its output by at least ``N_FFT - 1 = 319`` samples. We use
@@ -75,8 +70,6 @@ __all__ = [
     "stft",
     "istft",
     "log_power",
-    "StftStream",
-    "IstftStream",
 ]
 
 SAMPLE_RATE = 16000  # Hz; other rates are resampled before they reach this module
@@ -289,142 +282,3 @@ def log_power(X) -> np.ndarray:
     # The floor and log run in float64 (cheap: 161 values per frame) so that silence maps to
     # exactly -12: float32(1e-12) is 9.9999998e-13, whose float32 log10 rounds to -12.000001.
     return np.log10(np.maximum(power.astype(np.float64), _LOG_FLOOR)).astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# Streaming
-# --------------------------------------------------------------------------------------------
-
-
-class StftStream:
-    """Streaming :func:`stft`: chunks of samples in, completed frames out.
-
-    Feeding ``x`` in chunks of any sizes yields, concatenated, ``stft(x)[:n // HOP]`` bit for
-    bit; frame ``t`` is emitted by the call in which the input count reaches ``t*HOP + HOP``.
-    The frames that ``stft`` adds over the zero tail come from pushing the padding yourself
-    (``push(np.zeros(HOP * num_frames(n) - n))``) at the end of the signal.
-
-    Examples
-    --------
-    >>> s = StftStream()
-    >>> s.push(np.zeros(100)).shape, s.push(np.zeros(300)).shape
-    ((0, 161), (2, 161))
-    """
-
-    def __init__(self) -> None:
-        # _buf[:HOP] is the last full hop (initially the front padding), _buf[HOP:HOP+_partial]
-        # the samples of the hop in progress. Grown on demand, reused across calls.
-        self._buf = np.zeros(4 * N_FFT, dtype=np.float32)
-        self._partial = 0
-        self._count = 0
-
-    @property
-    def samples_pushed(self) -> int:
-        """Total number of samples pushed since construction or :meth:`reset`."""
-        return self._count
-
-    @property
-    def frames_emitted(self) -> int:
-        """Total number of frames returned so far, ``samples_pushed // HOP``."""
-        return self._count // HOP
-
-    def reset(self) -> None:
-        """Forget all input: the next sample pushed is ``x[0]`` of a new signal."""
-        self._buf[:HOP] = 0.0
-        self._partial = 0
-        self._count = 0
-
-    def push(self, samples) -> np.ndarray:
-        """Append samples; return the frames they complete.
-
-        Parameters
-        ----------
-        samples : array_like, shape (m,), float
-            The next ``m >= 0`` samples of the signal (cast to float32).
-
-        Returns
-        -------
-        ndarray, shape (k, N_BINS), complex64
-            The ``k = (partial + m) // HOP`` frames completed by these samples (``k`` may be 0).
-
-        Raises
-        ------
-        ParameterError
-            If ``samples`` is not a 1-D floating-point array.
-        """
-        samples = _as_signal(samples, "samples", allow_empty=True)
-        m = samples.size
-        held = HOP + self._partial  # history hop + hop in progress
-        total = held + m
-        if total > self._buf.size:  # grow geometrically; amortised O(1) per sample
-            grown = np.zeros(max(total, 2 * self._buf.size), dtype=np.float32)
-            grown[:held] = self._buf[:held]
-            self._buf = grown
-        self._buf[held:total] = samples
-        self._count += m
-
-        k = (self._partial + m) // HOP
-        if k:
-            spectra = _analyse(self._buf[: (k + 1) * HOP].reshape(k + 1, HOP))
-        else:
-            spectra = np.empty((0, N_BINS), dtype=np.complex64)
-
-        # Keep the last complete hop as history plus the unfinished hop (overlap-safe copy).
-        keep_from = k * HOP
-        self._buf[: total - keep_from] = self._buf[keep_from:total]
-        self._partial = total - keep_from - HOP
-        return spectra
-
-
-class IstftStream:
-    """Streaming :func:`istft`: frames in, ``HOP`` samples of ``yp`` out per frame.
-
-    After frame ``t`` it returns ``yp[t*HOP : t*HOP + HOP]``, completed by frames ``t-1``
-    (its carried tail) and ``t``. The output is ``yp`` from index 0, i.e. the offline
-    ``istft`` output delayed by ``HOP`` samples: the first block returned (from frame 0)
-    reconstructs the front padding, not the signal. See the module docstring for the latency.
-    """
-
-    def __init__(self) -> None:
-        self._tail = np.zeros(HOP, dtype=np.float32)  # second half of the last frame
-        self._count = 0
-
-    @property
-    def frames_pushed(self) -> int:
-        """Total number of frames pushed since construction or :meth:`reset`."""
-        return self._count
-
-    def reset(self) -> None:
-        """Forget the carried tail: the next frame pushed is frame 0."""
-        self._tail[:] = 0.0
-        self._count = 0
-
-    def push(self, frames) -> np.ndarray:
-        """Overlap-add the next frames.
-
-        Parameters
-        ----------
-        frames : array_like, shape (k, N_BINS), complex
-            The next ``k >= 0`` frames (cast to complex64).
-
-        Returns
-        -------
-        ndarray, shape (k * HOP,), float32
-            The ``k`` hops of ``yp`` these frames complete.
-
-        Raises
-        ------
-        ParameterError
-            If ``frames`` does not have shape ``(k, 161)``.
-        """
-        X = _as_spectrum(frames, "frames")
-        k = X.shape[0]
-        if k == 0:
-            return np.empty(0, dtype=np.float32)
-        y = _synthesise(X)  # (k, N_FFT)
-        out = y[:, :HOP].copy()  # (k, HOP): first halves ...
-        out[0] += self._tail  # ... plus the second half of the frame before
-        out[1:] += y[:-1, HOP:]
-        self._tail[:] = y[-1, HOP:]
-        self._count += k
-        return out.reshape(-1)

@@ -390,7 +390,8 @@ def test_example_streaming():
 def test_block_fed_resampler_equals_resample_poly(rates):
     """The block-fed resampler hands out the bits of resample_poly on the whole signal, for block
     sizes below, around and above its filter's support."""
-    from npdgru.enhance import _resample, _Resampler
+    from npdgru.resample import BlockResampler as _Resampler
+    from npdgru.resample import resample_signal as _resample
 
     x = np.random.default_rng(3).standard_normal((20000, 2)).astype(np.float32)
     want = _resample(x, *rates)

@@ -67,8 +67,8 @@ def _enhancer(name, P, sparse=False):
 def _stream_out(e, x, fused):
     st = e.stream()
     if not fused:
-        st._fused = None
-    assert (st._fused is not None) == fused
+        st._hops.fused = None
+    assert (st._hops.fused is not None) == fused
     return np.concatenate([st.process(x[i : i + HOP]) for i in range(0, len(x), HOP)] + [st.flush()])
 
 
@@ -90,7 +90,7 @@ def test_fused_stream_batch_equals_general_path(name):
         e = _enhancer(name, 50)
         sb = e.stream_batch()
         if not fused:
-            sb._fused = None
+            sb._hops.fused = None
         ids = [sb.add() for _ in range(3)]
         xs = {i: _signal(12 * HOP, seed=10 + i) for i in ids}
         got = {i: [] for i in ids}
@@ -113,7 +113,7 @@ def _hop_memory(hidden: int, fused: bool) -> tuple[int, int]:
     e = Enhancer(architectures.tiny_weights(4, hidden=hidden), update_percent=50)
     st = e.stream()
     if not fused:
-        st._fused = None
+        st._hops.fused = None
     x = _signal(50 * HOP, seed=5)
     for i in range(10):  # compile, warm the buffers
         st.process(x[i * HOP : (i + 1) * HOP])
@@ -275,7 +275,25 @@ def test_model_without_a_gru_streams_through_the_per_layer_path():
     arch = validate_architecture({"name": "lin", "n_features": 161, "layers": [{"kind": "linear", "name": "fc", "in": 161, "out": 161, "activation": "sigmoid"}]})
     e = Enhancer(_random_weights(arch, 3))
     st = e.stream()
-    assert st._fused is None
+    assert st._hops.fused is None
     x = _signal(10 * HOP, seed=3)
     y = np.concatenate([st.process(x[i : i + HOP]) for i in range(0, len(x), HOP)] + [st.flush()])
     assert np.array_equal(y[320 : 320 + len(x)], e.enhance(x, 16000))
+
+
+def test_backend_policy_lives_in_the_executors(monkeypatch):
+    """The streaming route, the input accumulators and a corpus task's batching are read from
+    the backend's executor (``has_frame_program``, ``sparse_inputs_max_p``, ``batches_files``),
+    never decided by the backend's name above it."""
+    e = _enhancer("nsnet2", 50)
+    assert e.model.executor.has_frame_program and e.stream()._hops.fused is not None
+    assert e.model.sparse_inputs and not e.model.executor.batches_files
+    ref = Enhancer(MODELS["nsnet2"](), update_percent=50, backend="reference")
+    assert not ref.model.executor.has_frame_program and not ref.model.sparse_inputs and ref.stream()._hops.fused is None
+    arch = validate_architecture({"name": "lin", "n_features": 161, "layers": [{"kind": "linear", "name": "fc", "in": 161, "out": 161, "activation": "sigmoid"}]})
+    lin = MaskModel(_random_weights(arch, 3))
+    assert not lin.executor.has_frame_program
+    with pytest.raises(ParameterError):  # the property says what the program covers
+        lin.executor.frame_program(1)
+    monkeypatch.setattr(cpu.Executor, "sparse_inputs_max_p", 0.0)  # a backend where they never pay
+    assert not _enhancer("nsnet2", 25).model.sparse_inputs

@@ -482,9 +482,9 @@ def test_warm_up_says_when_it_compiles(monkeypatch, capsys):
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
 def test_endless_pipe_is_bounded(tmp_path, monkeypatch):
     """A pipe is read into memory with a bound (here lowered to 1 KiB), never without one."""
-    import npdgru.enhance as enhance_module
+    import npdgru.audio as audio_module
 
-    monkeypatch.setattr(enhance_module, "MAX_PIPE_BYTES", 1024)
+    monkeypatch.setattr(audio_module, "MAX_PIPE_BYTES", 1024)
     fifo = tmp_path / "endless.fifo"
     os.mkfifo(fifo)
     _feed_fifo_ignoring_close(fifo, b"RIFF" + bytes(5000))

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npdgru.errors import ParameterError
+from npdgru.hop import _StftBatch
 from npdgru.stft import (
     ALGORITHMIC_LATENCY,
     HOP,
@@ -16,8 +17,6 @@ from npdgru.stft import (
     N_FFT,
     SAMPLE_RATE,
     WINDOW,
-    IstftStream,
-    StftStream,
     istft,
     log_power,
     num_frames,
@@ -86,8 +85,6 @@ def test_shapes_and_dtypes(dtype):
     assert istft(X, 0).shape == (0,)
     L = log_power(X)
     assert L.shape == X.shape and L.dtype == np.float32
-    assert StftStream().push(x).dtype == np.complex64
-    assert IstftStream().push(X).dtype == np.float32
 
 
 def test_input_not_modified():
@@ -96,8 +93,6 @@ def test_input_not_modified():
     X = stft(x)
     X0 = X.copy()
     istft(X, 500)
-    StftStream().push(x)
-    IstftStream().push(X)
     np.testing.assert_array_equal(x, x0)
     np.testing.assert_array_equal(X, X0)
 
@@ -177,43 +172,31 @@ def test_frames_match_naive_loop():
 # Streaming == offline
 # ---------------------------------------------------------------------------------------------
 
-chunk_sizes = st.lists(
-    st.one_of(st.just(0), st.just(1), st.integers(0, 400), st.integers(321, 1200)),
-    min_size=1,
-    max_size=25,
-)
-
 
 @FAST
-@given(sizes=chunk_sizes, seed=st.integers(0, 2**32 - 1))
-def test_stft_stream_equals_offline(sizes, seed):
-    n = sum(sizes)
-    x = random_signal(seed, max(n, 1))[:n]
-    stream = StftStream()
-    got = []
-    count = 0
-    for size in sizes:
-        frames = stream.push(x[count : count + size])
-        count += size
-        # Frame t is emitted exactly when the input count reaches t*HOP + HOP.
-        assert sum(len(f) for f in got) + len(frames) == count // HOP
-        assert stream.frames_emitted == count // HOP and stream.samples_pushed == count
-        got.append(frames)
-    got = np.concatenate(got)
-    if n == 0:
-        assert got.shape == (0, N_BINS)
-        return
+@given(sizes=st.lists(st.integers(0, 12), min_size=1, max_size=12), seed=st.integers(0, 2**32 - 1))
+def test_streaming_analysis_equals_offline(sizes, seed):
+    """The streaming driver (hop._StftBatch) fed whole hops, in blocks of any count, gives the
+    frames of stft: frame t = (hop t-1, hop t), the history starting as the front padding."""
+    n = 1 + seed % 3000
+    x = random_signal(seed, n)
     ref = stft(x)
-    assert got.shape == (n // HOP, N_BINS)
-    assert_close(got, ref[: n // HOP], atol=1e-6, rtol=1e-6, what=f"sizes={sizes}")
-    # Pushing the tail padding completes the remaining offline frames.
-    rest = stream.push(np.zeros(HOP * num_frames(n) - n))
-    assert_close(np.concatenate([got, rest]), ref, atol=1e-6, rtol=1e-6, what="with tail")
+    T = ref.shape[0]
+    hops = np.concatenate([x, np.zeros(HOP * T - n, np.float32)]).reshape(T, HOP)  # xp[HOP:]
+    driver, got, t = _StftBatch(1), [], 0
+    for size in sizes + [T]:  # a final block with whatever remains
+        k = min(size, T - t)
+        if k:
+            got.append(driver.analyse(hops[None, t : t + k])[:, 0])  # (k, N_BINS)
+        t += k
+    got = np.concatenate(got)
+    assert got.shape == ref.shape and got.dtype == np.complex64
+    assert_close(got, ref, atol=1e-6, rtol=1e-6, what=f"sizes={sizes}")
 
 
 @FAST
 @given(sizes=st.lists(st.integers(0, 12), min_size=1, max_size=12), seed=st.integers(0, 2**32 - 1))
-def test_istft_stream_equals_offline_yp(sizes, seed):
+def test_streaming_synthesis_equals_offline_yp(sizes, seed):
     n = 1 + seed % 3000
     X = stft(random_signal(seed, n))
     T = X.shape[0]
@@ -222,60 +205,19 @@ def test_istft_stream_equals_offline_yp(sizes, seed):
     yp = np.zeros(HOP * (T + 1))
     for t in range(T):
         yp[t * HOP : t * HOP + N_FFT] += y[t]
-    stream = IstftStream()
-    out, t = [], 0
-    for size in sizes + [T]:  # a final push with whatever remains
-        block = stream.push(X[t : t + size])
-        assert block.shape == (min(size, T - t) * HOP,)
-        out.append(block)
-        t = min(t + size, T)
+    driver, out, t = _StftBatch(1), [], 0
+    for size in sizes + [T]:
+        k = min(size, T - t)
+        if k:
+            block = driver.synthesise(X[t : t + k, None])[0]
+            assert block.shape == (k * HOP,)
+            out.append(block)
+        t += k
     out = np.concatenate(out)
-    assert out.shape == (HOP * T,) and stream.frames_pushed == T
+    assert out.shape == (HOP * T,)
     assert_close(out, yp[: HOP * T], atol=1e-6 * np.abs(yp).max(), rtol=1e-6, what=f"sizes={sizes}")
     # Delayed by one hop, the stream's output is the offline istft output.
     np.testing.assert_allclose(out[HOP : HOP + n], istft(X, n), atol=1e-6 * np.abs(yp).max())
-
-
-@FAST
-@given(sizes=chunk_sizes, seed=st.integers(0, 2**32 - 1))
-def test_stream_chain_and_latency_bound(sizes, seed):
-    """StftStream -> IstftStream reproduces x with the documented delay, never more."""
-    n = sum(sizes)
-    x = random_signal(seed, max(n, 1))[:n]
-    analysis, synthesis = StftStream(), IstftStream()
-    out, r = [], 0
-    for size in sizes:
-        out.append(synthesis.push(analysis.push(x[r : r + size])))
-        r += size
-        available_y = sum(len(o) for o in out) - HOP  # the first hop is front padding
-        assert available_y == (r // HOP - 1) * HOP
-        assert available_y >= r - (N_FFT - 1) >= r - ALGORITHMIC_LATENCY
-    y = np.concatenate(out)[HOP:]
-    ref = istft(stft(x), n)[: len(y)] if n else np.zeros(0)
-    assert_close(y, ref, atol=1e-6, rtol=1e-6, what=f"sizes={sizes}")
-    assert_close(y, x[: len(y)], atol=1e-5, rtol=1e-5, what="chain vs x")
-
-
-def test_stream_reset():
-    x = random_signal(5, 900)
-    s = StftStream()
-    first = s.push(x)
-    s.push(random_signal(6, 123))
-    s.reset()
-    np.testing.assert_array_equal(s.push(x), first)
-    X = stft(x)
-    i = IstftStream()
-    a = i.push(X)
-    i.push(X[:3])
-    i.reset()
-    np.testing.assert_array_equal(i.push(X), a)
-
-
-def test_stream_large_chunk_grows_buffer():
-    x = random_signal(8, 20000)
-    s = StftStream()
-    got = np.concatenate([s.push(x[:5]), s.push(x[5:19000]), s.push(x[19000:])])
-    assert_close(got, stft(x)[: 20000 // HOP], atol=1e-6, rtol=1e-6, what="large chunk")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,9 +251,6 @@ def test_log_power_values():
         lambda: istft(np.zeros((5, 161), np.complex64), 1.5),
         lambda: num_frames(0),
         lambda: num_frames(2.0),
-        lambda: StftStream().push(np.zeros((2, 10))),
-        lambda: IstftStream().push(np.zeros((2, 160), np.complex64)),
-        lambda: IstftStream().push(np.zeros(161, np.complex64)),
         lambda: log_power(np.array(["a"])),
     ],
 )

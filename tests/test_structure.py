@@ -18,9 +18,11 @@ LAYERS = [
     ["__main__"],
     ["cli"],
     ["evaluate", "train"],
-    ["distributed"],
+    ["corpus"],
     ["enhance"],
-    ["pcm", "resample"],
+    ["streaming"],
+    ["hop"],
+    ["audio", "pcm", "resample"],
     ["shipped"],
     ["model"],
     ["kernels"],
@@ -100,3 +102,45 @@ def test_no_module_imports_in_a_circle():
         if m not in state:
             visit(m, [m])
     assert cycles == [], "\n".join(cycles)
+
+
+def _module_names(tree, name: str, mods: dict) -> set:
+    """Local names bound to an npdgru module by an import (``from . import corpus as c``, ``import npdgru.x as y``)."""
+    is_pkg = mods[name].name == "__init__.py"
+    here = name.split(".") if is_pkg else name.split(".")[:-1]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = here[: len(here) - (node.level - 1)] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            out |= {a.asname or a.name for a in node.names if f"{mod}.{a.name}" in mods}
+        elif isinstance(node, ast.Import):
+            out |= {a.asname for a in node.names if a.asname and a.name in mods}
+    return out
+
+
+def test_no_module_writes_another_modules_private_names():
+    """``corpus._ENHANCERS[config] = enh`` from cli.py would tie cli to corpus's insides: a module
+    changes another's state through its functions. Assignments to, item assignments into and
+    method calls on ``module._name`` are refused."""
+    mods = _modules()
+    found = []
+    for name, path in mods.items():
+        tree = ast.parse(path.read_text())
+        modules = _module_names(tree, name, mods)
+
+        def private(node):
+            return (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                    and node.attr.startswith("_") and not node.attr.startswith("__"))
+
+        for node in ast.walk(tree):
+            hit = None
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and private(node):
+                hit = node
+            elif isinstance(node, ast.Subscript) and isinstance(node.ctx, (ast.Store, ast.Del)) and private(node.value):
+                hit = node.value
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and private(node.func.value):
+                hit = node.func.value
+            if hit is not None:
+                found.append(f"{name}:{hit.lineno}: {hit.value.id}.{hit.attr}")
+    assert found == [], "\n".join(found)

@@ -54,7 +54,7 @@ def _signal(x, name: str) -> np.ndarray:
     a = np.asarray(x)
     if a.dtype.kind != "f":
         raise AudioError(f"{name}: expected a float signal, got dtype {a.dtype}")
-    if a.ndim == 2 and a.shape[1] == 1:  # (samples, 1), as npdgru.enhance.read_audio returns
+    if a.ndim == 2 and a.shape[1] == 1:  # (samples, 1), as npdgru.audio.read_audio returns
         a = a[:, 0]
     if a.ndim != 1:
         raise AudioError(f"{name}: expected a mono signal of shape (samples,), got shape {a.shape}")

@@ -20,7 +20,7 @@ paper's count, ours with accumulators, and the rest of the model) and the measur
 frame on this CPU (one thread, best of ``repeats`` runs over ``timing_frames`` frames of real
 features, measured in this process before any worker starts).
 
-Files are evaluated in this process (``jobs=1``) or one task per pair on ``npdgru.distributed``
+Files are evaluated in this process (``jobs=1``) or one task per pair on ``npdgru.corpus``
 (a local Dask cluster of ``jobs`` worker processes, or the cluster at ``scheduler``): each
 worker process builds its own onnxruntime sessions and Numba models once; the rows, in the
 order of the pairs, do not depend on where they ran.
@@ -489,9 +489,9 @@ def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx
     if scheduler and jobs != 1:
         raise ParameterError("--jobs and --scheduler exclude each other: --jobs N starts N local workers, --scheduler attaches to a running cluster")
     if scheduler or jobs > 1:
-        from ..distributed import _need_dask
+        from ..corpus import need_dask
 
-        _need_dask()
+        need_dask()
     percents = list(dict.fromkeys(float(p) for p in percents))
     if not percents:
         raise ParameterError("no update percentages given")
@@ -542,7 +542,7 @@ def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx
     else:
         from functools import partial
 
-        from ..distributed import map_ordered
+        from ..corpus import map_ordered
 
         # Absolute paths: a worker on another node runs in its own folder (shared storage).
         remote_systems = [replace(s, path=os.path.abspath(s.path) if s.path else None) for s in systems]

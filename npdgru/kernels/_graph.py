@@ -203,6 +203,10 @@ class GraphExecutor:
     backend = "?"
     ops = HostOps
     runners: dict = {}
+    # backend policy, read by the layers above (enhance, streaming, corpus)
+    has_frame_program = False  # a one-frame program for this plan (``frame_program(B)``): the fused streaming hop
+    sparse_inputs_max_p = 0.0  # P at or below which input accumulators are faster here; 0: never
+    batches_files = False  # a corpus task runs its files as one batch (a GPU: fuller kernels)
 
     def __init__(self, plan, tensors, *, refresh_every=None):
         self.plan, self.refresh_every = plan, refresh_every

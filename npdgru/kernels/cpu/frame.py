@@ -219,3 +219,9 @@ def _frame_glue(prog, s, runner, c, W, Bv, scratch, eps):
 # jitted _frame_steps runs them by KINDS[kind].code
 FRAME_STEPS = {"linear": _frame_linear, "gru": _frame_gru, "bigru": _frame_bigru, "layernorm": _frame_norm,
                "pad": _frame_glue, "slice": _frame_glue, "add": _frame_glue, "concat": _frame_glue}
+
+
+def covers(plan) -> bool:
+    """Whether :class:`FrameProgram` runs ``plan``: every step kind has a frame step and the plan
+    has a D-GRU step along time (the program's buffers need one)."""
+    return all(s.kind in FRAME_STEPS for s in plan.steps) and bool(plan.state_steps)

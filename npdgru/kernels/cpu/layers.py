@@ -14,7 +14,7 @@ from ...errors import ParameterError
 from ...kinds import num_selected
 from .._graph import LAYER_RUNNERS, GraphExecutor
 from ..checks import ACT_CODES, DEFAULT_REFRESH, as_f32, check_gru_weights, check_linear_weights, check_norm_weights, positive_int, selected_count
-from .frame import FrameProgram
+from .frame import FrameProgram, covers as frame_covers
 from .kernels import _activate, _affine_columns, _dgru_forward, _dgru_forward_sparse_input, _gru_forward, _layer_norm
 
 __all__ = ["GRULayer", "GRUState", "Linear", "LayerNorm", "Executor", "RUNNERS", "gru_sequence", "dgru_sequence", "DEFAULT_REFRESH"]
@@ -267,6 +267,13 @@ class Executor(GraphExecutor):
     backend = "cpu"
     runners = RUNNERS
     GRULayer, Linear, LayerNorm = GRULayer, Linear, LayerNorm
+
+    sparse_inputs_max_p = 50.0  # input accumulators pay at P <= 50 here (benchmarks/bench_enhance.py)
+
+    @property
+    def has_frame_program(self) -> bool:
+        """Whether :meth:`frame_program` covers this plan (the fused streaming hop)."""
+        return frame_covers(self.plan)
 
     def frame_program(self, batch: int) -> "FrameProgram":
         """A one-frame program of ``batch`` streams with buffers of its own (one per user, so

@@ -450,6 +450,7 @@ class Executor(GraphExecutor):
     backend = "cuda"
     ops = Ops
     runners = RUNNERS
+    batches_files = True
     GRULayer, Linear, LayerNorm = GRULayer, Linear, LayerNorm
 
     def __init__(self, plan, tensors, *, refresh_every=None):

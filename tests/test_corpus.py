@@ -1,4 +1,4 @@
-"""Many files: the work list, the journal, the in-process loop and a Dask cluster (npdgru.distributed).
+"""Many files: the work list, the journal, the in-process loop and a Dask cluster (npdgru.corpus).
 
 The cluster tests run a LocalCluster of 2 single-threaded worker processes. The killed-worker
 test is deterministic: a hook in the worker kills its own process (SIGKILL) right after the
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from npdgru import distributed as dist
+from npdgru import corpus as dist
 from npdgru.cli import main
 from npdgru.errors import ParameterError
 
@@ -424,7 +424,7 @@ def test_one_run_per_output_folder(capsys, tmp_path, speech):
 
     make_corpus(tmp_path / "in", speech, n=2)
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", f"from npdgru.distributed import Journal; j = Journal({str(out)!r}); print('held', flush=True); import time; time.sleep(120)"],
+    holder = subprocess.Popen([sys.executable, "-c", f"from npdgru.corpus import Journal; j = Journal({str(out)!r}); print('held', flush=True); import time; time.sleep(120)"],
                               stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -1,4 +1,4 @@
-"""Many files: the work list, the journal, and their execution in-process or on a Dask cluster.
+"""A corpus of files: the work list, the journal, and their execution in-process or on a Dask cluster.
 
     inputs (files, folders, manifests) -o OUT
         -> plan_work: one Item (input, output) per file; collisions refused up front;
@@ -6,7 +6,7 @@
         -> run_items: tasks of about TASK_SECONDS of audio each, run in this process
            (neither jobs nor scheduler) or on dask.distributed (a LocalCluster of ``jobs``
            single-threaded worker processes, or the running cluster at ``scheduler``)
-        -> every output written atomically (npdgru.enhance.write_audio); one journal line per
+        -> every output written atomically (npdgru.audio.write_audio); one journal line per
            file: input, output, sha256 of the input, model, P, status, error
 
 Nothing lost, nothing twice:
@@ -58,7 +58,7 @@ from .errors import AudioError, NpdgruError, ParameterError
 JOURNAL_NAME = ".npdgru-journal.jsonl"
 LOCK_NAME = ".npdgru-lock"  # one run per output folder: flock'ed for the run; holds its pid and the folder's id
 TEMP_PREFIX = ".npdgru-"  # temporary outputs, the journal and the lock: never taken as inputs
-PART_SUFFIX = ".part"  # temporary outputs: TEMP_PREFIX ... PART_SUFFIX (npdgru.enhance.write_audio)
+PART_SUFFIX = ".part"  # temporary outputs: TEMP_PREFIX ... PART_SUFFIX (npdgru.audio.write_audio)
 TASK_SECONDS = 60.0  # audio per task: a few seconds of compute, so scheduling costs little
 TASK_MAX_FILES = 64
 ALLOWED_FAILURES = 3  # a task whose worker dies more often than this is recorded as failed
@@ -123,7 +123,7 @@ class Result:
 
 
 def _audio_suffixes():
-    from .enhance import AUDIO_SUFFIXES
+    from .audio import AUDIO_SUFFIXES
 
     return AUDIO_SUFFIXES
 
@@ -281,7 +281,7 @@ def _duration(path) -> float:
 
     if not _is_regular(path):  # a FIFO or pipe is read once, by the worker
         return 0.0
-    from .enhance import _sf_name
+    from .audio import _sf_name
 
     try:
         info = sf.info(_sf_name(os.fspath(path)))
@@ -511,7 +511,7 @@ def plan_work(inputs, out, *, config: Config, overwrite: bool = False) -> tuple[
             raise ParameterError(f"{dst}: two inputs would write the same output file{case}: {seen[r][0]} and {src}")
         seen[r] = (src, dst)
     if config.subtype is not None:  # a --subtype the output format cannot hold: once per format, before any work
-        from .enhance import output_subtype
+        from .audio import output_subtype
 
         for dst in {Path(d).suffix.lower(): d for _, d in pairs}.values():
             output_subtype(dst, np.zeros(1, np.float32), subtype=config.subtype)
@@ -558,6 +558,14 @@ _ENHANCERS: dict = {}  # the main thread's: the in-process loop
 _THREAD = threading.local()
 
 
+def use_enhancer(config: Config, enhancer) -> None:
+    """The in-process loop (this process's main thread) runs ``config`` on ``enhancer``, an
+    Enhancer already made (``npdgru enhance`` checks the weights and P with it before planning),
+    instead of loading the weights again."""
+    _ENHANCERS.clear()
+    _ENHANCERS[config] = enhancer
+
+
 def _enhancer(config: Config):
     """One Enhancer per configuration per worker thread, kept: the weights are loaded once.
 
@@ -597,7 +605,7 @@ def _quiet_numerics():
 
 def _write(item: Item, y, sr: int, after_write=None, *, source_subtype=None, subtype=None) -> list[str]:
     """Write one output atomically in the subtype ``output_subtype`` chooses; its warnings."""
-    from .enhance import output_subtype, write_audio
+    from .audio import output_subtype, write_audio
 
     chosen, warns = output_subtype(item.dst, y, source_subtype=source_subtype, subtype=subtype)
     write_audio(item.dst, y, sr, subtype=chosen)
@@ -629,7 +637,8 @@ def _is_regular(path) -> bool:
 def _process_one(enh, item: Item, after_write=None, subtype=None) -> Result:
     """One file, read, enhanced and written in blocks (``npdgru.enhance.enhance_file``); its
     identity (sha256, size, mtime) taken here from the open file that was read."""
-    from .enhance import AudioInput, enhance_file
+    from .audio import AudioInput
+    from .enhance import enhance_file
 
     r = Result(item.src, item.dst, "failed")
     try:
@@ -654,7 +663,8 @@ def _process_batch(enh, items: list[Item], after_write=None, subtype=None) -> li
     """cuda: the readable files of a task as one GPU batch (``Enhancer.enhance_batch``, which
     equals ``enhance`` per file bit for bit); a batch that fails falls back to file by file.
     A file longer than one block goes file by file, in blocks (bounded memory)."""
-    from .enhance import BLOCK_SECONDS, AudioInput
+    from .audio import AudioInput
+    from .enhance import BLOCK_SECONDS
 
     results = [Result(it.src, it.dst, "failed") for it in items]
     subtypes = {}
@@ -703,7 +713,7 @@ def _process_batch(enh, items: list[Item], after_write=None, subtype=None) -> li
 def run_task(items: list[Item], config: Config, after_write=None) -> list[Result]:
     """One task: every file of ``items`` with this process's Enhancer; never raises for a file."""
     enh = _enhancer(config)
-    if config.backend == "cuda" and len(items) > 1:
+    if enh.model.executor.batches_files and len(items) > 1:
         return _process_batch(enh, items, after_write, config.subtype)
     return [_process_one(enh, it, after_write, config.subtype) for it in items]
 
@@ -713,7 +723,8 @@ def run_task(items: list[Item], config: Config, after_write=None) -> list[Result
 # --------------------------------------------------------------------------------------------
 
 
-def _need_dask():
+def need_dask() -> None:
+    """ParameterError with the install command where dask.distributed is missing."""
     try:
         import distributed  # noqa: F401
     except ImportError:
@@ -746,7 +757,7 @@ def cluster(*, jobs: int | None = None, scheduler: str | None = None, allowed_fa
     The ``distributed`` log records of this process (the LocalCluster's scheduler and nannies)
     are not printed: at the end, ``on_note(line)`` gets one line that counts them and quotes the
     first (without ``on_note``, the ``npdgru`` logger warns with it)."""
-    _need_dask()
+    need_dask()
     log = logging.getLogger("distributed")
     saved = log.handlers[:], log.propagate, log.level
     tally = _LogTally()
@@ -867,7 +878,7 @@ def iter_results(items: list[Item], config: Config, *, jobs: int | None = None, 
     worker thread, so that every worker has work until the end."""
     if not jobs and not scheduler:  # file by file (cuda: task by task, one batch each), journaled as they finish
         for items in make_tasks(items, task_seconds=task_seconds):
-            if config.backend == "cuda":
+            if _enhancer(config).model.executor.batches_files:
                 yield run_task(items, config, after_write)
             else:
                 for it in items:
