@@ -94,7 +94,9 @@ def cmd_enhance(args) -> int:
     if args.model is not None and args.weights is not None:
         raise ParameterError("pass either --model NAME or --weights FILE, not both")
     # The weights and P are checked here, before any file is planned or any worker starts.
-    enh = Enhancer(args.weights, model=args.model, update_percent=args.update_percent, backend=args.backend, mask_floor_db=args.mask_floor_db)
+    if args.exact and (args.jobs or args.scheduler):  # dist.Config does not carry it to workers yet
+        raise ParameterError("--exact runs in this process only: leave out --jobs/--scheduler")
+    enh = Enhancer(args.weights, model=args.model, update_percent=args.update_percent, backend=args.backend, mask_floor_db=args.mask_floor_db, exact=args.exact)
     weights_path = getattr(enh.weights, "path", None) or args.weights
     weights_path = os.path.abspath(weights_path) if weights_path else None  # workers run elsewhere
     config = dist.Config(weights=weights_path, update_percent=enh.update_percent, backend=args.backend, mask_floor_db=enh.mask_floor_db,
@@ -256,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=("cpu", "reference", "cuda"), default="cpu")
     e.add_argument("--mask-floor-db", type=float, default=-80.0, help="lowest gain of the mask in dB (default -80, as NSNet2)")
     e.add_argument("--overwrite", action="store_true", help="replace existing output files (never an input)")
+    e.add_argument("--exact", action="store_true", help="offline output bit for bit equal to the streaming hop's (products in its order; slower)")
     e.add_argument("--jobs", type=_positive_int, default=None, help="run on a local Dask cluster of N single-threaded worker processes (needs the distributed extra)")
     e.add_argument("--scheduler", default=None, metavar="ADDRESS", help="run on the running Dask cluster at ADDRESS (tcp://host:8786); inputs and outputs on storage every worker sees")
     e.add_argument("--quiet", "-q", action="store_true")

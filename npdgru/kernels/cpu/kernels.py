@@ -117,8 +117,10 @@ def _dense_columns(acc, wt, b, v):
     """acc = b + Σ_j wt[j, :] · v[j] over all j: the full product of one vector.
 
     The one-frame case of _affine_columns (same code, so the same bits as any frame of a block).
+    ``[None, :]`` views, not reshape: a reshape can raise, and its error message machinery
+    (strings, shape formatting) costs seconds of first-use compile time.
     """
-    _affine_columns(v.reshape(1, v.shape[0]), wt, b, acc.reshape(1, acc.shape[0]))
+    _affine_columns(v[None, :], wt, b, acc[None, :])
 
 
 @njit(**JIT)
@@ -374,13 +376,16 @@ def _dgru_cell(g, hb, mb, whh_t, b_hh, A, refresh, ubuf, qbuf, idx, dh):
 def _dgru_forward(gi, whh_t, b_hh, A, refresh_every, h, m, step, out, sel, ubuf, qbuf, idx, dh):
     """D-GRU over T steps, dense input (gi precomputed for all frames)."""
     T, B, H3 = gi.shape
+    H = H3 // 3
     write_sel = sel.shape[0] == T
     for t in range(T):
         for b in range(B):
             refresh = step[b] % refresh_every == 0
             step[b] += 1
             _dgru_cell(gi[t, b], h[b], m[b], whh_t, b_hh, A, refresh, ubuf, qbuf, idx, dh)
-            out[t, b] = h[b]
+            hb = h[b]
+            for i in range(H):  # not out[t, b] = h[b]: a shape-checked copy compiles its error path
+                out[t, b, i] = hb[i]
             if write_sel:
                 for k in range(A):
                     sel[t, b, idx[k]] = True
@@ -390,6 +395,7 @@ def _dgru_forward(gi, whh_t, b_hh, A, refresh_every, h, m, step, out, sel, ubuf,
 def _dgru_forward_sparse_input(x, wih_t, b_ih, whh_t, b_hh, A, refresh_every, h, m, g, xprev, step, out, sel, ubuf, qbuf, idx, dh, idx_in, d_in):
     """D-GRU over T steps whose input x (T, B, I) changes in few entries per step."""
     T, B, I = x.shape
+    H = h.shape[1]
     write_sel = sel.shape[0] == T
     for t in range(T):
         for b in range(B):
@@ -397,7 +403,9 @@ def _dgru_forward_sparse_input(x, wih_t, b_ih, whh_t, b_hh, A, refresh_every, h,
             step[b] += 1
             _input_delta(x[t, b], xprev[b], g[b], wih_t, b_ih, refresh, idx_in, d_in)
             _dgru_cell(g[b], h[b], m[b], whh_t, b_hh, A, refresh, ubuf, qbuf, idx, dh)
-            out[t, b] = h[b]
+            hb = h[b]
+            for i in range(H):  # not out[t, b] = h[b]: a shape-checked copy compiles its error path
+                out[t, b, i] = hb[i]
             if write_sel:
                 for k in range(A):
                     sel[t, b, idx[k]] = True
