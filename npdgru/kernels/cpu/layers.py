@@ -25,7 +25,7 @@ from ...kinds import num_selected
 from .._graph import LAYER_RUNNERS, GraphExecutor
 from ..checks import ACT_CODES, DEFAULT_REFRESH, as_f32, check_gru_weights, check_linear_weights, check_norm_weights, positive_int, selected_count
 from .frame import FrameProgram
-from .kernels import _activate, _affine_columns, _dgru_forward, _dgru_forward_sparse_input, _gru_forward, _layer_norm
+from .kernels import _activate, _affine_columns, _dgru_forward, _gru_forward, _layer_norm
 
 # The input product of a D-GRU fed by a D-GRU (sparse_input) over the frames of a call, when not
 # exact: the input accumulator (3H·(changed inputs) MACs per frame, column kernel) pays against
@@ -187,6 +187,7 @@ class GRULayer:
         return self._run(x, state, selected)
 
     _NO_SEL = np.zeros((0, 1, 1), np.bool_)
+    _NO_GI = np.zeros((0, 1, 1), np.float32)  # gi of a sparse-input call (the kernel reads x)
 
     def _run(self, x, state: GRUState, selected=None):
         """forward() without validation: x float32 C-contiguous (T, B, I), state from init_state."""
@@ -197,7 +198,7 @@ class GRULayer:
         if T == 0:
             return out
         if self.sparse_input and not self.dense and (T == 1 or self._accumulate_input):
-            _dgru_forward_sparse_input(x, self.wih_t, self.bias_ih, self.whh_t, self.bias_hh, self.A, self.refresh_every, state.h, state.m, state.g, state.xprev, state.step, out, sel, state.ubuf, state.qbuf, state.idx, state.dh, state.idx_in, state.d_in)
+            _dgru_forward(self._NO_GI, x, self.wih_t, self.bias_ih, self.whh_t, self.bias_hh, self.A, self.refresh_every, state.h, state.m, state.g, state.xprev, state.step, out, sel, state.ubuf, state.qbuf, state.idx, state.dh, state.idx_in, state.d_in)
             return out
         if state.gi.shape[0] < T:
             state.gi = np.empty((T, B, 3 * H), np.float32)
@@ -206,7 +207,7 @@ class GRULayer:
         if self.dense:
             _gru_forward(gi, self.whh_t, self.bias_hh, state.h, state.m, out)
         else:
-            _dgru_forward(gi, self.whh_t, self.bias_hh, self.A, self.refresh_every, state.h, state.m, state.step, out, sel, state.ubuf, state.qbuf, state.idx, state.dh)
+            _dgru_forward(gi, x[:0], self.wih_t, self.bias_ih, self.whh_t, self.bias_hh, self.A, self.refresh_every, state.h, state.m, state.g, state.xprev, state.step, out, sel, state.ubuf, state.qbuf, state.idx, state.dh, state.idx_in, state.d_in)
             if self.sparse_input:  # the input accumulator as the last frame left it, for the next call
                 state.g[:] = gi[T - 1]
                 state.xprev[:] = x[T - 1]
