@@ -324,11 +324,13 @@ def _gru_forward(gi, whh_t, b_hh, h, m, out):
     T, B, H3 = gi.shape
     H = H3 // 3
     for t in range(T):
+        # M = W_hh h + b_hh of all B rows in one call: the rows share each pass over W_hh (DPRNN's
+        # 41 band rows, a BiGRU's frames), and a row gets the bits it gets alone (_dense_columns)
+        _affine_columns(h, whh_t, b_hh, m)
         for b in range(B):
             hb = h[b]
             mb = m[b]
             g = gi[t, b]
-            _dense_columns(mb, whh_t, b_hh, hb)  # M = W_hh h + b_hh, (3H,)
             for i in range(H):
                 r = _sigmoid(g[i] + mb[i])
                 z = _sigmoid(g[H + i] + mb[H + i])
