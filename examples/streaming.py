@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
 
     x, sr = sf.read(HERE / "noisy_dishes_5db.flac", dtype="float32")
     assert sr == 16000, "a Stream takes 16 kHz mono"
-    enh = Enhancer(update_percent=args.update_percent)
+    enh = Enhancer(update_percent=args.update_percent, exact=True)  # exact: offline products in the streaming order
     stream = enh.stream()
 
     # Warm-up on a throwaway stream so that the first timed call does not pay for compilation.

@@ -199,13 +199,13 @@ def cmd_enhance(args) -> int:
         args.output = "-"  # not a file to replace atomically: the same stream as '-'
     _stdio_options(args)  # --format, --rate, --channels checked before the model loads
     # The weights and P are checked here, before any file is planned or any worker starts.
-    enh = Enhancer(args.weights, model=args.model, update_percent=args.update_percent, backend=args.backend, mask_floor_db=args.mask_floor_db)
+    enh = Enhancer(args.weights, model=args.model, update_percent=args.update_percent, backend=args.backend, mask_floor_db=args.mask_floor_db, exact=args.exact)
     if "-" in args.inputs or args.output == "-":
         return _enhance_stdio(args, enh)
     weights_path = getattr(enh.weights, "path", None) or args.weights
     weights_path = os.path.abspath(weights_path) if weights_path else None  # workers run elsewhere
     config = corpus.Config(weights=weights_path, update_percent=enh.update_percent, backend=args.backend, mask_floor_db=enh.mask_floor_db,
-                         model=corpus.model_id(weights_path) if weights_path else "", subtype=args.subtype)
+                         model=corpus.model_id(weights_path) if weights_path else "", subtype=args.subtype, exact=args.exact)
     items, skipped, journal = corpus.plan_work(args.inputs, args.output, config=config, overwrite=args.overwrite)
     if journal is not None and journal.warning():
         print(f"npdgru: warning: {_shown(journal.warning())}", file=sys.stderr)
@@ -584,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rate", type=_positive_int, default=None, metavar="HZ", help="sample rate of raw PCM on stdin (with --format raw)")
     e.add_argument("--channels", type=_positive_int, default=None, metavar="N", help="channels of raw PCM on stdin (with --format raw)")
     e.add_argument("--overwrite", action="store_true", help="replace existing output files (never an input)")
+    e.add_argument("--exact", action="store_true", help="offline output bit for bit equal to the streaming hop's (products in its order; slower)")
     e.add_argument("--jobs", type=_positive_int, default=None, help="run on a local Dask cluster of N single-threaded worker processes (needs the distributed extra)")
     e.add_argument("--scheduler", default=None, metavar="ADDRESS", help="run on the running Dask cluster at ADDRESS (tcp://host:8786); inputs and outputs on storage every worker sees")
     e.add_argument("--quiet", "-q", action="store_true", help="print only warnings and errors (no per-file lines, no compile notice, no progress bar)")

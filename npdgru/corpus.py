@@ -98,6 +98,7 @@ class Config:
     mask_floor_db: float = -80.0
     model: str = ""  # weights file name @ first 16 hex digits of its sha256
     subtype: str | None = None  # --subtype; None: the input's where the output format holds it
+    exact: bool = False  # --exact: products in the streaming hop's order (Enhancer(exact=))
 
 
 @dataclass
@@ -295,7 +296,7 @@ _NUMBER = (int, float)
 # Every field a journal line may hold, with its types: the journal is data from the disk.
 _FIELDS = {"output": (str,), "input": (str,), "status": (str,), "sha256": (str, type(None)), "model": (str,), "P": _NUMBER,
            "mask_floor_db": _NUMBER, "seconds": _NUMBER, "output_size": (int, type(None)), "input_size": (int, type(None)),
-           "input_mtime_ns": (int, type(None)), "error": (str, type(None)), "folder_id": (str,)}
+           "input_mtime_ns": (int, type(None)), "error": (str, type(None)), "folder_id": (str,), "exact": (bool,)}
 _REQUIRED = ("output", "input", "status")
 
 
@@ -310,7 +311,7 @@ def _journal_problem(rec) -> str | None:
         types = _FIELDS.get(k)
         if types is None:
             continue  # a field of a later version: ignored
-        if isinstance(v, bool) or not isinstance(v, types) or (isinstance(v, float) and not math.isfinite(v)):
+        if (isinstance(v, bool) and bool not in types) or not isinstance(v, types) or (isinstance(v, float) and not math.isfinite(v)):
             return f"{k!r} is {type(v).__name__} {json.dumps(v)[:40]}"
     if rec["status"] not in _STATUSES:
         return f"status {rec['status']!r} is not one of {', '.join(_STATUSES)}"
@@ -470,7 +471,7 @@ def _is_current(rec: dict | None, src: Path, dst: Path, config: Config) -> bool:
     """The journal says dst is done from this very input by this model, and dst is still there."""
     if not rec or rec.get("status") != "done" or rec.get("input") != _key(src) or not _is_regular(src):
         return False
-    if (rec.get("model"), rec.get("P"), rec.get("mask_floor_db")) != (config.model, config.update_percent, config.mask_floor_db):
+    if (rec.get("model"), rec.get("P"), rec.get("mask_floor_db"), rec.get("exact", False)) != (config.model, config.update_percent, config.mask_floor_db, config.exact):
         return False
     try:
         d, s = os.stat(dst), os.stat(src)
@@ -581,7 +582,7 @@ def _enhancer(config: Config):
         from .enhance import Enhancer
 
         cache.clear()
-        enh = cache[config] = Enhancer(config.weights, update_percent=config.update_percent, backend=config.backend, mask_floor_db=config.mask_floor_db)
+        enh = cache[config] = Enhancer(config.weights, update_percent=config.update_percent, backend=config.backend, mask_floor_db=config.mask_floor_db, exact=config.exact)
     return enh
 
 
@@ -946,7 +947,7 @@ def run_items(items: list[Item], config: Config, *, journal: Journal | None = No
 
 def _record(r: Result, config: Config) -> dict:
     rec = {"output": _key(r.dst), "input": _key(r.src), "status": r.status, "sha256": r.sha256, "model": config.model,
-           "P": config.update_percent, "mask_floor_db": config.mask_floor_db, "seconds": round(r.seconds, 6)}
+           "P": config.update_percent, "mask_floor_db": config.mask_floor_db, "exact": config.exact, "seconds": round(r.seconds, 6)}
     if r.status == "done":
         rec["output_size"] = os.path.getsize(r.dst) if os.path.exists(r.dst) else None
         # the identity the worker took from the file it read, never a later stat here

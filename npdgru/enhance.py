@@ -117,6 +117,7 @@ class Enhancer:
     backend : "cpu" (Numba, float32), "cuda" (numba.cuda, float32; model state on the GPU) or
         "reference" (NumPy, float64, slow).
     mask_floor_db : lowest gain the mask may apply, in dB (NSNet2: -80 dB).
+    exact : offline and streaming give the same bits (products in the streaming order), at some cost offline.
 
     Examples
     --------
@@ -126,7 +127,7 @@ class Enhancer:
 
     sample_rate = stft.SAMPLE_RATE
 
-    def __init__(self, weights=None, *, model: str | None = None, update_percent: float | None = None, backend: str = "cpu", mask_floor_db: float = DEFAULT_MASK_FLOOR_DB):
+    def __init__(self, weights=None, *, model: str | None = None, update_percent: float | None = None, backend: str = "cpu", mask_floor_db: float = DEFAULT_MASK_FLOOR_DB, exact: bool = False):
         weights = _resolve_weights(weights, model)
         if update_percent is None:
             from .shipped import default_update_percent
@@ -137,7 +138,7 @@ class Enhancer:
         if isinstance(mask_floor_db, (bool, np.bool_)) or not isinstance(mask_floor_db, numbers.Real) or not (math.isfinite(mask_floor_db) and mask_floor_db <= 0):
             raise ParameterError(f"mask_floor_db={mask_floor_db!r} must be a finite number <= 0")
         self.weights = weights
-        self.model = MaskModel(weights, update_percent=update_percent, backend=backend, sparse_inputs=_input_accumulators_pay(backend, update_percent))
+        self.model = MaskModel(weights, update_percent=update_percent, backend=backend, sparse_inputs=_input_accumulators_pay(backend, update_percent), exact=exact)
         self.update_percent = self.model.update_percent
         self.mask_floor_db = float(mask_floor_db)
         self.mask_floor = np.float32(10.0 ** (self.mask_floor_db / 20.0))
@@ -346,7 +347,7 @@ def enhance_file(enhancer: Enhancer, src: AudioInput, dst, *, subtype: str | Non
 # one call: npdgru.enhance(x, sr, **options)
 # --------------------------------------------------------------------------------------------
 
-_ENHANCER_OPTIONS = ("weights", "model", "update_percent", "backend", "mask_floor_db")
+_ENHANCER_OPTIONS = ("weights", "model", "update_percent", "backend", "mask_floor_db", "exact")
 _CACHED: dict = {}  # options -> Enhancer, most recent last
 _CACHE_SIZE = 4
 

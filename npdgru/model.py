@@ -41,17 +41,21 @@ class MaskModel:
     backend : "cpu", "reference" or a GPU backend (see :func:`npdgru.kernels.get_backend`)
     refresh_every : accumulator refresh period of the D-GRU layers (backend default if None)
     sparse_inputs : input accumulators for D-GRU layers fed by a D-GRU layer (see above)
+    exact : the cpu backend computes every product in the fixed column order of the streaming
+        hop, so that offline and streaming masks are the same bits; by default the products over
+        many frames run through BLAS (faster; the same masks within a tolerance, ``docs/speed.md``)
     """
 
-    def __init__(self, weights: Weights, *, update_percent: float = 100.0, backend: str = "cpu", refresh_every: int | None = None, sparse_inputs: bool = False):
+    def __init__(self, weights: Weights, *, update_percent: float = 100.0, backend: str = "cpu", refresh_every: int | None = None, sparse_inputs: bool = False, exact: bool = False):
         self.weights = weights
         self.architecture = weights.architecture
         self.n_features = self.architecture["n_features"]
         self.sparse_inputs = bool(sparse_inputs)
+        self.exact = bool(exact)
         self.backend_name = backend
         self.plan = make_plan(self.architecture, update_percent=update_percent, sparse_inputs=self.sparse_inputs)  # checks P
         self.update_percent = self.plan.update_percent
-        self.executor = get_backend(backend).Executor(self.plan, weights.tensors, refresh_every=refresh_every)
+        self.executor = get_backend(backend).Executor(self.plan, weights.tensors, refresh_every=refresh_every, exact=self.exact)
 
     @property
     def layers(self):

@@ -58,9 +58,9 @@ def _signal(n, seed):
 
 
 def _enhancer(name, P, sparse=False):
-    e = Enhancer(MODELS[name](), update_percent=P)
+    e = Enhancer(MODELS[name](), update_percent=P, exact=True)
     if sparse:
-        e.model = MaskModel(e.weights, update_percent=P, sparse_inputs=True)
+        e.model = MaskModel(e.weights, update_percent=P, sparse_inputs=True, exact=True)
     return e
 
 
@@ -273,7 +273,7 @@ def test_hop_kernels_equal_their_numpy_twins():
 def test_model_without_a_gru_streams_through_the_per_layer_path():
     """A plan the one-frame program does not cover (no D-GRU step) still streams, offline == streaming."""
     arch = validate_architecture({"name": "lin", "n_features": 161, "layers": [{"kind": "linear", "name": "fc", "in": 161, "out": 161, "activation": "sigmoid"}]})
-    e = Enhancer(_random_weights(arch, 3))
+    e = Enhancer(_random_weights(arch, 3), exact=True)
     st = e.stream()
     assert st._hops.fused is None
     x = _signal(10 * HOP, seed=3)

@@ -339,6 +339,7 @@ def _layer(c, mode, P, refresh_every):
         update_percent=100.0 if kw["P"] == 100.0 else P,
         sparse_input=kw.get("sparse_input", False),
         refresh_every=refresh_every,
+        exact=True,  # the column-order input product at any T: offline == streaming bit for bit
     )
 
 

@@ -5,7 +5,7 @@
 ``cuda``      numba.cuda kernels (imported lazily; needs the ``cuda`` extra or the simulator)
 
 Each backend module mirrors :mod:`npdgru.reference` function for function and offers
-``Executor(plan, tensors, refresh_every=None)`` with ``init_state(B)``, ``run(features, state)``
+``Executor(plan, tensors, refresh_every=None, exact=False)`` with ``init_state(B)``, ``run(features, state)``
 and a state with ``take(rows)`` / ``put(rows, sub)``, and ``RUNNERS``: one runner per layer kind
 (``npdgru.kinds.KINDS``).
 """

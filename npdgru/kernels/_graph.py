@@ -99,7 +99,7 @@ class Runner:
 
 class LinearRunner(Runner):
     def __init__(self, step, weights, ex):
-        self.step, self.layer = step, ex.Linear(*weights, activation=step.activation, name=step.name)
+        self.step, self.layer = step, ex.Linear(*weights, activation=step.activation, name=step.name, **ex.product_options)
         self.layers = (self.layer,)
 
     def __call__(self, xs, state, T, Bn):
@@ -120,7 +120,7 @@ class GRURunner(Runner):
     def __init__(self, step, weights, ex):
         extra = {} if ex.refresh_every is None else {"refresh_every": ex.refresh_every}
         self.step = step
-        self.layer = self.state_layer = ex.GRULayer(*weights, A=None if step.dense else step.A, sparse_input=step.sparse_input, name=step.name, **extra)
+        self.layer = self.state_layer = ex.GRULayer(*weights, A=None if step.dense else step.A, sparse_input=step.sparse_input, name=step.name, **extra, **ex.product_options)
         self.layers = (self.layer,)
 
     def __call__(self, xs, state, T, Bn):
@@ -138,7 +138,8 @@ class BiGRURunner(Runner):
 
     def __init__(self, step, weights, ex):
         self.step, self.ops = step, ex.ops
-        self.layers = (ex.GRULayer(*weights[:4], name=step.name), ex.GRULayer(*weights[4:], name=f"{step.name}_reverse"))
+        opt = ex.product_options
+        self.layers = (ex.GRULayer(*weights[:4], name=step.name, **opt), ex.GRULayer(*weights[4:], name=f"{step.name}_reverse", **opt))
 
     def __call__(self, xs, state, T, Bn):
         fwd, bwd = self.layers
@@ -198,6 +199,10 @@ class GraphExecutor:
     plan : :class:`npdgru.plan.Plan`
     tensors : the weight file's tensors (PyTorch names and layouts)
     refresh_every : accumulator refresh period of the D-GRU steps (backend default if None)
+    exact : products over many frames in the fixed column order of the one-frame kernels, so that
+        offline and streaming give the same bits (cpu; the float64 reference and the GPU
+        backend have one product order anyway). Otherwise the cpu backend runs them through
+        BLAS (``docs/speed.md``).
     """
 
     backend = "?"
@@ -208,8 +213,8 @@ class GraphExecutor:
     sparse_inputs_max_p = 0.0  # P at or below which input accumulators are faster here; 0: never
     batches_files = False  # a corpus task runs its files as one batch (a GPU: fuller kernels)
 
-    def __init__(self, plan, tensors, *, refresh_every=None):
-        self.plan, self.refresh_every = plan, refresh_every
+    def __init__(self, plan, tensors, *, refresh_every=None, exact=False):
+        self.plan, self.refresh_every, self.exact = plan, refresh_every, bool(exact)
         self._slot_names = ["features"] + [s.name for s in plan.steps]
         self.steps = []
         for s in plan.steps:
@@ -218,6 +223,12 @@ class GraphExecutor:
             self.steps.append(self.runners[s.kind](s, [tensors[n] for n in s.tensors], self))
 
     # -- layers ---------------------------------------------------------------------------------
+
+    @property
+    def product_options(self) -> dict:
+        """Keywords of this backend's GRULayer and Linear that choose how products run (none
+        here; the cpu backend passes ``exact``)."""
+        return {}
 
     @property
     def layers(self) -> list:

@@ -13,7 +13,7 @@ from numba import njit
 from ...errors import ParameterError
 from ...kinds import KINDS
 from .._config import JIT
-from .kernels import _activate, _affine_columns, _dgru_forward, _dgru_forward_sparse_input, _gru_forward, _layer_norm
+from .kernels import _activate, _affine_columns, _dgru_forward, _gru_forward, _layer_norm
 
 __all__ = ["FrameProgram", "FRAME_STEPS"]
 
@@ -55,14 +55,14 @@ def _frame_steps(codes, ins, eps, vals, W, Bv, Hs, Ms, Gs, Xs, Ss, scratch, sel0
             x3 = x.reshape(1, BF, n_in)
             y3 = y.reshape(1, BF, H)
             if c[_C_SPARSE] == 1:
-                _dgru_forward_sparse_input(x3, W[c[_C_W]], Bv[c[_C_B]], W[c[_C_W] + 1], Bv[c[_C_B] + 1], c[_C_A], c[_C_REFRESH], Hs[st], Ms[st], Gs[st], Xs[st], Ss[st], y3, sel0, ubuf[:H], qbuf[:H], idx[:H], dh[:H], idx_in, d_in)
+                _dgru_forward(x3[:0], x3, W[c[_C_W]], Bv[c[_C_B]], W[c[_C_W] + 1], Bv[c[_C_B] + 1], c[_C_A], c[_C_REFRESH], Hs[st], Ms[st], Gs[st], Xs[st], Ss[st], y3, sel0, ubuf[:H], qbuf[:H], idx[:H], dh[:H], idx_in, d_in)
             else:
                 gi = scratch[c[_C_SCR]][: BF * 3 * H].reshape(1, BF, 3 * H)
                 _affine_columns(x.reshape(BF, n_in), W[c[_C_W]], Bv[c[_C_B]], gi.reshape(BF, 3 * H))
                 if c[_C_DENSE] == 1:
                     _gru_forward(gi, W[c[_C_W] + 1], Bv[c[_C_B] + 1], Hs[st], Ms[st], y3)
                 else:
-                    _dgru_forward(gi, W[c[_C_W] + 1], Bv[c[_C_B] + 1], c[_C_A], c[_C_REFRESH], Hs[st], Ms[st], Ss[st], y3, sel0, ubuf[:H], qbuf[:H], idx[:H], dh[:H])
+                    _dgru_forward(gi, x3[:0], W[c[_C_W]], Bv[c[_C_B]], W[c[_C_W] + 1], Bv[c[_C_B] + 1], c[_C_A], c[_C_REFRESH], Hs[st], Ms[st], Gs[st], Xs[st], Ss[st], y3, sel0, ubuf[:H], qbuf[:H], idx[:H], dh[:H], idx_in, d_in)
         elif kind == _K_BIGRU:
             # a sequence of F band steps per stream from h = 0, forward then backward
             H = n_out // 2

@@ -117,8 +117,10 @@ def _dense_columns(acc, wt, b, v):
     """acc = b + Σ_j wt[j, :] · v[j] over all j: the full product of one vector.
 
     The one-frame case of _affine_columns (same code, so the same bits as any frame of a block).
+    ``[None, :]`` views, not reshape: a reshape can raise, and its error message machinery
+    (strings, shape formatting) costs seconds of first-use compile time.
     """
-    _affine_columns(v.reshape(1, v.shape[0]), wt, b, acc.reshape(1, acc.shape[0]))
+    _affine_columns(v[None, :], wt, b, acc[None, :])
 
 
 @njit(**JIT)
@@ -305,7 +307,7 @@ def _input_delta(xt, xprev, g, wih_t, b_ih, refresh, idx_in, d_in):
         for j in range(I):
             xprev[j] = xt[j]
         return
-    c = 0
+    c = np.int64(0)  # not a literal 0: _accumulate would be compiled once more for Literal[int](0)
     for j in range(I):
         dj = xt[j] - xprev[j]
         if dj != 0.0:
@@ -322,11 +324,13 @@ def _gru_forward(gi, whh_t, b_hh, h, m, out):
     T, B, H3 = gi.shape
     H = H3 // 3
     for t in range(T):
+        # M = W_hh h + b_hh of all B rows in one call: the rows share each pass over W_hh (DPRNN's
+        # 41 band rows, a BiGRU's frames), and a row gets the bits it gets alone (_dense_columns)
+        _affine_columns(h, whh_t, b_hh, m)
         for b in range(B):
             hb = h[b]
             mb = m[b]
             g = gi[t, b]
-            _dense_columns(mb, whh_t, b_hh, hb)  # M = W_hh h + b_hh, (3H,)
             for i in range(H):
                 r = _sigmoid(g[i] + mb[i])
                 z = _sigmoid(g[H + i] + mb[H + i])
@@ -371,33 +375,32 @@ def _dgru_cell(g, hb, mb, whh_t, b_hh, A, refresh, ubuf, qbuf, idx, dh):
 
 
 @njit(**JIT)
-def _dgru_forward(gi, whh_t, b_hh, A, refresh_every, h, m, step, out, sel, ubuf, qbuf, idx, dh):
-    """D-GRU over T steps, dense input (gi precomputed for all frames)."""
-    T, B, H3 = gi.shape
+def _dgru_forward(gi, x, wih_t, b_ih, whh_t, b_hh, A, refresh_every, h, m, g, xprev, step, out, sel, ubuf, qbuf, idx, dh, idx_in, d_in):
+    """D-GRU over T steps of B streams, with dense or sparse input.
+
+    Dense input: gi (T, B, 3H) holds the input pre-activations of every step (incl. b_ih); x is
+    empty (0, B, I). Sparse input (the state of a previous D-GRU layer): x (T, B, I) and gi empty;
+    the input accumulator g (B, 3H) is kept from the changed entries of x (``_input_delta``).
+    One kernel for both, so that ``_dgru_cell`` is compiled and optimised once, not once per
+    caller (first-use compile time).
+    """
+    sparse = x.shape[0] > 0
+    T = x.shape[0] if sparse else gi.shape[0]
+    B, H = h.shape
     write_sel = sel.shape[0] == T
     for t in range(T):
         for b in range(B):
             refresh = step[b] % refresh_every == 0
             step[b] += 1
-            _dgru_cell(gi[t, b], h[b], m[b], whh_t, b_hh, A, refresh, ubuf, qbuf, idx, dh)
-            out[t, b] = h[b]
-            if write_sel:
-                for k in range(A):
-                    sel[t, b, idx[k]] = True
-
-
-@njit(**JIT)
-def _dgru_forward_sparse_input(x, wih_t, b_ih, whh_t, b_hh, A, refresh_every, h, m, g, xprev, step, out, sel, ubuf, qbuf, idx, dh, idx_in, d_in):
-    """D-GRU over T steps whose input x (T, B, I) changes in few entries per step."""
-    T, B, I = x.shape
-    write_sel = sel.shape[0] == T
-    for t in range(T):
-        for b in range(B):
-            refresh = step[b] % refresh_every == 0
-            step[b] += 1
-            _input_delta(x[t, b], xprev[b], g[b], wih_t, b_ih, refresh, idx_in, d_in)
-            _dgru_cell(g[b], h[b], m[b], whh_t, b_hh, A, refresh, ubuf, qbuf, idx, dh)
-            out[t, b] = h[b]
+            if sparse:
+                _input_delta(x[t, b], xprev[b], g[b], wih_t, b_ih, refresh, idx_in, d_in)
+                gb = g[b]
+            else:
+                gb = gi[t, b]
+            _dgru_cell(gb, h[b], m[b], whh_t, b_hh, A, refresh, ubuf, qbuf, idx, dh)
+            hb = h[b]
+            for i in range(H):  # not out[t, b] = h[b]: a shape-checked copy compiles its error path
+                out[t, b, i] = hb[i]
             if write_sel:
                 for k in range(A):
                     sel[t, b, idx[k]] = True

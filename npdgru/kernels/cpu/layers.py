@@ -2,6 +2,16 @@
 
 Each public layer validates its arguments (``..checks``) and then calls the kernels through
 ``_run``, which trusts them; the executor runs a plan with one runner per layer kind.
+
+Products whose input is known for all frames of a call (a Linear layer, the input product of a
+GRU with dense input) run in one of two ways, chosen by ``exact``:
+
+- ``exact=False`` (default): one float32 matmul over all rows (NumPy's, i.e. OpenBLAS sgemm,
+  about twice the column-order kernel's speed), bias added after. Its summation order depends
+  on the row count and the CPU, so offline and the streaming hop (whose one-frame kernels keep
+  the column order) agree within a tolerance, not bit for bit (tests/test_model.py states it).
+- ``exact=True``: the column-order kernel ``_affine_columns``, whose sums run in the same order
+  for one frame or many, so offline == streaming bit for bit.
 """
 
 from __future__ import annotations
@@ -15,7 +25,24 @@ from ...kinds import num_selected
 from .._graph import LAYER_RUNNERS, GraphExecutor
 from ..checks import ACT_CODES, DEFAULT_REFRESH, as_f32, check_gru_weights, check_linear_weights, check_norm_weights, positive_int, selected_count
 from .frame import FrameProgram, covers as frame_covers
-from .kernels import _activate, _affine_columns, _dgru_forward, _dgru_forward_sparse_input, _gru_forward, _layer_norm
+from .kernels import _activate, _affine_columns, _dgru_forward, _gru_forward, _layer_norm
+
+# The input product of a D-GRU fed by a D-GRU (sparse_input) over the frames of a call, when not
+# exact: the input accumulator (3H·(changed inputs) MACs per frame, column kernel) pays against
+# one dense BLAS product of all frames only where few inputs change. Measured (NSNet2, H = 400,
+# MaskModel.forward on 1001 frames of a test-set file, one thread, loaded 2-core EPYC, us per
+# frame for the whole model, accumulator vs BLAS): P = 75: 161 vs 156; P = 50: 119 vs 129;
+# P = 25: 91 vs 103. So over many frames the accumulator runs for A/H <= this:
+_SPARSE_INPUT_MAX_FRACTION = 0.5
+
+
+def _product(x, wt, b, out, exact):
+    """out = x @ wt + b for x (N, J) float32 C-contiguous: in column order when exact, else BLAS."""
+    if exact:
+        _affine_columns(x, wt, b, out)
+    else:
+        np.matmul(x, wt, out=out)
+        out += b
 
 __all__ = ["GRULayer", "GRUState", "Linear", "LayerNorm", "Executor", "RUNNERS", "gru_sequence", "dgru_sequence", "DEFAULT_REFRESH"]
 
@@ -87,12 +114,16 @@ class GRULayer:
     refresh_every : accumulators are recomputed exactly every this many steps (float32 drift).
     A : the number of neurons updated per step, instead of ``update_percent``; the D-GRU
         (accumulator) kernel then runs even at A = H.
+    exact : input products in column order (offline == streaming bit for bit), else through BLAS
+        (module docstring); a sparse-input layer then keeps its input accumulator over many
+        frames only where it pays (``_SPARSE_INPUT_MAX_FRACTION``).
     """
 
     backend = "cpu"
 
-    def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, *, update_percent=100.0, sparse_input=False, refresh_every=DEFAULT_REFRESH, name="gru", A=None):
+    def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, *, update_percent=100.0, sparse_input=False, refresh_every=DEFAULT_REFRESH, name="gru", A=None, exact=False):
         self.name = name
+        self.exact = bool(exact)
         self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = check_gru_weights(weight_ih, weight_hh, bias_ih, bias_hh, name)
         I, H = self.input_size, self.hidden_size = self.weight_ih.shape[1], self.weight_hh.shape[1]
         self.wih_t = np.ascontiguousarray(self.weight_ih.T)  # (I, 3H) column-contiguous
@@ -106,6 +137,8 @@ class GRULayer:
             self.A = num_selected(update_percent, H)  # validates P before float() can raise TypeError
             self.update_percent = float(update_percent)
             self.dense = self.update_percent == 100.0
+        # the input accumulator over a call of many frames (the streaming hop always keeps it)
+        self._accumulate_input = self.sparse_input and not self.dense and (self.exact or self.A <= _SPARSE_INPUT_MAX_FRACTION * H)
 
     def init_state(self, batch: int = 1, h0=None) -> GRUState:
         """Zero (or ``h0``) state for ``batch`` independent streams."""
@@ -154,6 +187,7 @@ class GRULayer:
         return self._run(x, state, selected)
 
     _NO_SEL = np.zeros((0, 1, 1), np.bool_)
+    _NO_GI = np.zeros((0, 1, 1), np.float32)  # gi of a sparse-input call (the kernel reads x)
 
     def _run(self, x, state: GRUState, selected=None):
         """forward() without validation: x float32 C-contiguous (T, B, I), state from init_state."""
@@ -163,17 +197,20 @@ class GRULayer:
         sel = selected if (selected is not None and not self.dense) else self._NO_SEL
         if T == 0:
             return out
-        if self.sparse_input and not self.dense:
-            _dgru_forward_sparse_input(x, self.wih_t, self.bias_ih, self.whh_t, self.bias_hh, self.A, self.refresh_every, state.h, state.m, state.g, state.xprev, state.step, out, sel, state.ubuf, state.qbuf, state.idx, state.dh, state.idx_in, state.d_in)
+        if self.sparse_input and not self.dense and (T == 1 or self._accumulate_input):
+            _dgru_forward(self._NO_GI, x, self.wih_t, self.bias_ih, self.whh_t, self.bias_hh, self.A, self.refresh_every, state.h, state.m, state.g, state.xprev, state.step, out, sel, state.ubuf, state.qbuf, state.idx, state.dh, state.idx_in, state.d_in)
             return out
         if state.gi.shape[0] < T:
             state.gi = np.empty((T, B, 3 * H), np.float32)
         gi = state.gi[:T]
-        _affine_columns(x.reshape(T * B, -1), self.wih_t, self.bias_ih, gi.reshape(T * B, 3 * H))
+        _product(x.reshape(T * B, -1), self.wih_t, self.bias_ih, gi.reshape(T * B, 3 * H), self.exact)
         if self.dense:
             _gru_forward(gi, self.whh_t, self.bias_hh, state.h, state.m, out)
         else:
-            _dgru_forward(gi, self.whh_t, self.bias_hh, self.A, self.refresh_every, state.h, state.m, state.step, out, sel, state.ubuf, state.qbuf, state.idx, state.dh)
+            _dgru_forward(gi, x[:0], self.wih_t, self.bias_ih, self.whh_t, self.bias_hh, self.A, self.refresh_every, state.h, state.m, state.g, state.xprev, state.step, out, sel, state.ubuf, state.qbuf, state.idx, state.dh, state.idx_in, state.d_in)
+            if self.sparse_input:  # the input accumulator as the last frame left it, for the next call
+                state.g[:] = gi[T - 1]
+                state.xprev[:] = x[T - 1]
         return out
 
 
@@ -204,8 +241,9 @@ class Linear:
 
     backend = "cpu"
 
-    def __init__(self, weight, bias, *, activation="none", name="linear"):
+    def __init__(self, weight, bias, *, activation="none", name="linear", exact=False):
         self.name = name
+        self.exact = bool(exact)  # the product in column order, else BLAS (module docstring)
         self.weight, self.bias = check_linear_weights(weight, bias, activation, name)
         self.out_features, self.in_features = self.weight.shape
         self.wt = np.ascontiguousarray(self.weight.T)  # (in, out) column-contiguous
@@ -223,7 +261,7 @@ class Linear:
         """forward() without validation: x float32 C-contiguous (N, in)."""
         y = np.empty((x.shape[0], self.out_features), np.float32)
         if x.shape[0]:
-            _affine_columns(x, self.wt, self.bias, y)
+            _product(x, self.wt, self.bias, y, self.exact)
             _activate(y, self._code)
         return y
 
@@ -274,6 +312,10 @@ class Executor(GraphExecutor):
     def has_frame_program(self) -> bool:
         """Whether :meth:`frame_program` covers this plan (the fused streaming hop)."""
         return frame_covers(self.plan)
+
+    @property
+    def product_options(self) -> dict:
+        return {"exact": self.exact}
 
     def frame_program(self, batch: int) -> "FrameProgram":
         """A one-frame program of ``batch`` streams with buffers of its own (one per user, so

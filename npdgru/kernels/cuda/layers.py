@@ -453,10 +453,10 @@ class Executor(GraphExecutor):
     batches_files = True
     GRULayer, Linear, LayerNorm = GRULayer, Linear, LayerNorm
 
-    def __init__(self, plan, tensors, *, refresh_every=None):
+    def __init__(self, plan, tensors, *, refresh_every=None, exact=False):
         require_device()
         self._upload = Workspace()  # device copy of the features
-        super().__init__(plan, tensors, refresh_every=refresh_every)
+        super().__init__(plan, tensors, refresh_every=refresh_every, exact=exact)
 
     def check_features(self, features, state):
         nf = self.plan.n_features
