@@ -143,9 +143,10 @@ class Enhancer:
         self.mask_floor_db = float(mask_floor_db)
         self.mask_floor = np.float32(10.0 ** (self.mask_floor_db / 20.0))
 
-    def _apply(self, X: np.ndarray, state) -> np.ndarray:
-        """Masked spectra for frames X (T, B, 161); the model state carries across calls."""
-        mask = self.model.forward(stft.log_power(X), state)
+    def _apply(self, X: np.ndarray, state, *, exact: bool | None = None) -> np.ndarray:
+        """Masked spectra for frames X (T, B, 161); the model state carries across calls.
+        ``exact``: :meth:`MaskModel.forward`'s (the streaming paths pass True)."""
+        mask = self.model.forward(stft.log_power(X), state, exact=exact)
         np.clip(mask, self.mask_floor, np.float32(1.0), out=mask)
         return X * mask
 

@@ -162,11 +162,12 @@ class Hops:
                     self.fused.run(x[:, j], self.spectra, state, y3[:, j])
             return y
         X = self.spectra.analyse(x, rows)
+        # column-order products: a hop has the bits of the fused hop, alone or in any sub-batch
         if rows is None:
-            Y = self.enhancer._apply(X, state)
+            Y = self.enhancer._apply(X, state, exact=True)
         else:
             sub = state.take(rows)
-            Y = self.enhancer._apply(X, sub)
+            Y = self.enhancer._apply(X, sub, exact=True)
             state.put(rows, sub)
         y = self.spectra.synthesise(Y, rows)
         if out is not None:

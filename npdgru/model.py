@@ -75,7 +75,7 @@ class MaskModel:
     def init_state(self, batch: int = 1) -> ModelState:
         return self.executor.init_state(batch)
 
-    def forward(self, features, state: ModelState) -> np.ndarray:
+    def forward(self, features, state: ModelState, *, exact: bool | None = None) -> np.ndarray:
         """Masks for T frames of B streams.
 
         Parameters
@@ -83,12 +83,14 @@ class MaskModel:
         features : (T, B, n_features) log-power features (a GPU backend may also take a float32
             device array, trusted to be finite; the mask then stays on the device).
         state : from :meth:`init_state`, updated in place (streaming: call again with more frames).
+        exact : this call's products in column order (True) whatever the model's ``exact``
+            (the streaming paths pass True); None: the model's own.
 
         Returns
         -------
         (T, B, n_features) float32 mask in [0, 1].
         """
-        return self.executor.run(features, state)
+        return self.executor.run(features, state, exact=exact)
 
     def fraction_updated(self) -> float:
         """Fraction of D-GRU neurons updated per step (A/H averaged over layers, weighted by H·bands)."""

@@ -259,10 +259,23 @@ class GraphExecutor:
             raise ParameterError("features contain NaN or Inf")
         return x
 
-    def run(self, features, state: ExecState):
-        """Masks (T, B, n_features) for features (T, B, n_features); ``state`` updated in place."""
+    def run(self, features, state: ExecState, *, exact: bool | None = None):
+        """Masks (T, B, n_features) for features (T, B, n_features); ``state`` updated in place.
+
+        ``exact=True`` runs this call's products in column order whatever the executor's own
+        setting: the streaming paths use it, so that a stream's hop has the same bits whether it
+        runs alone, fused, or in a sub-batch of the streams of a call (``hop.Hops``)."""
         x = self.check_features(features, state)
-        return self.finish(self._walk(x, state))
+        if exact is None or bool(exact) == self.exact:
+            return self.finish(self._walk(x, state))
+        layers = [layer for layer in self.layers if hasattr(layer, "exact")]
+        for layer in layers:
+            layer.exact = bool(exact)
+        try:
+            return self.finish(self._walk(x, state))
+        finally:
+            for layer in layers:
+                layer.exact = self.exact
 
     def finish(self, y):
         return np.asarray(y, np.float32)

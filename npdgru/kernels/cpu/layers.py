@@ -137,8 +137,11 @@ class GRULayer:
             self.A = num_selected(update_percent, H)  # validates P before float() can raise TypeError
             self.update_percent = float(update_percent)
             self.dense = self.update_percent == 100.0
-        # the input accumulator over a call of many frames (the streaming hop always keeps it)
-        self._accumulate_input = self.sparse_input and not self.dense and (self.exact or self.A <= _SPARSE_INPUT_MAX_FRACTION * H)
+
+    @property
+    def _accumulate_input(self) -> bool:
+        """The input accumulator over a call of many frames (the streaming hop always keeps it)."""
+        return self.sparse_input and not self.dense and (self.exact or self.A <= _SPARSE_INPUT_MAX_FRACTION * self.hidden_size)
 
     def init_state(self, batch: int = 1, h0=None) -> GRUState:
         """Zero (or ``h0``) state for ``batch`` independent streams."""
