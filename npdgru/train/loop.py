@@ -170,23 +170,27 @@ DNSMOS_P = 50.0  # the P at which --val-dnsmos scores the validation mixtures
 DNSMOS_KEYS = ("sig", "bak", "ovrl")
 
 
-@torch.no_grad()
-def validate_dnsmos(model, noisy, scorer, P=DNSMOS_P) -> dict[str, float]:
-    """Mean DNSMOS P.835 SIG / BAK / OVRL of the model's output at P over the mixtures ``noisy``
-    (N, n) float32; ``scorer`` is a :class:`npdgru.evaluate.metrics.Dnsmos`.
+def dnsmos_window(scorer, audio: np.ndarray) -> dict[str, float]:
+    """DNSMOS of ``audio`` tiled to exactly one model input (9.01 s) and scored once.
 
-    Each output is tiled to exactly one DNSMOS input (9.01 s) and scored once: the full procedure
-    would repeat a 4 s crop to 16 s and average 7 overlapping windows of the same repeated audio,
-    7 times the cost for nearly the same number (a selection signal, not a reported score)."""
+    The full procedure would repeat a 4 s crop to 16 s and average 7 overlapping windows of the
+    same repeated audio: 7 times the cost for nearly the same number (a selection signal on the
+    validation split, not a reported score)."""
     from ..evaluate.metrics import INPUT_LENGTH, SAMPLE_RATE as DNSMOS_RATE
 
-    window = int(INPUT_LENGTH * DNSMOS_RATE)
+    return scorer(np.resize(np.clip(audio, -1.0, 1.0), int(INPUT_LENGTH * DNSMOS_RATE)))
+
+
+@torch.no_grad()
+def validate_dnsmos(model, noisy, scorer, P=DNSMOS_P) -> dict[str, float]:
+    """Mean DNSMOS P.835 SIG / BAK / OVRL (:func:`dnsmos_window`) of the model's output at P over
+    the mixtures ``noisy`` (N, n) float32; ``scorer`` is a :class:`npdgru.evaluate.metrics.Dnsmos`."""
     model.eval()
     dev = next(model.parameters()).device
     scores = {k: [] for k in DNSMOS_KEYS}
     for x in noisy:
         y = model.enhance(torch.from_numpy(x[None]).to(dev), P)[0].cpu().numpy().astype(np.float32)
-        s = scorer(np.resize(np.clip(y, -1.0, 1.0), window))
+        s = dnsmos_window(scorer, y)
         for k in DNSMOS_KEYS:
             scores[k].append(s[k])
     model.train()
