@@ -17,7 +17,8 @@ PKG = Path(npdgru.__file__).parent
 LAYERS = [
     ["__main__"],
     ["cli"],
-    ["evaluate", "train"],
+    ["train"],  # validation scores DNSMOS with evaluate.metrics
+    ["evaluate"],
     ["corpus"],
     ["enhance"],
     ["streaming"],

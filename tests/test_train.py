@@ -438,3 +438,131 @@ def test_train_refuses_bad_options_in_one_line(tmp_path, capsys, argv, message):
     assert rc == 2 and err.startswith("npdgru: error: ") and message in err and "Traceback" not in err
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()
 
+
+# -- the residual-noise term, voice augmentation, DNSMOS at validation ------------------------
+
+
+def test_noise_floor_loss_acts_only_where_the_output_exceeds_the_reference_on_noise_bins():
+    """Hand-made spectra, one frame of 4 bins, clean RMS 1: bin 0 speech-dominated (term off even
+    though the output is far above the reference), bin 1 noise-dominated with the output above the
+    reference (the only cost, gradient pushing |E| down), bin 2 noise-dominated with the output
+    below the reference (no cost: never pushes towards more noise), bin 3 output equal to reference."""
+    from npdgru.train.loop import COMPRESSION, noise_floor_loss
+
+    S = torch.tensor([[[1.0, 1e-4, 1e-4, 1e-3]]], dtype=torch.complex128)
+    N = torch.tensor([[[0.01, 1.0, 1.0, 1.0]]], dtype=torch.complex128)
+    R = torch.tensor([[[0.5, 0.1, 0.1, 0.2]]], dtype=torch.complex128)
+    er = torch.tensor([[[5.0, 0.5, 0.01, 0.2]]], dtype=torch.float64, requires_grad=True)
+    E = torch.complex(er, torch.zeros_like(er))
+    rms = torch.ones(1, dtype=torch.float64)
+    loss = noise_floor_loss(E, R, S, S + N, rms, below_db=10.0)
+    c = COMPRESSION
+    assert float(loss.detach()) == pytest.approx(((0.5 + 1e-8) ** c - (0.1 + 1e-8) ** c) ** 2 / 4, rel=1e-9)
+    loss.backward()
+    g = er.grad.reshape(-1)
+    assert g[1] > 0 and g[0] == 0 and g[2] == 0 and g[3] == 0
+    # a threshold that no bin passes (speech must be 100 dB below the noise): inactive everywhere
+    assert float(noise_floor_loss(E, R, S, S + N, rms, below_db=100.0).detach()) == 0.0
+    # level-normalised: the same example 10x louder (clean RMS too) costs the same
+    loud = noise_floor_loss(10 * E, 10 * R, 10 * S, 10 * (S + N), 10 * rms, below_db=10.0)
+    assert float(loud) == pytest.approx(float(loss.detach()), rel=1e-6)
+
+
+def test_step_loss_adds_the_weighted_noise_term_against_the_teacher():
+    from npdgru.train.loop import _step_loss, noise_floor_loss
+
+    student = tm.MaskNet.from_weights(_tiny_nsnet2(seed=1)).double()
+    teacher = tm.MaskNet.from_weights(_tiny_nsnet2(seed=2)).double()
+    rng = np.random.default_rng(3)
+    noisy = torch.from_numpy(rng.standard_normal((2, 3200)) * 0.1)
+    clean = torch.from_numpy(rng.standard_normal((2, 3200)) * 0.02)
+    with torch.no_grad():
+        base = _step_loss(student, noisy, clean, 50, teacher=teacher, distill_weight=0.5)
+        plus = _step_loss(student, noisy, clean, 50, teacher=teacher, distill_weight=0.5, noise_weight=2.0, noise_below_db=0.0)
+        sup = _step_loss(student, noisy, clean, 50, noise_weight=2.0, noise_below_db=0.0)
+        X, S = tm.stft(noisy), tm.stft(clean)
+        E = X * student(tm.log_power(X), 50)
+        T = X * teacher(tm.log_power(X), 100)
+        rms = clean.square().mean(-1).sqrt() + 1e-5
+        term_t = noise_floor_loss(E, T, S, X, rms, 0.0)
+        term_s = noise_floor_loss(E, S, S, X, rms, 0.0)
+    assert float(term_t) > 0 and float(term_s) > 0
+    assert float(plus) == pytest.approx(float(base) + 2.0 * float(term_t), rel=1e-12)
+    assert float(sup) == pytest.approx(float(_step_loss(student, noisy, clean, 50)) + 2.0 * float(term_s), rel=1e-12)
+
+
+def test_peaking_eq_has_its_gain_at_the_centre():
+    from scipy.signal import freqz
+
+    from npdgru.train.data import _peaking
+
+    b, a = _peaking(1000.0, 6.0, 1.0)
+    _, h = freqz(b, a, worN=[1000.0, 50.0, 7900.0], fs=16000)
+    db = 20 * np.log10(np.abs(h))
+    assert db[0] == pytest.approx(6.0, abs=1e-6) and abs(db[1]) < 0.5 and abs(db[2]) < 0.5
+
+
+def test_voice_augmentation_keeps_length_dtype_and_is_reproducible(tmp_path):
+    from npdgru.errors import ParameterError
+
+    _fake_corpus(tmp_path)
+    _fake_extra(tmp_path)
+    a = MixtureSampler(tmp_path, seconds=1.0, seed=4, augment="voice")
+    plain = MixtureSampler(tmp_path, seconds=1.0, seed=4)
+    changed = 0
+    for _ in range(40):  # every stage has probability >= 0.2: 40 draws exercise them all
+        noisy, clean, _ = a.example()
+        assert noisy.shape == clean.shape == (16000,) and noisy.dtype == clean.dtype == np.float32
+        assert np.all(np.isfinite(noisy)) and np.max(np.abs(noisy)) <= 0.99 + 1e-6
+        changed += not np.array_equal(clean, plain.example()[1])
+    assert changed > 20
+    x = MixtureSampler(tmp_path, seconds=1.0, seed=8, augment="voice").batch(4)
+    y = MixtureSampler(tmp_path, seconds=1.0, seed=8, augment="voice").batch(4)
+    np.testing.assert_array_equal(x[0], y[0])
+    np.testing.assert_array_equal(x[1], y[1])
+    with pytest.raises(ParameterError, match="augment"):
+        MixtureSampler(tmp_path, seconds=1.0, augment="pitch")
+
+
+def test_channel_and_speed_stages_keep_the_length():
+    from npdgru.train.data import _channel, _fit
+
+    x = np.random.default_rng(0).standard_normal(16000)
+    for seed in range(30):
+        y, z = _channel(np.random.default_rng(seed), [x, 2 * x])
+        assert y.shape == x.shape and np.allclose(z, 2 * y)  # one linear channel for both signals
+    assert _fit(x, 100).shape == (100,) and _fit(x[:50], 100)[50:].sum() == 0
+
+
+def test_noise_options_are_refused_before_the_run_folder_is_made(tmp_path):
+    from npdgru.errors import ParameterError
+    from npdgru.train.loop import build_parser, train
+
+    for bad in (["--noise-weight", "-1"], ["--noise-weight", "nan"], ["--val-dnsmos", "99", "--val-count", "4"]):
+        args = build_parser().parse_args(["--out", str(tmp_path / "run")] + bad)
+        with pytest.raises(ParameterError, match=bad[0]):
+            train(args)
+        assert not (tmp_path / "run").exists()
+
+
+def test_run_with_noise_term_augmentation_and_validation_dnsmos(tmp_path):
+    """Smoke test: --noise-weight, --augment voice and --val-dnsmos together; the DNSMOS columns
+    carry scores on the 1-5 scale."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("speechmos")
+    from npdgru.train.loop import main as train_main
+    from npdgru.weights import save_weights
+
+    _fake_corpus(tmp_path / "data")
+    w = _tiny_nsnet2()
+    save_weights(tmp_path / "init.safetensors", w.tensors, architecture=w.architecture)
+    init = str(tmp_path / "init.safetensors")
+    common = ["--data", str(tmp_path / "data"), "--init", init, "--teacher", init, "--out", str(tmp_path / "run"),
+              "--batch", "2", "--seconds", "0.5", "--val-count", "2", "--val-every", "2", "--log-every", "1",
+              "--any-p", "25", "100", "--noise-weight", "1", "--augment", "voice"]
+    assert train_main(common + ["--steps", "2", "--val-dnsmos", "1"]) == 0
+    rows = [r.split(",") for r in (tmp_path / "run" / "log.csv").read_text().splitlines()]
+    assert rows[0][-3:] == ["dnsmos_sig_P50", "dnsmos_bak_P50", "dnsmos_ovrl_P50"]
+    val = [r for r in rows[1:] if len(r) == len(rows[0])]
+    assert [int(r[0]) for r in val] == [0, 2]
+    assert all(1.0 <= float(v) <= 5.0 for r in val for v in r[-3:])

@@ -9,6 +9,10 @@
 #                                    config.json records it)
 #   bash training/cpu_distill.sh 4   MPT distilled from its current weights (teacher + clean, W = 0.5)
 #   bash training/cpu_distill.sh 5   DPRNN distilled from its current weights (teacher + clean, W = 0.5)
+#   bash training/cpu_distill.sh 6   the default continued from weights/nsnet2-kd-anyp.safetensors with lane 3's recipe plus
+#                                    the residual-noise term (--noise-weight 3: output pulled down to the teacher's on bins
+#                                    where the speech is 10 dB under the noise) and voice/channel augmentation
+#                                    (--augment voice); logs DNSMOS SIG/BAK/OVRL at P = 50 on 32 validation mixtures
 # Recipe v2, P drawn per batch from U[25, 100], teacher = the original NSNet2 (dense), student
 # initialised from the teacher. Lane 1 keeps step<N>.pt snapshots for the comparison.
 set -euo pipefail
@@ -26,4 +30,8 @@ case "$1" in
      python3 -m npdgru.train --out "training/runs/$arch-kd" --init "weights/$arch-anyp.safetensors" --continue \
        --teacher weights/nsnet2.safetensors --distill-weight 0.5 --any-p 25 100 --recipe v2 --batch 16 --seconds 4 \
        --lr 3e-4 --warmup 50 --val-every 100 --val-count 64 --log-every 20 --threads 1 --steps 100000 --seed 3 --ema 0.99 --minutes "${MINUTES:-105}" ;;
+  6) python3 -m npdgru.train --out training/runs/nsnet2-bak --init weights/nsnet2-kd-anyp.safetensors --continue \
+       --teacher weights/nsnet2.safetensors --distill-weight 0.5 --noise-weight 3 --noise-below-db 10 --augment voice \
+       --any-p 25 100 --p-skew 2 --recipe v2 --batch 16 --seconds 4 --lr 1e-4 --warmup 30 --val-every 100 --val-count 64 \
+       --val-dnsmos 32 --snapshot-every 300 --log-every 20 --threads 1 --steps 100000 --seed 13 --ema 0.99 --minutes "${MINUTES:-80}" ;;
 esac

@@ -28,6 +28,24 @@ Two recipes; ``npdgru train --recipe`` picks one and ``config.json`` records it.
 - level: the mixture is scaled to an RMS uniform in [-45, -12] dBFS (clean by the same factor),
   then down if its peak exceeds 0.99.
 
+**Augmentation** ``augment="voice"`` (``npdgru train --augment voice``; training split only,
+validation mixtures are never augmented), drawn from the same generator, before the noise:
+
+- speed (probability 0.5): the speech crop is resampled by 0.9, 0.95, 1.05 or 1.1 (tempo, pitch
+  and formants move together, the speed perturbation of Ko et al., Interspeech 2015; a longer or
+  shorter crop is read first so the result keeps ``seconds``);
+- EQ (probability 0.5): 1 to 3 peaking biquads (RBJ cookbook), centre 100-6000 Hz log-uniform,
+  gain ±8 dB, Q 0.5-2: another voice and microphone;
+- level ramp (probability 0.3): a gain moving linearly in dB between two values in ±6 dB across
+  the crop (a talker moving);
+
+and after the SNR is set, the same linear channel on speech and noise (so noisy = clean + noise
+stays exact and the target is the speech as the channel delivers it):
+
+- band limits (probability 0.3 each): a 2nd-order Butterworth high-pass at 50-250 Hz, a
+  6th-order low-pass at 3.5-7.5 kHz;
+- resampling chain (probability 0.2): down to 8 or 12 kHz and back (polyphase, scipy).
+
 **v1** (the recipe of the first fine-tunes): only the six ``noise/train`` recordings (all of
 them, validation included), no reverberation, SNR in [-5, 15] dB, level in [-40, -15] dBFS.
 
@@ -84,19 +102,85 @@ def _light_rir(rng, rir: np.ndarray) -> np.ndarray:
 
 
 RECIPES = ("v1", "v2")
+AUGMENTS = ("none", "voice")
+SPEEDS = ((10, 9), (20, 19), (20, 21), (10, 11))  # (up, down) of resample_poly: speed = down / up
+
+
+def _peaking(f0: float, gain_db: float, q: float) -> tuple[np.ndarray, np.ndarray]:
+    """(b, a) of an RBJ-cookbook peaking EQ biquad at 16 kHz."""
+    A = 10 ** (gain_db / 40)
+    w0 = 2 * np.pi * f0 / SAMPLE_RATE
+    alpha = np.sin(w0) / (2 * q)
+    b = np.array([1 + alpha * A, -2 * np.cos(w0), 1 - alpha * A])
+    a = np.array([1 + alpha / A, -2 * np.cos(w0), 1 - alpha / A])
+    return b / a[0], a / a[0]
+
+
+def _fit(x: np.ndarray, n: int) -> np.ndarray:
+    """x cut or zero-padded to n samples."""
+    return x[:n] if x.size >= n else np.concatenate([x, np.zeros(n - x.size, x.dtype)])
+
+
+def _voice(rng, sampler, stem: str, n: int) -> np.ndarray:
+    """The speech crop of ``stem`` with the voice augmentations of the module docstring, float64 (n,)."""
+    from scipy.signal import lfilter, resample_poly
+
+    if rng.random() < 0.5:
+        up, down = SPEEDS[int(rng.integers(len(SPEEDS)))]
+        x = resample_poly(sampler._speech_crop(rng, stem, -(-n * down // up)).astype(np.float64), up, down)
+        x = _fit(x, n)
+    else:
+        x = sampler._speech_crop(rng, stem, n).astype(np.float64)
+    if rng.random() < 0.5:
+        for _ in range(int(rng.integers(1, 4))):
+            f0 = float(np.exp(rng.uniform(np.log(100.0), np.log(6000.0))))
+            b, a = _peaking(f0, rng.uniform(-8.0, 8.0), rng.uniform(0.5, 2.0))
+            x = lfilter(b, a, x)
+    if rng.random() < 0.3:
+        g0, g1 = rng.uniform(-6.0, 6.0, size=2)
+        x = x * 10 ** (np.linspace(g0, g1, n) / 20)
+    return x
+
+
+def _channel(rng, signals: list[np.ndarray]) -> list[np.ndarray]:
+    """The same random linear channel (band limits, resampling chain) applied to every signal."""
+    from scipy.signal import butter, resample_poly, sosfilt
+
+    stages = []
+    if rng.random() < 0.3:
+        stages.append(("sos", butter(2, rng.uniform(50.0, 250.0), "highpass", fs=SAMPLE_RATE, output="sos")))
+    if rng.random() < 0.3:
+        stages.append(("sos", butter(6, rng.uniform(3500.0, 7500.0), "lowpass", fs=SAMPLE_RATE, output="sos")))
+    if rng.random() < 0.2:
+        stages.append(("rs", (1, 2) if rng.random() < 0.5 else (3, 4)))  # to 8 or 12 kHz
+    out = []
+    for x in signals:
+        n = x.size
+        for kind, st in stages:
+            if kind == "sos":
+                x = sosfilt(st, x)
+            else:
+                up, down = st
+                x = _fit(resample_poly(resample_poly(x, up, down), down, up), n)
+        out.append(x)
+    return out
 VAL_FRACTION = 0.1  # of each noise/train recording (its end) and of each extra type (every 10th clip)
 
 
 class MixtureSampler:
     """Draws (noisy, clean) training pairs; see the module docstring for the recipes."""
 
-    def __init__(self, data_root, *, split: str = "train", seconds: float = 4.0, seed: int = 0, recipe: str = "v2"):
+    def __init__(self, data_root, *, split: str = "train", seconds: float = 4.0, seed: int = 0, recipe: str = "v2",
+                 augment: str = "none"):
         root = pathlib.Path(data_root)
         if split not in ("train", "val"):
             raise ParameterError(f"split must be 'train' or 'val', got {split!r}")
         if recipe not in RECIPES:
             raise ParameterError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+        if augment not in AUGMENTS:
+            raise ParameterError(f"augment must be one of {AUGMENTS}, got {augment!r}")
         self.recipe = recipe
+        self.augment = augment
         self.speech = _read_folder(root / "speech" / split)
         # Noise always comes from noise/train (+ noise/extra/train): noise/test is reserved for testset/.
         base = _read_folder(root / "noise" / "train")
@@ -139,14 +223,15 @@ class MixtureSampler:
         self.p_reverb = 0.2 if v2 and self.rirs else 0.0
 
     # -- pieces -----------------------------------------------------------------------------
-    def _speech_crop(self, rng, stem: str) -> np.ndarray:
+    def _speech_crop(self, rng, stem: str, n: int | None = None) -> np.ndarray:
+        n = self.n if n is None else n
         x = self.speech[stem]
         spk = self.by_speaker[_speaker(stem)]
-        while x.size < self.n:
+        while x.size < n:
             gap = np.zeros(int(rng.integers(800, 4800)), np.float32)
             x = np.concatenate([x, gap, self.speech[spk[int(rng.integers(len(spk)))]]])
-        start = int(rng.integers(0, x.size - self.n + 1))
-        return x[start : start + self.n].astype(np.float32)
+        start = int(rng.integers(0, x.size - n + 1))
+        return x[start : start + n].astype(np.float32)
 
     def _noise_segment(self, rng, noise: np.ndarray) -> np.ndarray:
         if noise.size < self.n:  # a short event clip: loop it from a random start
@@ -210,12 +295,15 @@ class MixtureSampler:
         """One (noisy, clean, snr_db) pair, float32 arrays of ``seconds`` at 16 kHz."""
         rng = self.rng if rng is None else rng
         stem = self.stems[int(rng.integers(len(self.stems)))]
-        clean = self._speech_crop(rng, stem).astype(np.float64)
+        voice = self.augment == "voice"
+        clean = _voice(rng, self, stem, self.n) if voice else self._speech_crop(rng, stem).astype(np.float64)
         if self.p_reverb and rng.random() < self.p_reverb:
             clean = self._reverberate(rng, clean)  # the target is the reverberant speech
         noise = self._noise(rng, _speaker(stem))
         snr = float(rng.uniform(*self.snr_range))
         noise *= _rms(clean) / _rms(noise) / 10 ** (snr / 20)
+        if voice:
+            clean, noise = _channel(rng, [clean, noise])
         noisy = clean + noise
         gain = 10 ** (rng.uniform(*self.level_range) / 20) / _rms(noisy)
         peak = np.max(np.abs(noisy)) * gain

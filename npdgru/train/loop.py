@@ -28,6 +28,17 @@ plain supervised training, W = 1 pure distillation. The teacher, trained on hund
 DNS data, carries what a few hours of speech and noise cannot teach: its term keeps the student
 close to a model that generalises, while the supervised term lets it gain on our data.
 
+Residual noise (``--noise-weight λ``, ``--noise-below-db θ``; see :func:`noise_floor_loss`): a
+one-sided term on the noise-dominated bins, where the clean speech lies more than θ dB below the
+noise, that pulls the student's output magnitude down to the reference's (the teacher's enhanced
+spectrum with a teacher, the clean speech without) and never up:
+
+    L_total = W · L(E, T) + (1 − W) · L(E, S) + λ · mean_{b,t,f} m_tf · max(0, |Ê_tf|^c − |R̂_tf|^c)²
+    m_tf = [ |S_tf|² · 10^(θ/10) < |N_tf|² ],  N = X − S,  R = T (or S),  ^ = divided by the clean RMS
+
+Where the student already suppresses more than the reference the term is zero (it cannot push
+towards over-suppression); where speech is present it is zero (the spectral loss alone decides).
+
 Model selection: at each validation step the mean validation loss over the validation P (against
 clean speech, on held-out speakers and held-out noise clips) is compared with the best so far;
 the best model is kept as ``best.pt`` (``npdgru convert best.pt`` ships it).
@@ -50,7 +61,7 @@ import torch
 
 from ..errors import NpdgruError, ParameterError
 from ..weights import load_weights
-from .data import MixtureSampler
+from .data import AUGMENTS, MixtureSampler
 from .torch_model import GraphNet, MaskNet, istft, log_power, stft
 
 COMPRESSION = 0.3
@@ -70,6 +81,24 @@ def loss_fn(est_spec: torch.Tensor, clean_spec: torch.Tensor, clean_rms: torch.T
     return ((1 - ALPHA) * mag_term + ALPHA * complex_term).mean()
 
 
+def noise_floor_loss(est_spec, ref_spec, clean_spec, noisy_spec, clean_rms, below_db: float = 10.0) -> torch.Tensor:
+    """The residual-noise term of the module docstring (without its weight λ):
+
+        mean_{b,t,f} m_tf · max(0, |Ê_tf|^c − |R̂_tf|^c)²,   m_tf = [ |S_tf|² · 10^(θ/10) < |N_tf|² ]
+
+    with N = X − S the noise, R the reference (teacher or clean), c = COMPRESSION, θ = ``below_db``
+    and every spectrum divided by the example's clean RMS (as in :func:`loss_fn`). The mean runs over
+    all bins, so the term grows with the share of noise-dominated bins. One-sided: an output below the
+    reference costs nothing, so the term only ever pulls the output magnitude down.
+    """
+    scale = (1.0 / clean_rms).reshape(-1, 1, 1)
+    noise_power = (noisy_spec - clean_spec).abs().square()
+    mask = (clean_spec.abs().square() * 10.0 ** (below_db / 10.0) < noise_power).to(est_spec.real.dtype)
+    mag_e = ((est_spec * scale).abs() + 1e-8) ** COMPRESSION
+    mag_r = ((ref_spec * scale).abs() + 1e-8) ** COMPRESSION
+    return (mask * torch.relu(mag_e - mag_r).square()).mean()
+
+
 def si_snr_db(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Per-example SI-SNR in dB (zero-mean), (B, n) → (B,)."""
     est = est - est.mean(-1, keepdim=True)
@@ -78,8 +107,9 @@ def si_snr_db(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(proj.square().sum(-1) / ((est - proj).square().sum(-1) + 1e-12) + 1e-12)
 
 
-def _step_loss(model, noisy, clean, P, teacher=None, distill_weight=0.0):
-    """The training loss of one batch; with a teacher, the mix of the module docstring."""
+def _step_loss(model, noisy, clean, P, teacher=None, distill_weight=0.0, noise_weight=0.0, noise_below_db=10.0):
+    """The training loss of one batch; with a teacher, the mix of the module docstring; with
+    ``noise_weight`` λ > 0, plus λ times :func:`noise_floor_loss` (reference: the teacher if given)."""
     dev = next(model.parameters()).device
     noisy, clean = noisy.to(dev), clean.to(dev)
     X = stft(noisy)
@@ -87,13 +117,19 @@ def _step_loss(model, noisy, clean, P, teacher=None, distill_weight=0.0):
     feats = log_power(X)
     E = X * model(feats, update_percent=P)
     rms = clean.square().mean(-1).sqrt() + 1e-5
-    if teacher is None or distill_weight == 0.0:
-        return loss_fn(E, S, rms)
-    with torch.no_grad():
-        T = X * teacher(feats, update_percent=100.0)
-    if distill_weight == 1.0:
-        return loss_fn(E, T, rms)
-    return distill_weight * loss_fn(E, T, rms) + (1.0 - distill_weight) * loss_fn(E, S, rms)
+    T = None
+    if teacher is not None and (distill_weight > 0.0 or noise_weight > 0.0):
+        with torch.no_grad():
+            T = X * teacher(feats, update_percent=100.0)
+    if T is None or distill_weight == 0.0:
+        loss = loss_fn(E, S, rms)
+    elif distill_weight == 1.0:
+        loss = loss_fn(E, T, rms)
+    else:
+        loss = distill_weight * loss_fn(E, T, rms) + (1.0 - distill_weight) * loss_fn(E, S, rms)
+    if noise_weight > 0.0:
+        loss = loss + noise_weight * noise_floor_loss(E, S if T is None else T, S, X, rms, noise_below_db)
+    return loss
 
 
 def _model_from_weights(weights, arch=None):
@@ -131,8 +167,39 @@ def validate(model, val, percents, batch=16):
     return out
 
 
-def _producer(queue, data, seconds, recipe, seed, batch):  # a worker process of BatchSource
-    sampler = MixtureSampler(data, split="train", seconds=seconds, seed=0, recipe=recipe)
+DNSMOS_P = 50.0  # the P at which --val-dnsmos scores the validation mixtures
+DNSMOS_KEYS = ("sig", "bak", "ovrl")
+
+
+def dnsmos_window(scorer, audio: np.ndarray) -> dict[str, float]:
+    """DNSMOS of ``audio`` tiled to exactly one model input (9.01 s) and scored once.
+
+    The full procedure would repeat a 4 s crop to 16 s and average 7 overlapping windows of the
+    same repeated audio: 7 times the cost for nearly the same number (a selection signal on the
+    validation split, not a reported score)."""
+    from ..evaluate.metrics import INPUT_LENGTH, SAMPLE_RATE as DNSMOS_RATE
+
+    return scorer(np.resize(np.clip(audio, -1.0, 1.0), int(INPUT_LENGTH * DNSMOS_RATE)))
+
+
+@torch.no_grad()
+def validate_dnsmos(model, noisy, scorer, P=DNSMOS_P) -> dict[str, float]:
+    """Mean DNSMOS P.835 SIG / BAK / OVRL (:func:`dnsmos_window`) of the model's output at P over
+    the mixtures ``noisy`` (N, n) float32; ``scorer`` is a :class:`npdgru.evaluate.metrics.Dnsmos`."""
+    model.eval()
+    dev = next(model.parameters()).device
+    scores = {k: [] for k in DNSMOS_KEYS}
+    for x in noisy:
+        y = model.enhance(torch.from_numpy(x[None]).to(dev), P)[0].cpu().numpy().astype(np.float32)
+        s = dnsmos_window(scorer, y)
+        for k in DNSMOS_KEYS:
+            scores[k].append(s[k])
+    model.train()
+    return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+def _producer(queue, data, seconds, recipe, seed, batch, augment="none"):  # a worker process of BatchSource
+    sampler = MixtureSampler(data, split="train", seconds=seconds, seed=0, recipe=recipe, augment=augment)
     sampler.rng = np.random.default_rng(seed)
     while True:
         queue.put(sampler.batch(batch))
@@ -156,7 +223,7 @@ class BatchSource:
             for w in range(args.workers):
                 q = ctx.Queue(maxsize=3)
                 seed = [args.seed, step, w]
-                ctx.Process(target=_producer, args=(q, args.data, args.seconds, args.recipe, seed, args.batch), daemon=True).start()
+                ctx.Process(target=_producer, args=(q, args.data, args.seconds, args.recipe, seed, args.batch, getattr(args, "augment", "none")), daemon=True).start()
                 self.queues.append(q)
 
     def next(self, batch):
@@ -202,6 +269,17 @@ def build_parser(p=None):
     p.add_argument("--p-skew", type=float, default=1.0,
                    help="with --any-p: draw P = LO + (HI - LO) u^K, u uniform in [0, 1]; K > 1 draws low P more often (K = 2: "
                         "71%% of batches in the lower half of the range), K = 1 is uniform")
+    p.add_argument("--noise-weight", type=float, default=0.0,
+                   help="weight λ of the residual-noise term (module docstring): pulls the output down to the teacher's "
+                        "(or the clean speech's) magnitude on bins where the speech is --noise-below-db under the noise; 0: off")
+    p.add_argument("--noise-below-db", type=float, default=10.0,
+                   help="with --noise-weight: a bin counts as noise-dominated when the clean speech is this many dB below the noise")
+    p.add_argument("--augment", default="none", choices=list(AUGMENTS),
+                   help="training-mixture augmentation (npdgru.train.data): voice = speed, EQ, level ramp of the speech; "
+                        "band limits and a resampling chain on speech and noise (validation is never augmented)")
+    p.add_argument("--val-dnsmos", type=int, default=0, metavar="N",
+                   help="at each validation also log DNSMOS SIG / BAK / OVRL of the validated model at P = 50 on the first N "
+                        "validation mixtures (needs the eval extra: speechmos, onnxruntime); 0: off")
     p.add_argument("--continue", dest="continue_run", action="store_true",
                    help="with --init a shipped fine-tune and no last.pt in --out: continue its step count (metadata training_steps)")
     p.add_argument("--steps", type=int, default=1000, help="stop after this many optimiser steps in total")
@@ -227,6 +305,21 @@ def build_parser(p=None):
 def train(args) -> pathlib.Path:
     if not 0.0 <= args.distill_weight <= 1.0:
         raise ParameterError(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
+    noise_weight = getattr(args, "noise_weight", 0.0)
+    if not 0.0 <= noise_weight < float("inf"):
+        raise ParameterError(f"--noise-weight must be a finite number >= 0 (0: off), got {noise_weight}")
+    if not -float("inf") < getattr(args, "noise_below_db", 10.0) < float("inf"):
+        raise ParameterError(f"--noise-below-db must be a finite number of dB, got {args.noise_below_db}")
+    if getattr(args, "augment", "none") not in AUGMENTS:
+        raise ParameterError(f"--augment must be one of {AUGMENTS}, got {args.augment!r}")
+    val_dnsmos = getattr(args, "val_dnsmos", 0)
+    if not 0 <= val_dnsmos <= args.val_count:
+        raise ParameterError(f"--val-dnsmos must be in [0, --val-count = {args.val_count}], got {val_dnsmos}")
+    scorer = None
+    if val_dnsmos:
+        from ..evaluate.metrics import Dnsmos
+
+        scorer = Dnsmos()  # refuses (ParameterError) before the run folder is made when speechmos is missing
     if not 0.0 < getattr(args, "p_skew", 1.0) < float("inf"):
         raise ParameterError(f"--p-skew must be a positive number, got {args.p_skew}")
     if not 0.0 <= getattr(args, "ema", 0.0) < 1.0:
@@ -255,7 +348,8 @@ def train(args) -> pathlib.Path:
     model.to(args.device)
     teacher = load_teacher(args.teacher, args.device) if args.teacher else None
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sampler = MixtureSampler(args.data, split="train", seconds=args.seconds, seed=args.seed, recipe=args.recipe)
+    sampler = MixtureSampler(args.data, split="train", seconds=args.seconds, seed=args.seed, recipe=args.recipe,
+                             augment=getattr(args, "augment", "none"))
     step = 0
     note = ""
     ema = copy.deepcopy(model) if getattr(args, "ema", 0.0) > 0 else None
@@ -288,11 +382,19 @@ def train(args) -> pathlib.Path:
         kept = rows[:1] + [r for r in rows[1:] if int(r.split(",", 1)[0]) <= step]
         if len(kept) < len(rows):
             log_path.write_text("".join(kept))
+    header = ["step", "seconds", "train_loss", "lr"] + [f"{k}_P{int(P)}" for P in val_percents for k in ("val_loss", "val_sisnr")]
+    if val_dnsmos:
+        header += [f"dnsmos_{k}_P{int(DNSMOS_P)}" for k in DNSMOS_KEYS]
     new_log = not log_path.exists()
+    if not new_log:  # a resume that turns --val-dnsmos on extends the header; older rows keep their cells
+        rows = log_path.read_text().splitlines(keepends=True)
+        old = rows[0].rstrip("\r\n").split(",") if rows else []
+        if old != header and header[: len(old)] == old:
+            log_path.write_text(",".join(header) + "\n" + "".join(rows[1:]))
     log = open(log_path, "a", newline="")
     writer = csv.writer(log)
     if new_log:
-        writer.writerow(["step", "seconds", "train_loss", "lr"] + [f"{k}_P{int(P)}" for P in val_percents for k in ("val_loss", "val_sisnr")])
+        writer.writerow(header)
     if note:
         print(note, file=sys.stderr)
 
@@ -322,9 +424,14 @@ def train(args) -> pathlib.Path:
             torch.save({"model": cpu_state, "step": step, "seed": args.seed, "val_loss": mean_loss}, best_path.with_suffix(".tmp"))
             os.replace(best_path.with_suffix(".tmp"), best_path)
         cells = [f"{v[P][k]:.5f}" for P in val_percents for k in (0, 1)]
+        extra = ""
+        if scorer is not None:
+            d = validate_dnsmos(judged, val[0][:val_dnsmos], scorer)
+            cells += [f"{d[k]:.4f}" for k in DNSMOS_KEYS]
+            extra = f" DNSMOS P{DNSMOS_P:g} SIG/BAK/OVRL {d['sig']:.3f}/{d['bak']:.3f}/{d['ovrl']:.3f}"
         writer.writerow([step, f"{time.time() - t0 + elapsed:.1f}", f"{train_loss:.5f}", f"{opt.param_groups[0]['lr']:.3g}"] + cells)
         log.flush()
-        print(f"step {step}: train {train_loss:.4f} " + " ".join(f"P{P:g}: loss {v[P][0]:.4f} si-snr {v[P][1]:.2f} dB" for P in val_percents), flush=True)
+        print(f"step {step}: train {train_loss:.4f} " + " ".join(f"P{P:g}: loss {v[P][0]:.4f} si-snr {v[P][1]:.2f} dB" for P in val_percents) + extra, flush=True)
 
     elapsed = 0.0
     if resumed and log_path.exists():
@@ -345,7 +452,8 @@ def train(args) -> pathlib.Path:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup > 0 else args.lr
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = _step_loss(model, torch.from_numpy(noisy), torch.from_numpy(clean), P, teacher, args.distill_weight)
+        loss = _step_loss(model, torch.from_numpy(noisy), torch.from_numpy(clean), P, teacher, args.distill_weight,
+                          noise_weight, getattr(args, "noise_below_db", 10.0))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -357,8 +465,9 @@ def train(args) -> pathlib.Path:
         running.append(loss.item())
         if not math.isfinite(running[-1]):
             raise NpdgruError(f"{out}: loss became {running[-1]} at step {step} (last.pt holds the last finite state)")
-        if args.snapshot_every and step % args.snapshot_every == 0:
-            torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "step": step, "seed": args.seed}, out / f"step{step}.pt")
+        if args.snapshot_every and step % args.snapshot_every == 0:  # with --ema the average, the weights that would ship
+            kept = ema if ema is not None else model
+            torch.save({"model": {k: v.detach().cpu() for k, v in kept.state_dict().items()}, "step": step, "seed": args.seed}, out / f"step{step}.pt")
         if step % args.val_every == 0:
             validation_row(float(np.mean(running)))
             running = []
