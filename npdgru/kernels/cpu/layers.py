@@ -29,11 +29,15 @@ from .kernels import _activate, _affine_columns, _dgru_forward, _gru_forward, _l
 
 # The input product of a D-GRU fed by a D-GRU (sparse_input) over the frames of a call, when not
 # exact: the input accumulator (3H·(changed inputs) MACs per frame, column kernel) pays against
-# one dense BLAS product of all frames only where few inputs change. Measured (NSNet2, H = 400,
-# MaskModel.forward on 1001 frames of a test-set file, one thread, loaded 2-core EPYC, us per
-# frame for the whole model, accumulator vs BLAS): P = 75: 161 vs 156; P = 50: 119 vs 129;
-# P = 25: 91 vs 103. So over many frames the accumulator runs for A/H <= this:
-_SPARSE_INPUT_MAX_FRACTION = 0.5
+# one dense BLAS product of all frames only where few inputs change. Measured on NSNet2 (H = 400),
+# one thread, 2-core AMD EPYC, us per frame for the whole model, accumulator vs BLAS:
+# - MaskModel.forward on 1001 frames, machine loaded: P = 75: 161 vs 156; P = 50: 119 vs 129;
+#   P = 25: 91 vs 103;
+# - benchmarks/bench_enhance.py (Enhancer.enhance, 10 s, median of 7, idle machine; the "dense-in"
+#   rows): P = 50: 85.4 vs 77.6 (best runs 78.3 vs 76.2); P = 25: 63.8 vs 62.2 (best 56.9 vs 61.7).
+# The idle run decides P = 50 for BLAS; P = 25 is a tie that the accumulator keeps. So over many
+# frames the accumulator runs for A/H <= this:
+_SPARSE_INPUT_MAX_FRACTION = 0.25
 
 
 def _product(x, wt, b, out, exact):
