@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .convert import sha256_of
 from .errors import AudioError, NpdgruError, ParameterError
 
 JOURNAL_NAME = ".npdgru-journal.jsonl"
@@ -269,14 +270,6 @@ def _stat_key(path) -> tuple | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _duration(path) -> float:
     import soundfile as sf
 
@@ -481,7 +474,7 @@ def _is_current(rec: dict | None, src: Path, dst: Path, config: Config) -> bool:
         return False
     if (s.st_size, s.st_mtime_ns) == (rec.get("input_size"), rec.get("input_mtime_ns")):
         return True
-    return _sha256(src) == rec.get("sha256")  # touched but maybe the same bytes
+    return sha256_of(src) == rec.get("sha256")  # touched but maybe the same bytes
 
 
 def plan_work(inputs, out, *, config: Config, overwrite: bool = False) -> tuple[list[Item], list[Result], Journal | None]:
@@ -959,7 +952,7 @@ def _record(r: Result, config: Config) -> dict:
 
 def model_id(weights_path) -> str:
     """``name@sha256[:16]`` of a weight file: the model as the journal records it."""
-    return f"{Path(weights_path).name}@{_sha256(weights_path)[:16]}"
+    return f"{Path(weights_path).name}@{sha256_of(weights_path)[:16]}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -127,23 +127,22 @@ def _trained_percent(value, path) -> str:
     """The metadata string of trained_update_percent: a P in (0, 100] or "any"."""
     if isinstance(value, str) and value.strip().lower() == "any":
         return "any"
-    try:
-        p = float(value)
-    except (TypeError, ValueError):
-        p = float("nan")
-    if not 0.0 < p <= 100.0:
-        _fail(path, f"trained_update_percent={value!r} must be a number in (0, 100] or 'any'")
-    return str(p)
+    return str(_percent(value, path, "trained_update_percent", " or 'any'"))
 
 
 def _default_percent(value, path) -> float:
     """The metadata ``default_update_percent``: a P in (0, 100] (what ``-P`` defaults to for this file)."""
+    return _percent(value, path, "default_update_percent")
+
+
+def _percent(value, path, key: str, also: str = "") -> float:
+    """``value`` as a P in (0, 100]; a WeightsError naming ``key`` and the file otherwise."""
     try:
         p = float(value)
     except (TypeError, ValueError):
         p = float("nan")
     if not 0.0 < p <= 100.0:
-        _fail(path, f"default_update_percent={value!r} must be a number in (0, 100]")
+        _fail(path, f"{key}={value!r} must be a number in (0, 100]{also}")
     return p
 
 
