@@ -9,6 +9,8 @@ D-GRU step of the model (every layer that recurs along time):
 * the drift of the recurrent accumulators M: after each frame, ``|M - (W_hh h + b_hh)|`` with the
   product recomputed in float64 from the kernel's own float32 state h, max and mean over the 3H
   entries, against the refresh period (M is recomputed exactly every ``refresh_every`` frames);
+  for a step whose input product runs from the changed input entries, also its input
+  accumulator ``|g - (W_ih x + b_ih)|``;
 * a table of the model, P, A per layer, the frames and the MACs per frame of
   :meth:`npdgru.plan.Plan.macs` (per step :meth:`~npdgru.plan.Plan.step_macs`) with the share saved.
 
@@ -62,6 +64,8 @@ class LayerTrace:
     changed   (T,) int       neurons of the shown band whose float32 value changed in the frame
     drift_max, drift_mean  (T, F) float64  max / mean over the 3H entries of |M - (W_hh h + b_hh)|
                              after each frame, per band (the product in float64 from the float32 h)
+    input_drift_max (T, F) float64  sparse-input steps: max over 3H of |g - (W_ih x + b_ih)|, the
+                             input accumulator against the frame's input x; NaN otherwise
     """
 
     name: str
@@ -77,6 +81,7 @@ class LayerTrace:
     changed: np.ndarray
     drift_max: np.ndarray
     drift_mean: np.ndarray
+    input_drift_max: np.ndarray
 
 
 @dataclass
@@ -153,19 +158,25 @@ def _trace_step(s, layer, st, x, band):
     y = np.empty((T, F, H), np.float32)
     dmax = np.full((T, F), np.nan)
     dmean = np.full((T, F), np.nan)
+    gmax = np.full((T, F), np.nan)
+    input_acc = s.sparse_input and not s.dense  # one frame per call: the input accumulator runs
     if not s.dense:  # float64: the exact side of the comparison
         w_t = layer.weight_hh.astype(np.float64).T  # (H, 3H)
         bias = layer.bias_hh.astype(np.float64)
+        wi_t = layer.weight_ih.astype(np.float64).T  # (I, 3H)
+        bias_i = layer.bias_ih.astype(np.float64)
     for t in range(T):
         y[t] = layer.forward(x[t : t + 1], st, selected=sel[t : t + 1])[0]
         if not s.dense:
             d = np.abs(st.m.astype(np.float64) - (st.h.astype(np.float64) @ w_t + bias))  # (F, 3H)
             dmax[t] = d.max(axis=1)
             dmean[t] = d.mean(axis=1)
+        if input_acc:
+            gmax[t] = np.abs(st.g.astype(np.float64) - (x[t].astype(np.float64) @ wi_t + bias_i)).max(axis=1)
     before = np.concatenate([np.zeros((1, H), np.float32), y[:-1, b]])  # h before each frame (h0 = 0)
     tr = LayerTrace(name=s.name, hidden=H, A=s.A, bands=F, band=b, dense=s.dense, sparse_input=s.sparse_input, refresh_every=layer.refresh_every,
                     x=np.ascontiguousarray(x[:, b]), selected=np.ascontiguousarray(sel[:, b]), changed=np.count_nonzero(y[:, b] != before, axis=1),
-                    drift_max=dmax, drift_mean=dmean)
+                    drift_max=dmax, drift_mean=dmean, input_drift_max=gmax)
     return tr, y
 
 
@@ -491,6 +502,7 @@ def _layer_section(e: Explanation, tr: LayerTrace, counts: dict) -> str:
             ("selected per frame", f"min {int(tr.selected.sum(axis=1).min())}, max {int(tr.selected.sum(axis=1).max())}" if T else "-"),
             ("changed per frame (h' != h in float32)", f"mean {float(tr.changed.mean()):.1f}, min {int(tr.changed.min())}" if T else "-"),
             ("neurons never selected in these frames", f"{never} of {H}"),
+            ("neurons selected in every frame", f"{int(np.count_nonzero(tr.selected.all(axis=0)))} of {H}" if T else "-"),
             ("most / least often selected neuron", f"{int(share.argmax())} ({_pct(float(share.max()))} of frames) / {int(share.argmin())} ({_pct(float(share.min()))})" if T else "-"),
             ("MACs per frame dense / paper / ours", " / ".join(_n(counts.get(k, 0)) for k in ("gru_dense", "gru_paper", "gru_ours")))]
     if tr.dense:
@@ -498,24 +510,30 @@ def _layer_section(e: Explanation, tr: LayerTrace, counts: dict) -> str:
                       "there are no accumulators, hence no drift to show.</p>")
     else:
         dm, dmean = tr.drift_max[:, tr.band], tr.drift_mean[:, tr.band]
-        peak = float(np.nanmax(tr.drift_max)) if T else float("nan")
-        hi = max(peak, float(np.nanmax(dm)) if T else 0.0, 1e-8)
+        hi = max(float(np.nanmax(tr.drift_max)), float(np.nanmax(tr.input_drift_max)) if tr.sparse_input else 0.0, 1e-8)  # T >= 2 (stft)
         lo = 1e-10
         marks = list(range(0, T, tr.refresh_every))
         which = f", band {tr.band}" if tr.bands > 1 else ""
         series = [(dm, f"max{which}"), (dmean, f"mean{which}")]
         if tr.bands > 1:
             series.append((np.nanmax(tr.drift_max, axis=1), f"max, all {tr.bands} bands"))
+        if tr.sparse_input:
+            series.append((tr.input_drift_max[:, tr.band], f"input acc. max{which}"))
         drift_fig = _line_figure(f"fig-{tr.name}-drift", f"{tr.name}: accumulator drift", T, t0, 150, series, y_range=(lo, 10 ** math.ceil(math.log10(hi))),
                                  y_label="|M - (W h + b)|", log=True, markers=marks, marker_label=f"refresh (every {tr.refresh_every})")
         rows += [("refresh period (frames)", str(tr.refresh_every)),
                  ("drift max (shown band)", f'<span class="drift-max">{_sci(float(np.nanmax(dm)))}</span>'),
                  ("drift mean (shown band, over frames)", f'<span class="drift-mean">{_sci(float(np.nanmean(dmean)))}</span>')]
         if tr.bands > 1:
-            rows.append((f"drift max (all {tr.bands} bands)", _sci(peak)))
+            rows.append((f"drift max (all {tr.bands} bands)", _sci(float(np.nanmax(tr.drift_max)))))
+        if tr.sparse_input:
+            rows.append(("input accumulator drift max (shown band)", f'<span class="input-drift-max">{_sci(float(np.nanmax(tr.input_drift_max[:, tr.band])))}</span>'))
         drift_html = ("<p>Accumulator drift after each frame: max and mean over the 3H entries of |M - (W<sub>hh</sub> h + b<sub>hh</sub>)|, "
                       "the product recomputed in float64 from the kernel's float32 h (values below 1e-10 are drawn at 1e-10). "
-                      f"Dashed: the frames before which M is recomputed exactly (every {tr.refresh_every} frames).</p>" + drift_fig)
+                      f"Dashed: the frames before which M is recomputed exactly (every {tr.refresh_every} frames)."
+                      + (" This step's input product is kept the same way, from the changed entries of its input: the input accumulator g against "
+                         "W<sub>ih</sub> x + b<sub>ih</sub> of the frame's input, also refreshed every "
+                         f"{tr.refresh_every} frames." if tr.sparse_input else "") + "</p>" + drift_fig)
     table = "<table>" + "".join(f'<tr><th class="l">{k}</th><td class="l">{v}</td></tr>' for k, v in rows) + "</table>"
     return (f'<section id="layer-{html.escape(tr.name)}" class="layer"><h3>{html.escape(tr.name)}: D-GRU, H = {H}, A = {A}, {band_txt}</h3>' + table
             + "<p>Selected neurons (dark) per frame: neuron 0 at the top, one column per frame.</p>" + raster_fig
@@ -569,7 +587,7 @@ def render_page(e: Explanation) -> str:
     parts = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">'
              f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
              f"<h1>What the D-GRU selected: {html.escape(os.path.basename(e.source))}</h1>",
-             f'<p class="meta">Model {html.escape(e.model_name)} at P = {e.update_percent:g}, {e.frames} frames; made by npdgru {__version__} <code>npdgru explain</code>.</p>',
+             f'<p class="meta">Model {html.escape(e.model_name)} at P = {e.update_percent:g}, {e.frames} frames; made by <code>npdgru explain</code> (npdgru {__version__}).</p>',
              '<section id="summary"><h2>Model and work per frame</h2>', _summary(e),
              "<p>A = ceil(P·H/100) neurons are updated per frame in every D-GRU step: the A largest u = 1 − z (ties to the lower index); every other neuron keeps its value bit for bit. "
              "MACs count one frame of one stream; a step with F bands counts F times.</p></section>",

@@ -88,27 +88,30 @@ def weights64(e, name):
 
 def fresh_run(e, tr):
     """The step's layer made anew from the weights and run frame by frame on the shown band's
-    input: (h (T, H), selected (T, H), drift max and mean (T,) by einsum in float64)."""
+    input: (h (T, H), selected (T, H), drift max and mean (T,), input accumulator drift max (T,),
+    the drifts by einsum in float64)."""
     t = e.weights.tensors
     W = [t[f"{tr.name}.{k}"] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
     layer = cpu.GRULayer(*W, A=None if tr.dense else tr.A, update_percent=100.0, sparse_input=tr.sparse_input, exact=True)
     st = layer.init_state(1)
     T, H = tr.selected.shape
     h, sel = np.zeros((T, H), np.float32), np.zeros((T, 1, H), bool)
-    dmax, dmean = np.full(T, np.nan), np.full(T, np.nan)
-    w_hh, b_hh = (np.asarray(a, np.float64) for a in W[1::2])
+    dmax, dmean, gmax = np.full(T, np.nan), np.full(T, np.nan), np.full(T, np.nan)
+    w_ih, w_hh, b_ih, b_hh = (np.asarray(a, np.float64) for a in W)
     for k in range(T):
         h[k] = layer.forward(tr.x[k : k + 1, None], st, selected=sel[k : k + 1])[0, 0]
         if not tr.dense:
             d = np.abs(st.m[0].astype(np.float64) - (np.einsum("ij,j->i", w_hh, st.h[0].astype(np.float64)) + b_hh))
             dmax[k], dmean[k] = d.max(), d.mean()
+        if tr.sparse_input:
+            gmax[k] = np.abs(st.g[0].astype(np.float64) - (np.einsum("ij,j->i", w_ih, tr.x[k].astype(np.float64)) + b_ih)).max()
     whole = np.zeros((T, 1, H), bool)  # the same layer over all frames in one call
     layer.forward(tr.x[:, None], layer.init_state(1), selected=whole)
     assert np.array_equal(whole[:, 0], sel[:, 0]), f"{tr.name}: one call vs frame by frame"
-    return h, sel[:, 0], dmax, dmean
+    return h, sel[:, 0], dmax, dmean, gmax
 
 
-def check_page(page: str, e, P_expected: float, model: str):
+def check_page(page: str, e, P_expected: float, **model):
     ids = set(re.findall(r'id="([^"]+)"', page))
     for section in ("summary", "spectrograms", "layers", "notes", "fig-noisy", "fig-mask", "fig-enhanced"):
         assert section in ids, section
@@ -117,7 +120,7 @@ def check_page(page: str, e, P_expected: float, model: str):
     assert set(re.findall(r'href="([a-z]+):', page)) == {"data"}
     assert set(re.findall(r"https?://[^\"' ]+", page)) == {"http://www.w3.org/2000/svg"}
     # the MAC table: Plan.macs() of the model as npdgru enhance builds it
-    plan = Enhancer(model=model, update_percent=P_expected).model.plan
+    plan = Enhancer(update_percent=P_expected, **model).model.plan
     macs = plan.macs()
     for k, v in macs.items():
         m = re.search(rf'id="macs-{k}" data-value="(\d+)">([\d,]+)<', page)
@@ -147,7 +150,7 @@ def check_layers(page: str, e):
         raster = idx.T.astype(bool)  # (T, H): what the page shows
         assert (raster.sum(axis=1) == tr.A).all(), f"{tr.name}: not A neurons in every frame"
         assert np.array_equal(raster, tr.selected)
-        h, sel, dmax, dmean = fresh_run(e, tr)
+        h, sel, dmax, dmean, gmax = fresh_run(e, tr)
         assert np.array_equal(sel, raster), f"{tr.name}: the page's raster is not the cpu layer's selection"
         # teacher forced against the float64 reference: each frame from the kernel's previous h
         w_ih, w_hh, b_ih, b_hh = weights64(e, tr.name)
@@ -169,6 +172,8 @@ def check_layers(page: str, e):
         np.testing.assert_allclose(tr.drift_max[:, tr.band], dmax, rtol=1e-9, atol=1e-13, err_msg=tr.name)
         np.testing.assert_allclose(tr.drift_mean[:, tr.band], dmean, rtol=1e-9, atol=1e-13, err_msg=tr.name)
         assert 0 < dmax.max() < 1e-3  # float32 rounding, bounded by the refresh
+        assert np.isnan(gmax).all() != tr.sparse_input
+        np.testing.assert_allclose(tr.input_drift_max[:, tr.band], gmax, rtol=1e-9, atol=1e-13, err_msg=tr.name)
         section = page[page.index(f'id="layer-{tr.name}"') :]
         assert re.search(r'class="drift-max">([^<]+)<', section).group(1) == f"{np.nanmax(tr.drift_max[:, tr.band]):.2e}"
 
@@ -179,8 +184,10 @@ def test_page_matches_independent_sources(tmp_path, clip, model, P, band):
     e = explain_file(clip, out, model=model, update_percent=P, band=band)
     page = out.read_text(encoding="utf-8")
     assert e.frames == stft.num_frames(SR // 2) == 51
-    check_page(page, e, P, model)
+    check_page(page, e, P, model=model)
     check_layers(page, e)
+    if model == "nsnet2-kd-anyp":  # P <= 50 on cpu: gru2's input product from gru1's changed entries
+        assert e.layers[1].sparse_input and not np.isnan(e.layers[1].input_drift_max).any()
     multi = [tr for tr in e.layers if tr.bands > 1]
     assert all(tr.band == band for tr in multi) and all(tr.band == 0 for tr in e.layers if tr.bands == 1)
     # the mask is the exact model's, bit for bit (clipped at -80 dB as enhance applies it)
@@ -201,8 +208,34 @@ def test_refresh_inside_the_frames():
         assert R == 128
         d = tr.drift_max[:, 0]
         assert d[R] < d[R - 1] / 4, f"{tr.name}: drift {d[R - 1]:.2e} before the refresh, {d[R]:.2e} after"
-        _, _, dmax, _ = fresh_run(e, tr)
+        _, _, dmax, _, _ = fresh_run(e, tr)
         np.testing.assert_allclose(d, dmax, rtol=1e-9, atol=1e-13)
+
+
+def test_tiny_model_other_rate_stereo_part(tmp_path):
+    """A weight file (--weights) of a tiny model, a 48 kHz stereo input, 0.3 s from 0.1 s: the
+    first channel, resampled to 16 kHz as npdgru enhance resamples it."""
+    from npdgru.architectures import tiny_weights
+    from npdgru.resample import resample_signal
+    from npdgru.weights import save_weights
+
+    w = tiny_weights(seed=3)
+    wfile = tmp_path / "tiny.safetensors"
+    save_weights(wfile, w.tensors, architecture=w.architecture)
+    x, sr = sf.read(str(EXAMPLE), dtype="float32", always_2d=True)
+    x48 = resample_signal(x[:, :1], sr, 48000)[:, 0]
+    stereo = np.stack([x48, 0.5 * x48[::-1]], axis=1)
+    src = tmp_path / "stereo48.wav"
+    sf.write(src, stereo, 48000, subtype="FLOAT")
+    out = tmp_path / "tiny.html"
+    e = explain_file(src, out, weights=wfile, update_percent=37.5, start=0.1, seconds=0.3)
+    page = out.read_text(encoding="utf-8")
+    x16 = resample_signal(stereo[4800:19200, :1], 48000, 16000)[:, 0]
+    assert e.frames == stft.num_frames(len(x16)) and np.array_equal(e.spectrum, stft.stft(x16))
+    assert [tr.A for tr in e.layers] == [3, 3]  # ceil(37.5 * 8 / 100)
+    assert "48000 Hz, 2 channels; shown: channel 1, resampled to 16 kHz" in page and "tiny" in page
+    check_page(page, e, 37.5, weights=str(wfile))
+    check_layers(page, e)
 
 
 def test_png_round_trip():
