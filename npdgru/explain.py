@@ -33,6 +33,7 @@ import html
 import math
 import os
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 
@@ -181,7 +182,8 @@ def _trace_step(s, layer, st, x, band):
 
 
 def _check_band(band, plan) -> int:
-    most = max((s.bands for s in plan.state_steps), default=1)
+    """The band shown of the D-GRU steps with several bands: it must exist in each of them."""
+    most = min((s.bands for s in plan.state_steps if s.bands > 1), default=1)
     if isinstance(band, bool) or not isinstance(band, (int, np.integer)) or not 0 <= band < most:
         bands = f"0 to {most - 1} (the D-GRU steps have {most} bands)" if most > 1 else "0 (the D-GRU steps of this model have one band each)"
         raise ParameterError(f"band={band!r}: must be {bands}")
@@ -255,15 +257,20 @@ def explain_file(source, output, *, overwrite: bool = False, **options) -> Expla
     page = render_page(e)
     out = os.fspath(output)
     folder = os.path.dirname(os.path.abspath(out))
-    tmp = os.path.join(folder, f".npdgru-{os.getpid()}-{os.path.basename(out)}.part")
+    tmp = None
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".npdgru-", suffix=".html.part", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(page)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a file opened for writing would be (mkstemp makes 0600)
         os.replace(tmp, out)
     except OSError as err:
         raise ParameterError(f"{out}: cannot write the page ({err.strerror or err})") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return e
 
