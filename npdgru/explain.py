@@ -274,7 +274,7 @@ def explain_file(source, output, *, overwrite: bool = False, **options) -> Expla
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".npdgru-", suffix=".html.part", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:  # a file name that is not UTF-8
             f.write(page)
         umask = os.umask(0)
         os.umask(umask)
