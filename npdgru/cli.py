@@ -1,4 +1,4 @@
-"""Command line: ``npdgru enhance | models | info | convert | eval | train``.
+"""Command line: ``npdgru enhance | stream | live | explain | models | info | convert | eval | train``.
 
 Every expected failure (bad audio, bad weights, refused checkpoint, bad arguments) prints one
 line ``npdgru: error: ...`` naming the file and exits with status 2; no traceback.
@@ -545,6 +545,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    """One HTML page of what the D-GRU selects for an input (npdgru/explain.py)."""
+    from .explain import DEFAULT_SECONDS, explain_file
+
+    if args.model is not None and args.weights is not None:
+        raise ParameterError("pass either --model NAME or --weights FILE, not both")
+    if not args.quiet and _numba_cache_cold():
+        print(COMPILE_NOTICE, file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    e = explain_file(args.input, args.output, overwrite=args.overwrite, weights=args.weights, model=args.model, update_percent=args.update_percent,
+                     band=args.band, start=args.start, seconds=DEFAULT_SECONDS if args.seconds is None else args.seconds)
+    size = os.path.getsize(args.output)
+    print(f"wrote {_shown(args.output)} ({size / 1024:.0f} KiB): {e.frames} frames, {len(e.layers)} D-GRU steps, model {e.model_name}, P={e.update_percent:g}, "
+          f"{_format_percent(e.plan.fraction_updated())}% of neurons updated per frame, in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -555,11 +572,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _model_options(p) -> None:
-    """--model/--weights/-P/--backend/--mask-floor-db of the commands that enhance."""
+def _model_choice(p) -> None:
+    """-P/--model/--weights: which model at which P (enhance, stream, live, explain)."""
     p.add_argument("--update-percent", "-P", type=float, default=None, metavar="P", help="P in (0, 100]: percent of GRU neurons updated per frame (default: the model's own P, shown by npdgru models: 50 for the any-P models, 100 for the original nsnet2 and for a weight file that records none)")
     p.add_argument("--model", "-m", default=None, metavar="NAME", help="a shipped model by name (npdgru models lists them; default nsnet2-kd-anyp)")
     p.add_argument("--weights", default=None, help="a weight file (instead of --model)")
+
+
+def _model_options(p) -> None:
+    """--model/--weights/-P/--backend/--mask-floor-db of the commands that enhance."""
+    _model_choice(p)
     p.add_argument("--backend", choices=("cpu", "reference", "cuda"), default="cpu", help="cpu (numba, default), cuda (numba.cuda, a GPU) or reference (the NumPy float64 specification: slow, for checking)")
     p.add_argument("--mask-floor-db", type=float, default=-80.0, help="lowest gain of the mask in dB (default -80, as NSNet2)")
 
@@ -619,6 +641,20 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(lv)
     lv.add_argument("--quiet", "-q", action="store_true", help="no messages on standard error except errors")
     lv.set_defaults(func=cmd_live)
+
+    x = sub.add_parser("explain", help="an HTML page of what the D-GRU does on a file: selected neurons per frame, accumulator drift, MACs",
+                       description="Run a model on an audio file and write one self-contained HTML page (no network, images embedded): the noisy and "
+                                   "enhanced spectrograms and the mask; per D-GRU step the neurons updated in each frame (neurons x frames), their count "
+                                   "per frame and the drift of the accumulators against the refresh period; the model, P, A per step and the MACs per frame.")
+    x.add_argument("input", help="an audio file (WAV, FLAC, OGG, MP3, AIFF; the first channel is shown, resampled to 16 kHz)")
+    x.add_argument("-o", "--output", required=True, help="the HTML page to write")
+    _model_choice(x)
+    x.add_argument("--band", type=int, default=0, help="the band shown of D-GRU steps with several bands (DPRNN's 41: 0 to 40; default 0)")
+    x.add_argument("--start", type=float, default=0.0, metavar="S", help="begin S seconds into the file (the model starts from zero state there; default 0)")
+    x.add_argument("--seconds", type=float, default=None, metavar="S", help="show at most S seconds (default 30: a frame is a pixel column)")
+    x.add_argument("--overwrite", action="store_true", help="replace the output page if it exists (never the input)")
+    x.add_argument("--quiet", "-q", action="store_true", help="no compile notice on standard error")
+    x.set_defaults(func=cmd_explain)
 
     i = sub.add_parser("info", help="what a weight file holds (no argument: the shipped models)")
     i.add_argument("weights", nargs="?", default=None, help="a weight file or a shipped model's name")

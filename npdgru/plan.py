@@ -124,10 +124,15 @@ class Plan:
         the linear layers; normalisation and shape glue are not counted.
         """
         total = {"gru_dense": 0, "gru_paper": 0, "gru_ours": 0, "other": 0}
-        for s in self.steps:
-            for k, v in KINDS[s.kind].macs(s).items():
+        for counts in self.step_macs().values():
+            for k, v in counts.items():
                 total[k] += v
         return total
+
+    def step_macs(self) -> dict:
+        """MACs per frame of one stream of each step, name -> the counters of :meth:`macs` that
+        the step adds to (a step that is not counted gives {}); :meth:`macs` is their sum."""
+        return {s.name: KINDS[s.kind].macs(s) for s in self.steps}
 
     def weight_bytes(self) -> dict:
         """Bytes of float32 weights one streaming hop (one frame of one stream) reads.

@@ -17,6 +17,7 @@ PKG = Path(npdgru.__file__).parent
 LAYERS = [
     ["__main__"],
     ["cli"],
+    ["explain"],  # a page of what the D-GRU selects: runs an Enhancer's model step by step
     ["train"],  # validation scores DNSMOS with evaluate.metrics
     ["evaluate"],
     ["corpus"],
