@@ -1,0 +1,201 @@
+"""The gates of a GRU layer: top-A (the D-GRU), a threshold select gate and a delta network.
+
+The reference (``npdgru.reference``, float64) is checked against properties that follow from the
+equations alone: the threshold gate selects between 0 and H neurons, below every u it is the
+dense GRU, above every u the state never changes, a neuron outside S keeps its bits, u = θ is
+not selected; the delta GRU at Θ = 0 is the dense GRU (against ``reference.gru_sequence``) and
+with a Θ larger than every change it never propagates anything, and its memories W x̂ + b are
+the accumulated deltas of the papers (against a plain-Python accumulator written here).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from npdgru import reference as ref
+
+TOL64 = 1e-12
+
+shapes = dict(H=st.integers(1, 9), I=st.integers(1, 6), B=st.integers(1, 3), T=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
+
+
+def _u(x, h, W):
+    """The paper's update gate u = 1 − z for the step from h on x (float64)."""
+    (_, i_z, _), (_, h_z, _) = ref._gates(x, h, *W)
+    return 1.0 - ref.sigmoid(i_z + h_z)
+
+
+# ------------------------------------------------------------------------ threshold select gate
+
+
+@settings(deadline=None, max_examples=60)
+@given(theta=st.floats(-0.5, 1.5, allow_nan=False), **shapes)
+def test_threshold_selects_u_above_theta_and_keeps_the_rest(make_gru, H, I, B, T, seed, theta):
+    c = make_gru(H, I, seed=seed, T=T, B=B)
+    W, x, h0 = c.weights64, c.x.astype(np.float64), c.h0.astype(np.float64)
+    out, S = ref.tgru_sequence(x, h0, *W, theta)
+    assert S.shape == (T, B, H) and S.dtype == bool
+    prev = h0
+    for t in range(T):
+        u = _u(x[t], prev, W)
+        np.testing.assert_array_equal(S[t], u > theta)  # the count is anything in 0..H
+        assert ((S[t].sum(-1) >= 0) & (S[t].sum(-1) <= H)).all()
+        keep = ~S[t]  # outside S: the very same bits
+        assert np.array_equal(out[t][keep].view(np.uint64), prev[keep].view(np.uint64))
+        # inside S: eq. (5) on the selected rows, as the top-A D-GRU computes it
+        want = ref.dgru_step(x[t], prev, *W, H)[0]
+        np.testing.assert_array_equal(out[t][S[t]], want[S[t]])
+        prev = out[t]
+
+
+@settings(deadline=None, max_examples=40)
+@given(**shapes)
+def test_threshold_below_every_u_is_the_dense_gru(make_gru, H, I, B, T, seed):
+    c = make_gru(H, I, seed=seed, T=T, B=B)
+    W, x, h0 = c.weights64, c.x.astype(np.float64), c.h0.astype(np.float64)
+    out, S = ref.tgru_sequence(x, h0, *W, -1.0)  # u = 1 − σ(·) > 0 > −1
+    assert S.all()
+    # bit for bit the D-GRU at A = H (the same formula h + u (n − h)), and the dense GRU within rounding
+    np.testing.assert_array_equal(out, ref.dgru_sequence(x, h0, *W, H)[0])
+    np.testing.assert_allclose(out, ref.gru_sequence(x, h0, *W), rtol=0, atol=TOL64)
+
+
+@settings(deadline=None, max_examples=40)
+@given(theta=st.sampled_from([1.0, 2.0, np.inf]), **shapes)
+def test_threshold_above_every_u_never_changes_the_state(make_gru, H, I, B, T, seed, theta):
+    c = make_gru(H, I, seed=seed, T=T, B=B, scale=3.0)
+    out, S = ref.tgru_sequence(c.x.astype(np.float64), c.h0.astype(np.float64), *c.weights64, theta)
+    assert not S.any()
+    assert np.array_equal(out, np.broadcast_to(c.h0.astype(np.float64), out.shape))
+
+
+def test_threshold_equal_to_u_is_not_selected():
+    u = np.array([[0.25, 0.5, 0.75, 0.5]])
+    np.testing.assert_array_equal(ref.threshold_select(u, 0.5), [[False, False, True, False]])
+    np.testing.assert_array_equal(ref.threshold_select(u, 0.25), [[False, True, True, True]])
+    # the same in a step: a neuron whose u is exactly θ keeps its value
+    H, I = 2, 1
+    W = (np.zeros((3 * H, I)), np.zeros((3 * H, H)), np.zeros(3 * H), np.zeros(3 * H))  # z = σ(0) = 0.5: u = 0.5
+    h = np.array([[0.3, -0.2]])
+    h1, S = ref.tgru_step(np.ones((1, I)), h, *W, 0.5)
+    assert not S.any() and np.array_equal(h1, h)
+    h1, S = ref.tgru_step(np.ones((1, I)), h, *W, np.nextafter(0.5, 0.0))
+    assert S.all() and np.allclose(h1, h + 0.5 * (0.0 - h))  # n = tanh(0) = 0
+
+
+# ------------------------------------------------------------------------ delta network
+
+
+def _naive_delta_gru(x, h0, w_ih, w_hh, b_ih, b_hh, theta, theta_x):
+    """The papers' delta GRU with explicit memories, one stream, plain Python floats::
+
+    M_x = b_ih, M_h = b_hh, x̂ = ĥ = 0; per step: for each entry whose change exceeds its
+    threshold, add its weight column times the change to the memory and remember the value.
+    """
+    I, H = len(x[0]), len(h0)
+    Mx, Mh = list(b_ih), list(b_hh)
+    xh, hh, h = [0.0] * I, [0.0] * H, list(h0)
+    out = []
+    for xt in x:
+        for j in range(I):
+            d = xt[j] - xh[j]
+            if abs(d) > theta_x:
+                xh[j] = xt[j]
+                for q in range(3 * H):
+                    Mx[q] += w_ih[q][j] * d
+        for j in range(H):
+            d = h[j] - hh[j]
+            if abs(d) > theta:
+                hh[j] = h[j]
+                for q in range(3 * H):
+                    Mh[q] += w_hh[q][j] * d
+        new = []
+        for i in range(H):
+            r = 1.0 / (1.0 + np.exp(-(Mx[i] + Mh[i])))
+            z = 1.0 / (1.0 + np.exp(-(Mx[H + i] + Mh[H + i])))
+            n = np.tanh(Mx[2 * H + i] + r * Mh[2 * H + i])
+            new.append((1.0 - z) * n + z * h[i])
+        h = new
+        out.append(list(h))
+    return np.array(out)
+
+
+@settings(deadline=None, max_examples=40)
+@given(theta=st.sampled_from([0.0, 0.01, 0.1, 0.5]), theta_x=st.sampled_from([None, 0.0, 0.3, 1.0]), **shapes)
+def test_delta_gru_is_the_papers_accumulated_memories(make_gru, H, I, B, T, seed, theta, theta_x):
+    c = make_gru(H, I, seed=seed, T=T, B=B)
+    W, x, h0 = c.weights64, c.x.astype(np.float64), c.h0.astype(np.float64)
+    out, sent_h, sent_x = ref.delta_gru_sequence(x, h0, *W, theta, theta_x)
+    assert sent_h.shape == (T, B, H) and sent_x.shape == (T, B, I)
+    Wl = [w.tolist() for w in W]
+    for b in range(B):
+        want = _naive_delta_gru(x[:, b].tolist(), h0[b].tolist(), *Wl, theta, theta if theta_x is None else theta_x)
+        np.testing.assert_allclose(out[:, b], want, rtol=0, atol=1e-10, err_msg=f"stream {b}")
+
+
+@settings(deadline=None, max_examples=40)
+@given(**shapes)
+def test_delta_at_zero_threshold_is_the_dense_gru(make_gru, H, I, B, T, seed):
+    c = make_gru(H, I, seed=seed, T=T, B=B)
+    W, x, h0 = c.weights64, c.x.astype(np.float64), c.h0.astype(np.float64)
+    out, sent_h, sent_x = ref.delta_gru_sequence(x, h0, *W, 0.0)
+    np.testing.assert_allclose(out, ref.gru_sequence(x, h0, *W), rtol=0, atol=TOL64)
+    assert sent_x.any() or not x.any()
+
+
+@settings(deadline=None, max_examples=40)
+@given(**shapes)
+def test_delta_with_a_huge_threshold_propagates_nothing(make_gru, H, I, B, T, seed):
+    """Nothing is propagated: the memories stay at the biases, so every step sees x̂ = ĥ = 0."""
+    c = make_gru(H, I, seed=seed, T=T, B=B)
+    W, x, h0 = c.weights64, c.x.astype(np.float64), c.h0.astype(np.float64)
+    out, sent_h, sent_x = ref.delta_gru_sequence(x, h0, *W, 1e9)
+    assert not sent_h.any() and not sent_x.any()
+    # with x̂ = ĥ = 0 the gates are constants of the biases: h' = (1 − z0) n0 + z0 h
+    b_ih, b_hh = W[2], W[3]
+    z0 = ref.sigmoid(b_ih[H : 2 * H] + b_hh[H : 2 * H])
+    n0 = np.tanh(b_ih[2 * H :] + ref.sigmoid(b_ih[:H] + b_hh[:H]) * b_hh[2 * H :])
+    h = h0
+    for t in range(T):
+        h = (1.0 - z0) * n0 + z0 * h
+        np.testing.assert_allclose(out[t], h, rtol=0, atol=TOL64)
+
+
+def test_delta_change_equal_to_theta_is_not_sent():
+    x_hat, sent = ref.delta_encode(np.array([1.5, 0.2, -0.5]), np.array([1.0, 0.0, 0.0]), 0.5)
+    np.testing.assert_array_equal(sent, [False, False, False])
+    np.testing.assert_array_equal(x_hat, [1.0, 0.0, 0.0])
+    x_hat, sent = ref.delta_encode(np.array([1.5, 0.2, -0.6]), np.array([1.0, 0.0, 0.0]), 0.5)
+    np.testing.assert_array_equal(sent, [False, False, True])
+    np.testing.assert_array_equal(x_hat, [1.0, 0.0, -0.6])
+
+
+def test_delta_input_threshold_is_its_own():
+    """Θ_x applies to the input, Θ to the state: a huge Θ_x freezes x̂ at 0 only."""
+    rng = np.random.default_rng(0)
+    H, I, T = 5, 3, 6
+    W = tuple(rng.uniform(-0.5, 0.5, s) for s in [(3 * H, I), (3 * H, H), (3 * H,), (3 * H,)])
+    x = rng.standard_normal((T, 1, I))
+    out, sent_h, sent_x = ref.delta_gru_sequence(x, None, *W, 0.0, 1e9)
+    assert not sent_x.any() and sent_h[1:].any()
+    np.testing.assert_allclose(out, ref.gru_sequence(np.zeros_like(x), None, *W), rtol=0, atol=TOL64)
+
+
+@pytest.mark.parametrize("gate", ref.GATES)
+def test_forward_runs_each_gate_on_a_plan_step(gate):
+    """reference.forward dispatches on the step's gate (a one-layer plan written by hand)."""
+    rng = np.random.default_rng(1)
+    I = H = 4
+    W = {f"g.{n}": rng.uniform(-0.5, 0.5, s) for n, s in [("weight_ih", (3 * H, I)), ("weight_hh", (3 * H, H)), ("bias_ih", (3 * H,)), ("bias_hh", (3 * H,))]}
+    step = {"name": "g", "kind": "gru", "inputs": ["features"], "bands": 1, "size_in": I, "hidden": H, "A": 2, "dense": False,
+            "gate": gate, "theta": 0.3, "theta_x": 0.1}
+    x = rng.standard_normal((7, I))
+    y = ref.forward({"n_features": I, "steps": [step]}, W, x)
+    Wt = tuple(W[f"g.{n}"] for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    want = {"top-a": lambda: ref.dgru_sequence(x[:, None], None, *Wt, 2)[0],
+            "threshold": lambda: ref.tgru_sequence(x[:, None], None, *Wt, 0.3)[0],
+            "delta": lambda: ref.delta_gru_sequence(x[:, None], None, *Wt, 0.3, 0.1)[0]}[gate]()
+    np.testing.assert_array_equal(y, want[:, 0])
