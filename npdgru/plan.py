@@ -56,6 +56,10 @@ class Step:
     dense        gru steps: P = 100, the dense GRU kernel runs (no accumulators)
     sparse_input gru steps: the input product is kept from the changed columns of the input (the
                  state of a previous D-GRU step with the same bands, which changes A_in entries)
+    gate         gru steps: "top-a" (A neurons per step, from P), "threshold" (u > theta) or
+                 "delta" (changes larger than theta, the input's larger than theta_x); the
+                 variable gates carry A = hidden, the bound of their work (``kinds.GRU``)
+    theta, theta_x   the threshold(s) of a threshold or delta step (0.0 otherwise)
     state_index  the step's state among the plan's carried states (-1: it carries none)
     activation, eps, start, stop   per kind (linear, layernorm, slice)
     tensors      names of the tensors the step reads, e.g. ("fc1.weight", "fc1.bias")
@@ -77,6 +81,9 @@ class Step:
     A_in: int | None = None
     dense: bool = True
     sparse_input: bool = False
+    gate: str = "top-a"
+    theta: float = 0.0
+    theta_x: float = 0.0
     state_index: int = -1
     activation: str = "none"
     eps: float = 1e-5
@@ -223,10 +230,11 @@ def layer_width(spec, in_widths) -> int:
 
 def format_version_of(arch) -> int:
     """1 for a plain chain of format-1 kinds (NSNet2's linear and GRU layers), 2 when a layer needs
-    the graph fields (``inputs``, ``bands``) or a kind added with them: a format-1 reader then
+    the graph fields (``inputs``, ``bands``), a kind's format-2 keys (a GRU's ``gate``) or a kind
+    added with them: a format-1 reader then
     refuses the file as newer instead of misreading it."""
     for spec in arch["layers"]:
-        if spec["kind"] not in KINDS_V1 or any(k in spec for k in _V2_KEYS):
+        if spec["kind"] not in KINDS_V1 or any(k in spec for k in _V2_KEYS + KINDS[spec["kind"]].v2_keys):
             return 2
     return 1
 

@@ -199,3 +199,83 @@ def test_forward_runs_each_gate_on_a_plan_step(gate):
             "threshold": lambda: ref.tgru_sequence(x[:, None], None, *Wt, 0.3)[0],
             "delta": lambda: ref.delta_gru_sequence(x[:, None], None, *Wt, 0.3, 0.1)[0]}[gate]()
     np.testing.assert_array_equal(y, want[:, 0])
+
+
+# ------------------------------------------------------------------------ the architecture field
+
+
+def _with_gate(arch, gate, **params):
+    """A copy of ``arch`` whose GRU layers along time have ``gate`` and its parameters."""
+    import copy
+
+    arch = copy.deepcopy(arch)
+    for layer in arch["layers"]:
+        if layer["kind"] == "gru":
+            layer.update(gate=gate, **params)
+    return arch
+
+
+GATE_PARAMS = {"threshold": {"theta": 0.5}, "delta": {"theta": 0.05, "theta_x": 0.2}}
+
+
+def test_a_gru_without_a_gate_is_top_a_and_format_1():
+    from npdgru.architectures import architecture
+    from npdgru.plan import format_version_of, make_plan
+
+    arch = architecture("nsnet2")
+    p = make_plan(arch, update_percent=50)
+    assert [s.gate for s in p.state_steps] == ["top-a", "top-a"] and p.step("gru1").A == 200
+    assert format_version_of(arch) == 1
+
+
+@pytest.mark.parametrize("gate", ["threshold", "delta"])
+def test_a_variable_gate_resolves_to_its_thresholds_and_the_dense_bound(gate):
+    from npdgru.architectures import architecture
+    from npdgru.plan import format_version_of, make_plan
+
+    arch = _with_gate(architecture("nsnet2"), gate, **GATE_PARAMS[gate])
+    dense = make_plan(architecture("nsnet2"), update_percent=100)
+    for P in (100, 25):  # P is not read by these gates
+        p = make_plan(arch, update_percent=P, sparse_inputs=True)
+        g1, g2 = p.step("gru1"), p.step("gru2")
+        assert (g1.gate, g1.theta, g1.A, g1.dense, g2.sparse_input) == (gate, GATE_PARAMS[gate]["theta"], 400, False, False)
+        assert g1.theta_x == (0.2 if gate == "delta" else 0.0)
+        assert p.macs() == dense.macs()  # the plan counts the dense bound; a run measures the work
+    assert format_version_of(arch) == 2  # a format-1 reader would run it as top-A: refused as newer
+
+
+@pytest.mark.parametrize("layer_update, message", [
+    ({"gate": "topk"}, "gate 'topk' is not one of"),
+    ({"gate": "threshold"}, "needs 'theta' in \\[0, 1\\)"),
+    ({"gate": "threshold", "theta": 1.0}, "needs 'theta' in \\[0, 1\\)"),
+    ({"gate": "threshold", "theta": True}, "needs 'theta'"),
+    ({"gate": "threshold", "theta": "0.5"}, "needs 'theta'"),
+    ({"gate": "threshold", "theta": 0.5, "theta_x": 0.1}, "takes no 'theta_x'"),
+    ({"gate": "delta"}, "needs 'theta' a number >= 0"),
+    ({"gate": "delta", "theta": -0.1}, "needs 'theta' a number >= 0"),
+    ({"gate": "delta", "theta": float("nan")}, "needs 'theta' a number >= 0"),
+    ({"gate": "delta", "theta": 0.1, "theta_x": -1}, "needs 'theta_x' a number >= 0"),
+    ({"theta": 0.5}, "top-a gate takes no 'theta'"),
+])
+def test_bad_gates_are_refused_with_the_file_and_layer(layer_update, message):
+    from npdgru.architectures import architecture
+    from npdgru.errors import WeightsError
+    from npdgru.plan import validate_architecture
+
+    arch = architecture("nsnet2")
+    arch["layers"][1].update(layer_update)
+    with pytest.raises(WeightsError, match=f"model.safetensors: architecture layer gru1: .*{message}"):
+        validate_architecture(arch, "model.safetensors")
+
+
+@pytest.mark.parametrize("gate", ["threshold", "delta"])
+def test_a_gated_model_file_round_trips_and_describes_its_gate(tmp_path, gate):
+    from npdgru.architectures import tiny_weights
+    from npdgru.weights import load_weights, save_weights
+
+    w = tiny_weights(hidden=6)
+    arch = _with_gate(w.architecture, gate, **GATE_PARAMS[gate])
+    save_weights(tmp_path / "m.safetensors", w.tensors, architecture=arch)
+    back = load_weights(tmp_path / "m.safetensors")
+    assert back.architecture == arch and back.metadata["format_version"] == "2"
+    assert {"threshold": "threshold gate u > 0.5", "delta": "delta gate |change| > 0.05 (input 0.2)"}[gate] in back.describe()
