@@ -279,3 +279,208 @@ def test_a_gated_model_file_round_trips_and_describes_its_gate(tmp_path, gate):
     back = load_weights(tmp_path / "m.safetensors")
     assert back.architecture == arch and back.metadata["format_version"] == "2"
     assert {"threshold": "threshold gate u > 0.5", "delta": "delta gate |change| > 0.05 (input 0.2)"}[gate] in back.describe()
+
+
+# ------------------------------------------------------------------------ cpu kernels vs the reference
+#
+# Tolerances as tests/test_kernels_cpu.py (its docstring): float32 kernels against the float64
+# reference within ATOL + RTOL·|ref| per step; a decision (u > θ, |Δ| > Θ) whose reference value
+# lies within MARGIN of the threshold may go either way in float32 and is left out of the set
+# comparison. Trajectories are teacher forced: each reference step starts from the kernel's own
+# previous state (h, and for the delta gate x̂ and ĥ), one frame per call.
+
+ATOL, RTOL, MARGIN = 2e-5, 1e-4, 1e-5
+KERNEL_CASES = [  # (H, I, B, T)
+    (1, 3, 2, 12),
+    (7, 5, 3, 20),
+    (64, 20, 2, 25),
+    (130, 40, 1, 15),
+]
+
+
+def _close(got, want, what):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    bad = ~(np.abs(got - want) <= ATOL + RTOL * np.abs(want))
+    assert not bad.any(), f"{what}: {int(bad.sum())} entries differ, max {np.abs(got - want).max():.3g}"
+
+
+def _bits(a):
+    return np.ascontiguousarray(a, np.float32).view(np.uint32)
+
+
+@pytest.mark.usefixtures("warm_kernels")
+@pytest.mark.parametrize("refresh", [1, 128])
+@pytest.mark.parametrize("H, I, B, T", KERNEL_CASES)
+@pytest.mark.parametrize("theta", [0.3, 0.62])
+def test_cpu_threshold_matches_the_reference_step_by_step(make_gru, H, I, B, T, theta, refresh):
+    from npdgru.kernels import cpu
+
+    c = make_gru(H, I, seed=H * 31 + I + B, T=T, B=B, scale=2.0)
+    W64 = c.weights64
+    layer = cpu.GRULayer(*c.weights, gate="threshold", theta=theta, refresh_every=refresh, exact=True)
+    state = layer.init_state(B, c.h0)
+    counts = []
+    for t in range(T):
+        prev = state.h.astype(np.float64)
+        S = np.zeros((1, B, H), bool)
+        got = layer.forward(c.x[t : t + 1], state, selected=S)[0]
+        want, S_ref = ref.tgru_step(c.x[t].astype(np.float64), prev, *W64, theta)
+        safe = np.abs(_u(c.x[t].astype(np.float64), prev, W64) - theta) >= MARGIN
+        np.testing.assert_array_equal(S[0][safe], S_ref[safe], err_msg=f"selection t={t}")
+        _close(got, want, f"h t={t}")
+        assert np.array_equal(_bits(got[~S[0]]), _bits(prev[~S[0]].astype(np.float32)))  # untouched bit for bit
+        counts.append(S.sum())
+    assert min(counts) < B * H  # the count varies (not always every neuron)
+    # offline (exact: column order) == one frame per call, bit for bit; rows alone == in a batch
+    out, S_off = cpu.tgru_sequence(c.x, c.h0, *c.weights, theta, refresh_every=refresh, exact=True)
+    assert np.array_equal(_bits(out[-1]), _bits(state.h))
+    for b in range(B):
+        alone, S_b = cpu.tgru_sequence(c.x[:, b : b + 1], c.h0[b : b + 1], *c.weights, theta, refresh_every=refresh, exact=True)
+        assert np.array_equal(_bits(alone[:, 0]), _bits(out[:, b])) and np.array_equal(S_b[:, 0], S_off[:, b])
+
+
+@pytest.mark.usefixtures("warm_kernels")
+@pytest.mark.parametrize("refresh", [1, 3, 128])
+@pytest.mark.parametrize("H, I, B, T", KERNEL_CASES)
+@pytest.mark.parametrize("theta, theta_x", [(0.0, 0.0), (0.02, None), (0.1, 0.5)])
+def test_cpu_delta_matches_the_reference_step_by_step(make_gru, H, I, B, T, theta, theta_x, refresh):
+    from npdgru.kernels import cpu
+
+    c = make_gru(H, I, seed=H * 17 + I + B, T=T, B=B, scale=2.0)
+    W64 = c.weights64
+    thx = theta if theta_x is None else theta_x
+    layer = cpu.GRULayer(*c.weights, gate="delta", theta=theta, theta_x=theta_x, refresh_every=refresh, exact=True)
+    state = layer.init_state(B, c.h0)
+    sent = compared = 0
+    for t in range(T):
+        prev, xh, hh = (a.astype(np.float64) for a in (state.h, state.xprev, state.hhat))
+        S = np.zeros((1, B, H), bool)
+        got = layer.forward(c.x[t : t + 1], state, selected=S)[0]
+        want, xh_ref, hh_ref, sx_ref, sh_ref = ref.delta_gru_step(c.x[t].astype(np.float64), prev, xh, hh, *W64, theta, theta_x)
+        safe_h = np.abs(np.abs(prev - hh) - theta) >= MARGIN
+        np.testing.assert_array_equal(S[0][safe_h], sh_ref[safe_h], err_msg=f"propagated state t={t}")
+        if (np.abs(np.abs(c.x[t] - xh) - thx) >= MARGIN).all() and safe_h.all():  # no decision at the margin
+            _close(state.xprev, xh_ref, f"x_hat t={t}")
+            _close(state.hhat, hh_ref, f"h_hat t={t}")
+            _close(got, want, f"h t={t}")
+            compared += 1
+        sent += S.sum()
+    assert compared >= T // 2, f"only {compared} of {T} steps free of decisions at the margin"
+    assert layer.mean_work(state)[0] == pytest.approx(sent / (B * T))
+    # offline (exact: the memories in the kernel) == one frame per call, bit for bit
+    out, _ = cpu.delta_gru_sequence(c.x, c.h0, *c.weights, theta, theta_x, refresh_every=refresh, exact=True)
+    assert np.array_equal(_bits(out[-1]), _bits(state.h))
+    # offline through BLAS (the x̂ scan, then one product): within rounding of the exact run when
+    # no state decision sits at a threshold (Θ = 0)
+    if theta == 0.0:
+        fast, _ = cpu.delta_gru_sequence(c.x, c.h0, *c.weights, theta, theta_x, refresh_every=refresh)
+        _close(fast, out, "BLAS input product vs in-kernel memory")
+        want = ref.gru_sequence(c.x.astype(np.float64), c.h0.astype(np.float64), *W64) if thx == 0.0 else None
+        if want is not None:
+            _close(fast, want, "delta at Θ = 0 vs the dense GRU")
+
+
+@pytest.mark.usefixtures("warm_kernels")
+def test_cpu_delta_with_a_huge_threshold_reads_no_column():
+    from npdgru.kernels import cpu
+
+    rng = np.random.default_rng(3)
+    H, I, B, T = 16, 8, 2, 10
+    W = tuple(rng.uniform(-0.3, 0.3, s).astype(np.float32) for s in [(3 * H, I), (3 * H, H), (3 * H,), (3 * H,)])
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    layer = cpu.GRULayer(*W, gate="delta", theta=1e9)
+    state = layer.init_state(B)
+    S = np.zeros((T, B, H), bool)
+    out = layer.forward(x, state, selected=S)
+    assert not S.any() and layer.mean_work(state) == (0.0, 0.0)
+    want, _, _ = ref.delta_gru_sequence(x.astype(np.float64), None, *(w.astype(np.float64) for w in W), 1e9)
+    _close(out, want, "nothing propagated")
+
+
+def test_cpu_gate_arguments_are_checked():
+    from npdgru.errors import ParameterError
+    from npdgru.kernels import cpu
+
+    W = (np.zeros((6, 1), np.float32), np.zeros((6, 2), np.float32), np.zeros(6, np.float32), np.zeros(6, np.float32))
+    with pytest.raises(ParameterError, match="gate 'top-k' is not one of"):
+        cpu.GRULayer(*W, gate="top-k")
+    with pytest.raises(ParameterError, match="theta=nan must be a finite number"):
+        cpu.GRULayer(*W, gate="threshold", theta=float("nan"))
+    with pytest.raises(ParameterError, match="sparse input"):
+        cpu.GRULayer(*W, gate="delta", theta=0.1, sparse_input=True)
+
+
+# ------------------------------------------------------------------------ a gated model end to end
+
+
+def _gated_weights(gate):
+    from npdgru.architectures import tiny_weights
+    from npdgru.weights import Weights
+
+    w = tiny_weights(seed=5, hidden=12)
+    return Weights(architecture=_with_gate(w.architecture, gate, **GATE_PARAMS.get(gate, {})), tensors=w.tensors)
+
+
+def _signal(n, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / 16000
+    return (0.3 * np.sin(2 * np.pi * 440 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(n)).astype(np.float32)
+
+
+@pytest.mark.usefixtures("warm_kernels")
+@pytest.mark.parametrize("gate", ["threshold", "delta"])
+def test_a_gated_model_runs_on_cpu_as_on_the_reference(gate):
+    from npdgru import stft
+    from npdgru.model import MaskModel
+
+    w = _gated_weights(gate)
+    F = stft.log_power(stft.stft(_signal(16000)))[:, None, :]
+    masks = {}
+    for backend in ("cpu", "reference"):
+        m = MaskModel(w, update_percent=50, backend=backend)  # P is not read by these gates
+        masks[backend] = m.forward(F, m.init_state(1))
+    want = ref.forward(MaskModel(w, backend="reference").plan.as_data(), w.tensors, F[:, 0])
+    np.testing.assert_allclose(masks["reference"][:, 0], want, rtol=0, atol=1e-6)  # float32 out of float64
+    assert np.abs(masks["cpu"] - masks["reference"]).max() <= 1e-4
+    m = MaskModel(w, update_percent=50, backend="cpu")
+    state = m.init_state(1)
+    m.forward(F, state)
+    layer = m.executor.gru_layers[0]
+    assert 0.0 < layer.mean_work(state.layers[0])[0] < 12  # some columns, not every one, per step
+
+
+@pytest.mark.usefixtures("warm_kernels")
+@pytest.mark.parametrize("gate", ["threshold", "delta"])
+def test_a_gated_model_streams_as_it_runs_offline(gate):
+    from npdgru.enhance import Enhancer
+
+    x = _signal(40 * 160, seed=1)
+    for exact in (True, False):
+        e = Enhancer(_gated_weights(gate), exact=exact)
+        st = e.stream()
+        assert st._hops.fused is None  # the one-frame program covers top-A steps only
+        y = np.concatenate([st.process(x[i : i + 160]) for i in range(0, len(x), 160)] + [st.flush()])
+        off = e.enhance(x, 16000)
+        if exact:  # the same kernels in the same column order: the same bits
+            assert np.array_equal(y[320 : 320 + len(x)], off)
+        else:  # BLAS input products offline (tests/test_model.py's tolerance)
+            assert np.abs(y[320 : 320 + len(x)] - off).max() <= 1e-4
+
+
+def test_cuda_refuses_a_gated_step_by_name():
+    """The runner table checks the backend's GRULayer.gates (cuda's runs top-A only)."""
+    from npdgru.errors import ParameterError
+    from npdgru.kernels import reference as refbackend
+    from npdgru.plan import make_plan
+
+    w = _gated_weights("delta")
+
+    class NoGates(refbackend.GRULayer):
+        gates = ("top-a",)
+
+    class Ex(refbackend.Executor):
+        backend = "topa-only"
+        GRULayer = NoGates
+
+    with pytest.raises(ParameterError, match="backend 'topa-only' cannot run step gru1: its 'delta' gate runs on the cpu and reference"):
+        Ex(make_plan(w.architecture), w.tensors)

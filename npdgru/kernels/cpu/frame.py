@@ -222,6 +222,8 @@ FRAME_STEPS = {"linear": _frame_linear, "gru": _frame_gru, "bigru": _frame_bigru
 
 
 def covers(plan) -> bool:
-    """Whether :class:`FrameProgram` runs ``plan``: every step kind has a frame step and the plan
-    has a D-GRU step along time (the program's buffers need one)."""
-    return all(s.kind in FRAME_STEPS for s in plan.steps) and bool(plan.state_steps)
+    """Whether :class:`FrameProgram` runs ``plan``: every step kind has a frame step, the plan
+    has a D-GRU step along time (the program's buffers need one), and every D-GRU step has the
+    top-A gate (a threshold or delta step streams on the per-layer path, the same kernels on one
+    frame)."""
+    return all(s.kind in FRAME_STEPS for s in plan.steps) and bool(plan.state_steps) and all(s.gate == "top-a" for s in plan.state_steps)
