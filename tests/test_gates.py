@@ -484,3 +484,61 @@ def test_cuda_refuses_a_gated_step_by_name():
 
     with pytest.raises(ParameterError, match="backend 'topa-only' cannot run step gru1: its 'delta' gate runs on the cpu and reference"):
         Ex(make_plan(w.architecture), w.tensors)
+
+
+# ------------------------------------------------------------------------ the command line
+
+
+@pytest.mark.usefixtures("warm_kernels")
+@pytest.mark.parametrize("gate", ["top-a", "threshold", "delta"])
+def test_npdgru_enhance_and_info_run_a_model_with_each_gate(tmp_path, capsys, gate):
+    """`npdgru enhance` on a tiny model file with the gate: the output is the Enhancer's (the same
+    plan and kernels), and the summary line says which gate runs; `npdgru info` names it."""
+    import soundfile as sf
+
+    from npdgru.cli import main
+    from npdgru.enhance import Enhancer
+    from npdgru.weights import save_weights
+
+    w = _gated_weights(gate)
+    model = tmp_path / f"{gate}.safetensors"
+    save_weights(model, w.tensors, architecture=w.architecture)
+    x = _signal(8000, seed=2)
+    sf.write(tmp_path / "in.wav", x, 16000, subtype="FLOAT")
+    out = tmp_path / "out.wav"
+    assert main(["enhance", str(tmp_path / "in.wav"), "-o", str(out), "--weights", str(model), "-P", "50"]) == 0
+    stdout = capsys.readouterr().out
+    y, sr = sf.read(out, dtype="float32")
+    assert sr == 16000 and np.array_equal(y, Enhancer(str(model), update_percent=50).enhance(x, 16000))
+    if gate == "top-a":
+        assert "50.0% of GRU neurons updated per frame (P=50)" in stdout
+    else:
+        assert f"GRU gate {gate} (the neurons updated vary per frame)" in stdout
+        assert not np.array_equal(y, Enhancer(w.__class__(architecture=_gated_weights("top-a").architecture, tensors=w.tensors), update_percent=50).enhance(x, 16000))
+    assert main(["info", str(model)]) == 0
+    info = capsys.readouterr().out
+    assert ("gate" in info) == (gate != "top-a")
+
+
+@pytest.mark.usefixtures("warm_kernels")
+@pytest.mark.parametrize("gate", ["threshold", "delta"])
+def test_a_stream_batch_with_a_gate_keeps_each_stream_as_alone(gate):
+    """Streams join and skip a hop (a subset runs on moved state: take/put carry ĥ and x̂): each
+    stream's output is the one it gets alone (exact products: the same bits)."""
+    from npdgru.enhance import Enhancer
+
+    e = Enhancer(_gated_weights(gate), exact=True)
+    sb = e.stream_batch()
+    ids = [sb.add(), sb.add()]
+    xs = {i: _signal(14 * 160, seed=20 + k) for k, i in enumerate(ids)}
+    got = {i: [] for i in ids}
+    for t in range(14):
+        names = [i for i in ids if not (t == 6 and i == ids[0])]  # stream 0 skips hop 6
+        out = sb.process({i: xs[i][t * 160 : (t + 1) * 160] for i in names})
+        for i in names:
+            got[i].append(out[i])
+    for k, i in enumerate(ids):
+        st = e.stream()
+        chunks = [xs[i][t * 160 : (t + 1) * 160] for t in range(14) if not (t == 6 and k == 0)]
+        alone = np.concatenate([st.process(c) for c in chunks])
+        assert np.array_equal(np.concatenate(got[i]), alone), f"stream {k}"
