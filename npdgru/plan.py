@@ -118,7 +118,8 @@ class Plan:
         raise KeyError(name)
 
     def fraction_updated(self) -> float:
-        """Fraction of D-GRU neurons updated per step (A/H averaged over steps, weighted by H·bands)."""
+        """Fraction of D-GRU neurons updated per step (A/H averaged over steps, weighted by H·bands);
+        a threshold or delta step counts its bound A = H (its work varies per frame)."""
         g = self.state_steps
         return sum(s.A * s.bands for s in g) / max(1, sum(s.hidden * s.bands for s in g))
 
@@ -128,7 +129,8 @@ class Plan:
         *ours* counts a step's input product from A columns only when it runs that way
         (``sparse_input``, fed by a D-GRU step); otherwise it is dense, 3H·I. A step with F bands
         counts F times. The dense bidirectional GRUs across frequency (DPRNN) are in *other*, with
-        the linear layers; normalisation and shape glue are not counted.
+        the linear layers; normalisation and shape glue are not counted. A threshold or delta step
+        counts the dense bound (its work varies per frame; a run measures it).
         """
         total = {"gru_dense": 0, "gru_paper": 0, "gru_ours": 0, "other": 0}
         for s in self.steps:
