@@ -542,3 +542,26 @@ def test_a_stream_batch_with_a_gate_keeps_each_stream_as_alone(gate):
         chunks = [xs[i][t * 160 : (t + 1) * 160] for t in range(14) if not (t == 6 and k == 0)]
         alone = np.concatenate([st.process(c) for c in chunks])
         assert np.array_equal(np.concatenate(got[i]), alone), f"stream {k}"
+
+
+@pytest.mark.usefixtures("warm_kernels")
+def test_a_model_may_mix_gates_and_p_sets_only_its_top_a_layers():
+    """gru1 delta, gru2 top-A: P resolves gru2's A only, and gru2 keeps no sparse input
+    accumulator on a delta layer's state (every entry of it changes each frame)."""
+    import copy
+
+    from npdgru import stft
+    from npdgru.model import MaskModel
+    from npdgru.plan import make_plan
+    from npdgru.weights import Weights
+
+    w = _gated_weights("top-a")
+    arch = copy.deepcopy(w.architecture)
+    arch["layers"][1].update(gate="delta", theta=0.05)
+    p = make_plan(arch, update_percent=25, sparse_inputs=True)
+    assert (p.step("gru1").gate, p.step("gru1").A, p.step("gru2").gate, p.step("gru2").A, p.step("gru2").sparse_input) == ("delta", 12, "top-a", 3, False)
+    mixed = Weights(architecture=arch, tensors=w.tensors)
+    F = stft.log_power(stft.stft(_signal(8000, seed=4)))[:, None, :]
+    got = MaskModel(mixed, update_percent=25, backend="cpu")
+    want = MaskModel(mixed, update_percent=25, backend="reference")
+    assert np.abs(got.forward(F, got.init_state(1)) - want.forward(F, want.init_state(1))).max() <= 1e-4
