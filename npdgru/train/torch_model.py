@@ -198,7 +198,9 @@ def delta_gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, theta: float, theta_x: float 
 
     x̂_t does not depend on the state, so it is encoded for all steps first and the input product
     runs once; ĥ is encoded step by step. Straight-through: the products read
-    ``v + (v̂ − v).detach()`` (the value v̂, the gradient of v).
+    ``v + (v̂ − v).detach()`` (the value v̂, the gradient of v). Plain autograd, no hand-written
+    backward yet: about 4x the time of :func:`dgru_layer` (one 400-unit layer, 16 x 401 frames,
+    one thread: 5.1 s forward + backward against 1.0-1.3 s).
     """
     thx = theta if theta_x is None else theta_x
     with torch.no_grad():
