@@ -58,6 +58,15 @@ def _format_percent(fraction: float) -> str:
     return text + "0" if text.endswith(".") else text
 
 
+def _updated(enh) -> str:
+    """What the D-GRU layers update per frame, for the summary lines: the fraction at P, or the
+    variable gates (threshold, delta: their work varies per frame; P sets only top-A layers)."""
+    variable = sorted({s.gate for s in enh.model.plan.state_steps} - {"top-a"})
+    if variable:
+        return f"GRU gate {', '.join(variable)} (the neurons updated vary per frame)"
+    return f"{_format_percent(enh.model.fraction_updated())}% of GRU neurons updated per frame (P={enh.update_percent:g})"
+
+
 def _numba_cache_cold() -> bool:
     """True if the cpu kernels that every model runs have no numba cache index at least as new
     as their source.
@@ -179,7 +188,7 @@ def _enhance_stdio(args, enh) -> int:
     if not args.quiet:
         seconds = len(x) / sr
         print(f"{'stdin' if src == '-' else src} -> {'stdout' if dst == '-' else dst}: {seconds:.2f} s, {x.shape[1]} ch, {sr} Hz, real-time factor {compute / seconds:.3f}, "
-              f"{_format_percent(enh.model.fraction_updated())}% of GRU neurons updated per frame (P={enh.update_percent:g}), model {_model_name(enh)}, enhanced in {compute:.2f} s", file=sys.stderr)
+              f"{_updated(enh)}, model {_model_name(enh)}, enhanced in {compute:.2f} s", file=sys.stderr)
     return 0
 
 
@@ -212,7 +221,7 @@ def cmd_enhance(args) -> int:
     corpus.use_enhancer(config, enh)  # the in-process loop uses this one
     if items and not (args.jobs or args.scheduler):
         _warm_up(enh, args.quiet)  # per-file times exclude JIT compilation
-    pct = _format_percent(enh.model.fraction_updated())
+    updated = _updated(enh)
     model = _model_name(enh)
     total = len(items) + len(skipped)
     bar = tqdm(total=total, initial=len(skipped), unit="file", disable=args.quiet or total < 2 or not sys.stderr.isatty(), file=sys.stderr, desc="npdgru enhance")
@@ -231,7 +240,7 @@ def cmd_enhance(args) -> int:
             if not args.quiet and r.seconds:
                 rtf = f", real-time factor {r.compute / r.seconds:.3f}" if r.rewritten else " (written by an earlier attempt)"
                 wall_s = f", enhanced in {r.compute:.2f} s" if r.rewritten else ""
-                tqdm.write(f"{_shown(r.src)} -> {_shown(r.dst)}: {r.seconds:.2f} s, {r.channels} ch, {r.rate} Hz{rtf}, {pct}% of GRU neurons updated per frame (P={enh.update_percent:g}), model {model}{wall_s}", file=sys.stdout)
+                tqdm.write(f"{_shown(r.src)} -> {_shown(r.dst)}: {r.seconds:.2f} s, {r.channels} ch, {r.rate} Hz{rtf}, {updated}, model {model}{wall_s}", file=sys.stdout)
         wall = time.perf_counter() - t_start
         bar.set_postfix_str(f"{audio[0] / 3600:.3f} h audio, RTF {wall / audio[0] if audio[0] else 0:.3f}, {counts['failed']} failed", refresh=False)
         bar.update(1)
@@ -341,7 +350,7 @@ def cmd_stream(args) -> int:
         return _error("stdout: the reader closed the pipe")
     if not args.quiet and n_in:
         secs = n_in / rate
-        print(f"npdgru stream: {secs:.2f} s, {channels} ch, {rate} Hz, {_format_percent(enh.model.fraction_updated())}% of GRU neurons updated per frame (P={enh.update_percent:g}), "
+        print(f"npdgru stream: {secs:.2f} s, {channels} ch, {rate} Hz, {_updated(enh)}, "
               f"model {_model_name(enh)}; latency {stream.latency} samples ({1000 * stream.latency / rate:.1f} ms), blocks of {block} samples; "
               f"real-time factor {compute / secs:.3f} (compute / audio time)", file=sys.stderr)
     return 0

@@ -24,9 +24,11 @@ from __future__ import annotations
 from . import reference
 from .errors import ParameterError
 
-__all__ = ["Kind", "KINDS", "KINDS_V1", "ACTIVATIONS", "num_selected", "check_percent"]
+__all__ = ["Kind", "KINDS", "KINDS_V1", "ACTIVATIONS", "GATES", "VARIABLE_GATES", "num_selected", "check_percent"]
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "none")
+GATES = reference.GATES  # a GRU layer's "gate": top-a (default), threshold, delta
+VARIABLE_GATES = ("threshold", "delta")  # gates whose work per step varies (the plan counts the dense bound)
 
 
 def check_percent(update_percent) -> float:
@@ -54,6 +56,7 @@ class Kind:
     takes_bands   whether ``bands`` is allowed
     many_inputs   whether it reads two or more inputs (else exactly one)
     v1            known to format-1 readers (a plain chain of these is format 1)
+    v2_keys       optional keys of the layer dict that only format-2 readers know
     carries_state whether it carries state from frame to frame (one state per step)
     code          its index in :data:`KINDS` (the cpu frame program's kind code)
     """
@@ -65,6 +68,7 @@ class Kind:
     v1 = False
     carries_state = False
     code = -1
+    v2_keys: tuple = ()  # optional keys a format-1 reader does not know (a layer with one is format 2)
 
     def check(self, layer, in_widths, source) -> str | None:
         """What is wrong with ``layer`` given its input widths (None if nothing); ``source`` names its first input."""
@@ -141,12 +145,49 @@ class Linear(Kind):
         return b, b
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
 class GRU(Kind):
-    """A D-GRU along time (per band; the bands share weights): A = ceil(P·H/100) neurons change per frame."""
+    """A D-GRU along time (per band; the bands share weights).
+
+    Its ``gate`` (``docs/design.md``) chooses which neurons change per frame:
+
+    * ``"top-a"`` (default; a layer without the field): the A = ceil(P·H/100) largest u, P given
+      at run time (``update_percent``);
+    * ``"threshold"`` with ``theta`` θ in [0, 1): every neuron with u > θ (a count that varies);
+    * ``"delta"`` with ``theta`` Θ >= 0 (and optionally ``theta_x``, the input's, default Θ): a
+      delta network, only state and input changes larger than Θ propagate.
+
+    The variable gates read their threshold from the architecture (trained with it) and not P;
+    their plan step counts the dense bound (A = H) and a run measures the mean work.
+    """
 
     name, keys, takes_bands, v1, carries_state = "gru", ("in", "hidden"), True, True, True
+    v2_keys = ("gate", "theta", "theta_x")
 
-    check = staticmethod(_band_input_check)
+    def check(self, layer, in_widths, source):
+        problem = _band_input_check(layer, in_widths, source)
+        if problem:
+            return problem
+        gate = layer.get("gate", "top-a")
+        if gate not in GATES:
+            return f"gate {gate!r} is not one of {GATES}"
+        theta, theta_x = layer.get("theta"), layer.get("theta_x")
+        if gate == "top-a":
+            if theta is not None or theta_x is not None:
+                return "the top-a gate takes no 'theta' or 'theta_x' (its count is P at run time)"
+        elif gate == "threshold":
+            if not (_number(theta) and 0.0 <= theta < 1.0):
+                return f"the threshold gate needs 'theta' in [0, 1) (the u = 1 - z above it are updated), got {theta!r}"
+            if theta_x is not None:
+                return "the threshold gate takes no 'theta_x'"
+        else:
+            for k, v in (("theta", theta), ("theta_x", theta_x)):
+                if (v is not None or k == "theta") and not (_number(v) and v >= 0.0):
+                    return f"the delta gate needs '{k}' a number >= 0 (the smallest change propagated), got {v!r}"
+        return None
 
     def width(self, layer, in_widths):
         return layer.get("bands", 1) * layer["hidden"]
@@ -155,19 +196,34 @@ class GRU(Kind):
         return _gru_shapes(layer["name"], layer["in"], layer["hidden"], ("",))
 
     def describe(self, layer):
-        return f"D-GRU {layer['in']} -> {layer['hidden']} (along time)"
+        gate = layer.get("gate", "top-a")
+        if gate == "threshold":
+            how = f", threshold gate u > {layer['theta']:g}"
+        elif gate == "delta":
+            tx = layer.get("theta_x", layer["theta"])
+            how = f", delta gate |change| > {layer['theta']:g} (input {tx:g})"
+        else:
+            how = ""
+        return f"D-GRU {layer['in']} -> {layer['hidden']} (along time{how})"
 
     def resolve(self, layer, in_widths, P, source, sparse_inputs):
         H, F = layer["hidden"], layer.get("bands", 1)
+        gate = layer.get("gate", "top-a")
+        if gate in VARIABLE_GATES:  # P is not read: the threshold is the architecture's; A = H is the bound
+            theta = float(layer["theta"])
+            theta_x = float(layer.get("theta_x", theta)) if gate == "delta" else 0.0
+            return {"size_in": layer["in"], "size_out": H, "hidden": H, "A": H, "dense": False, "sparse_input": False,
+                    "A_in": None, "gate": gate, "theta": theta, "theta_x": theta_x}
         # the input product runs from the changed columns when the input is the state of another
-        # D-GRU step with the same bands (only those change in few entries per frame)
-        sparse = bool(sparse_inputs) and P < 100.0 and source is not None and KINDS[source.kind].carries_state and source.bands == F
+        # top-A D-GRU step with the same bands (only those change in few entries per frame)
+        sparse = (bool(sparse_inputs) and P < 100.0 and source is not None and KINDS[source.kind].carries_state and source.bands == F
+                  and source.gate == "top-a")
         return {"size_in": layer["in"], "size_out": H, "hidden": H, "A": num_selected(P, H), "dense": P == 100.0,
                 "sparse_input": sparse, "A_in": source.A if sparse else None}
 
     def macs(self, s):
         F = s.bands
-        m = reference.count_macs(s.size_in, s.hidden, A=s.A, input_changed=s.A_in)
+        m = reference.count_macs(s.size_in, s.hidden, A=s.A, input_changed=s.A_in)  # variable gates: A = H, the bound
         return {"gru_dense": F * m.dense, "gru_paper": F * m.paper, "gru_ours": F * m.sparse}
 
     def weight_bytes(self, s):

@@ -56,6 +56,10 @@ class Step:
     dense        gru steps: P = 100, the dense GRU kernel runs (no accumulators)
     sparse_input gru steps: the input product is kept from the changed columns of the input (the
                  state of a previous D-GRU step with the same bands, which changes A_in entries)
+    gate         gru steps: "top-a" (A neurons per step, from P), "threshold" (u > theta) or
+                 "delta" (changes larger than theta, the input's larger than theta_x); the
+                 variable gates carry A = hidden, the bound of their work (``kinds.GRU``)
+    theta, theta_x   the threshold(s) of a threshold or delta step (0.0 otherwise)
     state_index  the step's state among the plan's carried states (-1: it carries none)
     activation, eps, start, stop   per kind (linear, layernorm, slice)
     tensors      names of the tensors the step reads, e.g. ("fc1.weight", "fc1.bias")
@@ -77,6 +81,9 @@ class Step:
     A_in: int | None = None
     dense: bool = True
     sparse_input: bool = False
+    gate: str = "top-a"
+    theta: float = 0.0
+    theta_x: float = 0.0
     state_index: int = -1
     activation: str = "none"
     eps: float = 1e-5
@@ -111,7 +118,8 @@ class Plan:
         raise KeyError(name)
 
     def fraction_updated(self) -> float:
-        """Fraction of D-GRU neurons updated per step (A/H averaged over steps, weighted by H·bands)."""
+        """Fraction of D-GRU neurons updated per step (A/H averaged over steps, weighted by H·bands);
+        a threshold or delta step counts its bound A = H (its work varies per frame)."""
         g = self.state_steps
         return sum(s.A * s.bands for s in g) / max(1, sum(s.hidden * s.bands for s in g))
 
@@ -121,7 +129,8 @@ class Plan:
         *ours* counts a step's input product from A columns only when it runs that way
         (``sparse_input``, fed by a D-GRU step); otherwise it is dense, 3H·I. A step with F bands
         counts F times. The dense bidirectional GRUs across frequency (DPRNN) are in *other*, with
-        the linear layers; normalisation and shape glue are not counted.
+        the linear layers; normalisation and shape glue are not counted. A threshold or delta step
+        counts the dense bound (its work varies per frame; a run measures it).
         """
         total = {"gru_dense": 0, "gru_paper": 0, "gru_ours": 0, "other": 0}
         for counts in self.step_macs().values():
@@ -228,10 +237,11 @@ def layer_width(spec, in_widths) -> int:
 
 def format_version_of(arch) -> int:
     """1 for a plain chain of format-1 kinds (NSNet2's linear and GRU layers), 2 when a layer needs
-    the graph fields (``inputs``, ``bands``) or a kind added with them: a format-1 reader then
+    the graph fields (``inputs``, ``bands``), a kind's format-2 keys (a GRU's ``gate``) or a kind
+    added with them: a format-1 reader then
     refuses the file as newer instead of misreading it."""
     for spec in arch["layers"]:
-        if spec["kind"] not in KINDS_V1 or any(k in spec for k in _V2_KEYS):
+        if spec["kind"] not in KINDS_V1 or any(k in spec for k in _V2_KEYS + KINDS[spec["kind"]].v2_keys):
             return 2
     return 1
 

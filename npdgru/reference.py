@@ -20,6 +20,11 @@ index); every other neuron keeps its value bit for bit::
     h_i ← h_i + u_i (n_i − h_i)   for i in S               paper eq. (5)
     h_i ← h_i                      for i not in S
 
+Two other gates choose S (the architecture's ``gate`` field of a GRU layer, ``docs/design.md``):
+the threshold select gate (:func:`threshold_select`, :func:`tgru_sequence`: S = {i : u_i > θ}, a
+count that varies per step) and the delta network (:func:`delta_gru_sequence`, Neil et al. 2017,
+Gao et al. 2020: only input and state changes larger than Θ are propagated, every neuron updates).
+
 Nothing here is fast. Functions work in whatever float dtype they are given (the tests run them
 in float64 to check the float32 kernels). Shapes: ``B`` independent streams, ``T`` steps. Every
 matrix product is taken one row at a time, so a stream gives the same bits alone or in a batch
@@ -49,6 +54,13 @@ __all__ = [
     "dgru_step",
     "gru_sequence",
     "dgru_sequence",
+    "GATES",
+    "threshold_select",
+    "tgru_step",
+    "tgru_sequence",
+    "delta_encode",
+    "delta_gru_step",
+    "delta_gru_sequence",
     "MacCount",
     "count_macs",
     "layer_norm",
@@ -187,6 +199,125 @@ def dgru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, A):
     return out, S
 
 
+# --------------------------------------------------------------------------------------------
+# Other gates: a threshold select gate and a delta network
+# --------------------------------------------------------------------------------------------
+
+GATES = ("top-a", "threshold", "delta")
+"""The gates of a GRU layer: ``top-a`` (the D-GRU above, A = ceil(P·H/100) neurons per step),
+``threshold`` (:func:`tgru_sequence`) and ``delta`` (:func:`delta_gru_sequence`)."""
+
+
+def threshold_select(u: np.ndarray, theta: float) -> np.ndarray:
+    """Threshold select gate: boolean mask of the entries with ``u > θ`` (strictly).
+
+    An entry equal to θ is not selected, so θ = 0 selects every neuron whose u is positive and
+    the count is anything from 0 to H per row.
+    """
+    return u > theta
+
+
+def tgru_step(x, h, weight_ih, weight_hh, bias_ih, bias_hh, theta):
+    """One step of the D-GRU with a threshold select gate (the paper's eq. (5) on a variable S)::
+
+        u   = 1 − z                                         all H neurons, as the top-A gate
+        S   = {i : u_i > θ}                                 select gate, a threshold for eq. (4)
+        h_i ← h_i + u_i (n_i − h_i)    for i in S           paper eq. (5)
+        h_i ← h_i                      for i not in S       (bit for bit)
+
+    Cheng et al. (arXiv:2408.12425) fix the count A and leave a threshold open: here the work
+    per step is |S|, 0 ... H. θ below every u is the dense GRU (written h + u (n − h)); θ >= 1
+    (u = 1 − σ(·) < 1) never changes the state.
+
+    Returns (h_new, S) as :func:`dgru_step`.
+    """
+    (i_r, i_z, i_n), (h_r, h_z, h_n) = _gates(x, h, weight_ih, weight_hh, bias_ih, bias_hh)
+    u = 1.0 - sigmoid(i_z + h_z)  # paper's update gate, all H neurons
+    S = threshold_select(u, theta)
+    r = sigmoid(i_r + h_r)
+    n = np.tanh(i_n + r * h_n)
+    return np.where(S, h + u * (n - h), h), S
+
+
+def tgru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, theta):
+    """The threshold-gate D-GRU over T steps for B streams: (out (T, B, H), S (T, B, H) bool)."""
+    h = _check_sequence_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
+    T, B = x.shape[:2]
+    H = weight_hh.shape[1]
+    out = np.empty((T, B, H), dtype=np.result_type(x, h))
+    S = np.empty((T, B, H), dtype=bool)
+    for t in range(T):
+        h, S[t] = tgru_step(x[t], h, weight_ih, weight_hh, bias_ih, bias_hh, theta)
+        out[t] = h
+    return out, S
+
+
+def delta_encode(v, v_hat, theta):
+    """Delta encoding of a vector against its last propagated value (Neil et al. 2017, eq. 7)::
+
+        Δv_j = v_j − v̂_j    where |v_j − v̂_j| > Θ, then v̂_j ← v_j
+        Δv_j = 0           otherwise (v̂_j kept)
+
+    Returns (v̂ new, propagated mask). Strictly greater: a change of exactly Θ is not
+    propagated, and Θ = 0 propagates every change (an unchanged entry changes nothing).
+    """
+    sent = np.abs(v - v_hat) > theta
+    return np.where(sent, v, v_hat), sent
+
+
+def delta_gru_step(x, h, x_hat, h_hat, weight_ih, weight_hh, bias_ih, bias_hh, theta, theta_x=None):
+    """One step of the delta GRU (DeltaGRU: Neil et al., "Delta Networks for Optimized Recurrent
+    Network Computation", ICML 2017, arXiv:1612.05571; EdgeDRNN: Gao et al., IEEE JETCAS 2020)::
+
+        x̂, Δx = delta_encode(x, x̂, Θ_x)                   input changes larger than Θ_x
+        ĥ, Δh = delta_encode(h, ĥ, Θ)                      state changes larger than Θ
+        M_x ← M_x + W_ih Δx      (= W_ih x̂ + b_ih)         only the columns of sent entries
+        M_h ← M_h + W_hh Δh      (= W_hh ĥ + b_hh)         EdgeDRNN's delta memories
+        r  = σ(M_x,r + M_h,r)
+        z  = σ(M_x,z + M_h,z)
+        n  = tanh(M_x,n + r ⊙ M_h,n)                       reset after the product, as PyTorch
+        h' = (1 − z) ⊙ n + z ⊙ h                           every neuron, from the true h
+
+    The papers' memories start at the biases with x̂ = ĥ = 0, so a memory is always the product
+    of the last propagated vector: this reference computes ``W x̂ + b`` directly (the kernels
+    accumulate the deltas, the same sum in exact arithmetic). Θ = Θ_x = 0 is the dense GRU
+    (ĥ = h and x̂ = x after encoding); a Θ above every change propagates nothing.
+    ``theta_x`` None: the input uses Θ.
+
+    Returns (h_new, x_hat, h_hat, sent_x (..., I) bool, sent_h (..., H) bool).
+    """
+    x_hat, sent_x = delta_encode(x, x_hat, theta if theta_x is None else theta_x)
+    h_hat, sent_h = delta_encode(h, h_hat, theta)
+    (i_r, i_z, i_n), (h_r, h_z, h_n) = _gates(x_hat, h_hat, weight_ih, weight_hh, bias_ih, bias_hh)
+    r = sigmoid(i_r + h_r)
+    z = sigmoid(i_z + h_z)
+    n = np.tanh(i_n + r * h_n)
+    return (1.0 - z) * n + z * h, x_hat, h_hat, sent_x, sent_h
+
+
+def delta_gru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, theta, theta_x=None):
+    """The delta GRU over T steps for B streams, from x̂ = ĥ = 0 (memories at the biases).
+
+    Returns
+    -------
+    out    : (T, B, H) hidden states after each step
+    sent_h : (T, B, H) bool, the state entries propagated at each step (of the state before it)
+    sent_x : (T, B, I) bool, the input entries propagated at each step
+    """
+    h = _check_sequence_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
+    T, B, I = x.shape
+    H = weight_hh.shape[1]
+    dt = np.result_type(x, h)
+    out = np.empty((T, B, H), dtype=dt)
+    sent_h = np.empty((T, B, H), dtype=bool)
+    sent_x = np.empty((T, B, I), dtype=bool)
+    x_hat, h_hat = np.zeros((B, I), dt), np.zeros((B, H), dt)
+    for t in range(T):
+        h, x_hat, h_hat, sent_x[t], sent_h[t] = delta_gru_step(x[t], h, x_hat, h_hat, weight_ih, weight_hh, bias_ih, bias_hh, theta, theta_x)
+        out[t] = h
+    return out, sent_h, sent_x
+
+
 @dataclass(frozen=True)
 class MacCount:
     """Multiply-accumulates of one GRU layer for one step of one stream.
@@ -269,11 +400,17 @@ def _linear(s, xs, w):  # the same weights on each of the F bands
     return y.reshape(T, -1)
 
 
-def _gru(s, xs, w):  # D-GRU along time, eq. (4)-(5); the F bands are F streams of one layer
+def _gru(s, xs, w):  # D-GRU along time, eq. (4)-(5), or its gate; the F bands are F streams of one layer
     T, F = xs[0].shape[0], s["bands"]
     x = xs[0].reshape(T, F, s["size_in"])  # (T, B = F, I)
     W = (w("weight_ih"), w("weight_hh"), w("bias_ih"), w("bias_hh"))
-    y = gru_sequence(x, None, *W) if s["dense"] else dgru_sequence(x, None, *W, s["A"])[0]
+    gate = s.get("gate", "top-a")
+    if gate == "threshold":
+        y = tgru_sequence(x, None, *W, s["theta"])[0]
+    elif gate == "delta":
+        y = delta_gru_sequence(x, None, *W, s["theta"], s["theta_x"])[0]
+    else:
+        y = gru_sequence(x, None, *W) if s["dense"] else dgru_sequence(x, None, *W, s["A"])[0]
     return y.reshape(T, F * s["hidden"])
 
 

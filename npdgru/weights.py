@@ -20,8 +20,11 @@ Format 2 (DPRNN, MPT; ``npdgru/architectures.py``) makes it a small graph: a lay
 (the same weights on F bands of its input, width F·in). Kinds: ``linear``, ``gru`` (a D-GRU along
 time), ``bigru`` (a dense bidirectional GRU across the bands of a frame; tensors also with the
 suffix ``_reverse``), ``layernorm`` (``weight``/``bias`` of shape (size,)), ``pad``, ``slice``,
-``add``, ``concat``. A file records the oldest format that reads it: 1 for a plain chain of
-linear and GRU layers, so files of the first reader stay readable by it.
+``add``, ``concat``. A ``gru`` layer may name its ``gate`` (``docs/design.md``): ``"top-a"`` (the
+default, A = ceil(P·H/100) neurons per frame), ``"threshold"`` with ``theta`` (the neurons with
+u > θ) or ``"delta"`` with ``theta`` and optionally ``theta_x`` (a delta network). A file records
+the oldest format that reads it: 1 for a plain chain of linear and GRU layers without a gate
+field, so files of the first reader stay readable by it.
 
 Loading validates everything before anything runs: a newer ``format_version`` is refused, and a
 missing, unexpected, mis-shaped, non-float32 or non-finite tensor is named with its file.

@@ -132,3 +132,94 @@ def test_reference_matches_torch(make_gru, H, I, B, T):
     with torch.no_grad():
         want = gru(_t(c.x), _t(c.h0)[None])[0].numpy()
     assert np.abs(got64 - want).max() <= ATOL, _diff_msg(f"reference vs torch float32 H={H}", got64, want)
+
+
+# ------------------------------------------------------------------------ the other gates in the torch twin
+#
+# The training twin (npdgru.train.torch_model) of the threshold and delta gates against the float64
+# NumPy reference: both float64, the same equations, only summation orders differ (measured below
+# 1e-15 here), so ATOL64 = 1e-12. A decision at the threshold could go either way between the two
+# summation orders, which random float64 data does not meet.
+
+
+def _layer64(H, I, B, T, seed):
+    rng = np.random.default_rng(seed)
+    k = 2.0 / np.sqrt(H)
+    w = [rng.uniform(-k, k, s) for s in ((3 * H, I), (3 * H, H), (3 * H,), (3 * H,))]
+    return w, rng.standard_normal((T, B, I)), rng.uniform(-0.5, 0.5, (B, H))
+
+
+def _twin(w, x, h0, **gate):
+    from npdgru.train import torch_model as tm
+
+    tw = [torch.from_numpy(a) for a in w]
+    y = tm.dgru_forward(torch.from_numpy(x).transpose(0, 1), torch.from_numpy(h0), *tw, **gate)
+    return y.detach().transpose(0, 1).numpy()
+
+
+@pytest.mark.parametrize("H, I, B, T", [(1, 2, 2, 8), (9, 4, 3, 15), (40, 12, 2, 20)])
+@pytest.mark.parametrize("theta", [0.0, 0.4, 0.55, 0.99])
+def test_torch_threshold_gate_matches_reference(H, I, B, T, theta):
+    w, x, h0 = _layer64(H, I, B, T, seed=H + int(100 * theta))
+    want, S = ref.tgru_sequence(x, h0, *w, theta)
+    got = _twin(w, x, h0, gate="threshold", theta=theta)
+    assert np.abs(got - want).max() <= ATOL64
+    prev = np.concatenate([h0[None], got[:-1]])
+    np.testing.assert_array_equal(got[~S], prev[~S])  # outside S: carried bit for bit
+
+
+@pytest.mark.parametrize("H, I, B, T", [(1, 2, 2, 8), (9, 4, 3, 15), (40, 12, 2, 20)])
+@pytest.mark.parametrize("theta, theta_x", [(0.0, None), (0.05, None), (0.2, 0.6), (1e9, None)])
+def test_torch_delta_gate_matches_reference(H, I, B, T, theta, theta_x):
+    w, x, h0 = _layer64(H, I, B, T, seed=3 * H + int(10 * theta))
+    want, _, _ = ref.delta_gru_sequence(x, h0, *w, theta, theta_x)
+    got = _twin(w, x, h0, gate="delta", theta=theta, theta_x=theta_x)
+    assert np.abs(got - want).max() <= ATOL64
+
+
+def test_torch_threshold_backward_is_autograd_of_the_same_mask():
+    from npdgru.train import torch_model as tm
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H = 3, 7, 5
+    args = [torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True) for s in ((B, T, 3 * H), (B, H), (3 * H, H), (3 * H,))]
+    y1, y2 = tm.dgru_layer(*args, H, 0.5), tm.dgru_layer_autograd(*args, H, 0.5)
+    assert torch.equal(y1, y2) and 0 < int((y1 != torch.cat([args[1][:, None], y1[:, :-1]], 1)).sum()) < B * T * H
+    grad = torch.randn(y1.shape, dtype=torch.float64, generator=g)
+    for a, b in zip(torch.autograd.grad(y1, args, grad), torch.autograd.grad(y2, args, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_delta_gradient_at_zero_threshold_is_the_gru_gradient():
+    """Straight-through: at Θ = 0 (x̂ = x, ĥ = h) the delta GRU's gradients are torch.nn.GRU's."""
+    from npdgru.train import torch_model as tm
+
+    w, x, h0 = _layer64(6, 3, 2, 9, seed=4)
+    tw = [torch.from_numpy(a).requires_grad_() for a in w]
+    xt = torch.from_numpy(x).transpose(0, 1).contiguous().requires_grad_()
+    y = tm.delta_gru_layer(xt, torch.from_numpy(h0), *tw, 0.0)
+    gru = _torch_gru([w], torch.float64)
+    y_ref, _ = gru(xt.transpose(0, 1), torch.from_numpy(h0)[None])
+    grad = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(y, [xt] + tw, grad)
+    want = torch.autograd.grad(y_ref.transpose(0, 1), [xt] + [getattr(gru, f"{n}_l0") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")], grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("gate, params", [("threshold", {"theta": 0.5}), ("delta", {"theta": 0.05, "theta_x": 0.3})])
+def test_graphnet_with_a_gate_matches_reference_forward(gate, params):
+    """The training model of a gated architecture against reference.forward on its plan, float64."""
+    from npdgru.architectures import tiny_weights
+    from npdgru.plan import make_plan
+    from npdgru.train.torch_model import GraphNet
+    from npdgru.weights import Weights
+
+    w = tiny_weights(seed=2, hidden=10)
+    arch = dict(w.architecture, layers=[dict(layer, gate=gate, **params) if layer["kind"] == "gru" else layer for layer in w.architecture["layers"]])
+    net = GraphNet.from_weights(Weights(architecture=arch, tensors=w.tensors)).double().eval()
+    feats = np.random.default_rng(0).uniform(-8, 2, (30, 161))
+    with torch.no_grad():
+        got = net(torch.from_numpy(feats)[None], 50.0)[0].numpy()
+    want = ref.forward(make_plan(arch, update_percent=50).as_data(), w.tensors, feats)
+    assert np.abs(got - want).max() <= ATOL64

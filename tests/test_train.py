@@ -428,7 +428,9 @@ def test_ema_run_validates_the_average_and_resumes(tmp_path):
     assert 9 not in steps and steps == sorted(steps) and steps[-1] == 4, steps  # the row after the checkpoint is dropped on resume
 
 
-@pytest.mark.parametrize("argv, message", [(["--ema", "2"], "--ema must be in [0, 1)"), (["--distill-weight", "1.5"], "--distill-weight must be in [0, 1]")])
+@pytest.mark.parametrize("argv, message", [(["--ema", "2"], "--ema must be in [0, 1)"), (["--distill-weight", "1.5"], "--distill-weight must be in [0, 1]"),
+                                           (["--gate", "threshold"], "needs 'theta' in [0, 1)"), (["--gate", "delta", "--theta", "-1"], "needs 'theta' a number >= 0"),
+                                           (["--theta", "0.5"], "--theta and --theta-x go with --gate threshold or delta")])
 def test_train_refuses_bad_options_in_one_line(tmp_path, capsys, argv, message):
     """`npdgru train --ema 2`: one line naming the option, exit status 2, no traceback, no run folder."""
     from npdgru.cli import main
@@ -566,3 +568,27 @@ def test_run_with_noise_term_augmentation_and_validation_dnsmos(tmp_path):
     val = [r for r in rows[1:] if len(r) == len(rows[0])]
     assert [int(r[0]) for r in val] == [0, 2]
     assert all(1.0 <= float(v) <= 5.0 for r in val for v in r[-3:])
+
+
+@pytest.mark.parametrize("gate, theta", [("threshold", "0.5"), ("delta", "0.05")])
+def test_a_run_with_a_gate_trains_that_gate_and_converts_with_its_architecture(tmp_path, gate, theta):
+    """--gate: the NSNet2-shaped init runs as the graph twin with the gate; architecture.json in the
+    run folder converts the checkpoint into a weight file whose layers carry the gate."""
+    from npdgru.cli import main as cli
+    from npdgru.train.loop import main as train_main
+    from npdgru.weights import save_weights
+
+    _fake_corpus(tmp_path / "data")
+    w = _tiny_nsnet2()
+    save_weights(tmp_path / "init.safetensors", w.tensors, architecture=w.architecture)
+    init = str(tmp_path / "init.safetensors")
+    args = ["--data", str(tmp_path / "data"), "--init", init, "--teacher", init, "--distill-weight", "0.5", "--gate", gate, "--theta", theta,
+            "--out", str(tmp_path / "run"), "--batch", "2", "--seconds", "0.5", "--val-count", "2", "--val-every", "2", "--log-every", "1", "--steps", "2"]
+    assert train_main(args) == 0
+    arch = json.loads((tmp_path / "run" / "architecture.json").read_text())
+    assert [(layer.get("gate"), layer.get("theta")) for layer in arch["layers"] if layer["kind"] == "gru"] == [(gate, float(theta))] * 2
+    out = tmp_path / "gated.safetensors"
+    assert cli(["convert", str(tmp_path / "run" / "last.pt"), "-o", str(out), "--arch", str(tmp_path / "run" / "architecture.json")]) == 0
+    got = load_weights(out)
+    assert got.architecture == arch
+    assert any(not np.array_equal(got.tensors[k], w.tensors[k]) for k in w.tensors)  # trained

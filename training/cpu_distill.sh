@@ -15,6 +15,17 @@
 #                                    (--augment voice); logs DNSMOS SIG/BAK/OVRL at P = 50 on 32 validation mixtures
 #   bash training/cpu_distill.sh 7   lane 6 with a lighter residual-noise term (--noise-weight 1), from the shipped default:
 #                                    lane 6 raised validation BAK but lost 0.6 dB validation SI-SNR at P = 50
+#   bash training/cpu_distill.sh 8   lane 7's recipe with a variable gate instead of top-A (GATE=threshold THETA=0.35 by
+#                                    default; GATE=delta THETA=0.03 the other): the default model's weights fine-tuned with
+#                                    the gate in place. P is not drawn (these gates do not read it). Measured on the
+#                                    default model before training (4 val speech files + training noise at 5 dB, 16 s):
+#                                    threshold 0.2 / 0.35 / 0.5 / 0.65 updates 48-51 / 35-43 / 24-38 / 15-32 % of the
+#                                    neurons per frame (gru1-gru2); delta 0.01 / 0.03 / 0.05 / 0.1 propagates 41-66 /
+#                                    31-47 / 25-36 / 17-21 % of the state entries. The delta gate trains through a plain
+#                                    autograd loop: one 400-unit layer on 16 x 4 s takes 5.1 s forward + backward against
+#                                    1.0 (threshold) and 1.3 (top-A) with the hand-written backward (one thread).
+#                                    Convert with the run's architecture:
+#                                    npdgru convert training/runs/nsnet2-$GATE/last.pt --arch training/runs/nsnet2-$GATE/architecture.json
 # Recipe v2, P drawn per batch from U[25, 100], teacher = the original NSNet2 (dense), student
 # initialised from the teacher. Lane 1 keeps step<N>.pt snapshots for the comparison.
 set -euo pipefail
@@ -40,4 +51,10 @@ case "$1" in
        --teacher weights/nsnet2.safetensors --distill-weight 0.5 --noise-weight 1 --noise-below-db 10 --augment voice \
        --any-p 25 100 --p-skew 2 --recipe v2 --batch 16 --seconds 4 --lr 1e-4 --warmup 30 --val-every 100 --val-count 64 \
        --val-dnsmos 32 --snapshot-every 300 --log-every 20 --threads 1 --steps 100000 --seed 17 --ema 0.99 --minutes "${MINUTES:-150}" ;;
+  8) gate=${GATE:-threshold}
+     python3 -m npdgru.train --out "training/runs/nsnet2-$gate" --init weights/nsnet2-kd-anyp.safetensors \
+       --gate "$gate" --theta "${THETA:-0.35}" \
+       --teacher weights/nsnet2.safetensors --distill-weight 0.5 --noise-weight 1 --noise-below-db 10 --augment voice \
+       --recipe v2 --batch 16 --seconds 4 --lr 1e-4 --warmup 30 --val-every 100 --val-count 64 \
+       --val-dnsmos 32 --snapshot-every 300 --log-every 20 --threads 1 --steps 100000 --seed 19 --ema 0.99 --minutes "${MINUTES:-150}" ;;
 esac

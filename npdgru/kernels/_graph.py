@@ -115,12 +115,17 @@ class LayerNormRunner(LinearRunner):
 
 class GRURunner(Runner):
     """A D-GRU along time: F bands of a stream are F rows of the layer's state. A was resolved by
-    the plan (``step.A``); a dense step (P = 100) runs the dense GRU kernel."""
+    the plan (``step.A``); a dense step (P = 100) runs the dense GRU kernel; a threshold or delta
+    step passes its gate and thresholds (a backend's ``GRULayer.gates`` lists those it runs)."""
 
     def __init__(self, step, weights, ex):
         extra = {} if ex.refresh_every is None else {"refresh_every": ex.refresh_every}
+        if step.gate != "top-a":  # a threshold or delta gate (kinds.GRU): the layer's own threshold, no A
+            if step.gate not in getattr(ex.GRULayer, "gates", ("top-a",)):
+                raise ParameterError(f"backend {ex.backend!r} cannot run step {step.name}: its {step.gate!r} gate runs on the cpu and reference backends")
+            extra.update(gate=step.gate, theta=step.theta, theta_x=step.theta_x)
         self.step = step
-        self.layer = self.state_layer = ex.GRULayer(*weights, A=None if step.dense else step.A, sparse_input=step.sparse_input, name=step.name, **extra, **ex.product_options)
+        self.layer = self.state_layer = ex.GRULayer(*weights, A=None if step.dense or step.gate != "top-a" else step.A, sparse_input=step.sparse_input, name=step.name, **extra, **ex.product_options)
         self.layers = (self.layer,)
 
     def __call__(self, xs, state, T, Bn):

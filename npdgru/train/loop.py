@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from ..errors import NpdgruError, ParameterError
-from ..weights import load_weights
+from ..weights import Weights, load_weights
 from .data import AUGMENTS, MixtureSampler
 from .torch_model import GraphNet, MaskNet, istft, log_power, stft
 
@@ -246,6 +246,42 @@ def ema_update(ema, model, updates: int, decay: float) -> None:
             be.copy_(bm)
 
 
+def _gate_fields(args) -> dict:
+    """--gate/--theta/--theta-x as the fields of a GRU layer ({} for top-a), checked by the kind."""
+    from ..kinds import KINDS
+
+    gate, theta, theta_x = getattr(args, "gate", "top-a"), getattr(args, "theta", None), getattr(args, "theta_x", None)
+    if gate == "top-a":
+        if theta is not None or theta_x is not None:
+            raise ParameterError("--theta and --theta-x go with --gate threshold or delta")
+        return {}
+    fields = {"gate": gate, "theta": theta}
+    if theta_x is not None:
+        fields["theta_x"] = theta_x
+    problem = KINDS["gru"].check(dict(fields, name="gru", **{"in": 1, "hidden": 1}), [1], "features")
+    if problem:
+        raise ParameterError(f"--gate {gate} --theta {theta} --theta-x {theta_x}: {problem} ('theta' is --theta, 'theta_x' --theta-x)")
+    return fields
+
+
+def with_gate(architecture: dict, fields: dict) -> dict:
+    """A copy of ``architecture`` whose D-GRU layers along time carry the gate ``fields``."""
+    from ..kinds import KINDS
+
+    layers = [dict(layer, **fields) if KINDS[layer["kind"]].carries_state else dict(layer) for layer in architecture["layers"]]
+    return dict(architecture, layers=layers)
+
+
+def _npdgru_state(model) -> dict:
+    """The model's tensors under their npdgru names (MaskNet keeps the PyTorch NSNet2 names)."""
+    from ..convert import NSNET2_TORCH_NAMES
+
+    state = model.state_dict()
+    if isinstance(model, MaskNet):
+        return {NSNET2_TORCH_NAMES[k]: v for k, v in state.items()}
+    return dict(state)
+
+
 def _draw_percent(args, rng) -> float:
     if args.any_p:
         lo, hi = args.any_p
@@ -269,6 +305,11 @@ def build_parser(p=None):
     p.add_argument("--p-skew", type=float, default=1.0,
                    help="with --any-p: draw P = LO + (HI - LO) u^K, u uniform in [0, 1]; K > 1 draws low P more often (K = 2: "
                         "71%% of batches in the lower half of the range), K = 1 is uniform")
+    p.add_argument("--gate", default="top-a", choices=["top-a", "threshold", "delta"],
+                   help="the gate of every D-GRU layer (docs/design.md): top-a (P, the default), threshold (u > --theta) or delta "
+                        "(changes > --theta propagate); the run folder's architecture.json records it for npdgru convert --arch")
+    p.add_argument("--theta", type=float, default=None, help="with --gate threshold: θ in [0, 1); with --gate delta: Θ >= 0 of the state")
+    p.add_argument("--theta-x", type=float, default=None, help="with --gate delta: Θ_x >= 0 of the input (default --theta)")
     p.add_argument("--noise-weight", type=float, default=0.0,
                    help="weight λ of the residual-noise term (module docstring): pulls the output down to the teacher's "
                         "(or the clean speech's) magnitude on bins where the speech is --noise-below-db under the noise; 0: off")
@@ -324,6 +365,7 @@ def train(args) -> pathlib.Path:
         raise ParameterError(f"--p-skew must be a positive number, got {args.p_skew}")
     if not 0.0 <= getattr(args, "ema", 0.0) < 1.0:
         raise ParameterError(f"--ema must be in [0, 1) (0: off), got {args.ema}")
+    gate = _gate_fields(args)  # refused before the run folder is made
     torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -345,6 +387,9 @@ def train(args) -> pathlib.Path:
         torch.manual_seed(args.seed)
         init_weights = None
         model = GraphNet(architecture(args.arch))  # from scratch, PyTorch's default initialisation
+    if gate:  # the same tensors on the architecture with the chosen gate (format 2: the graph twin)
+        model = GraphNet.from_weights(Weights(architecture=with_gate(model.architecture, gate), tensors={k: v.detach().cpu().numpy() for k, v in _npdgru_state(model).items()}))
+    (out / "architecture.json").write_text(json.dumps(model.architecture, indent=1) + "\n")  # for npdgru convert --arch
     model.to(args.device)
     teacher = load_teacher(args.teacher, args.device) if args.teacher else None
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)

@@ -222,6 +222,11 @@ FRAME_STEPS = {"linear": _frame_linear, "gru": _frame_gru, "bigru": _frame_bigru
 
 
 def covers(plan) -> bool:
-    """Whether :class:`FrameProgram` runs ``plan``: every step kind has a frame step and the plan
-    has a D-GRU step along time (the program's buffers need one)."""
-    return all(s.kind in FRAME_STEPS for s in plan.steps) and bool(plan.state_steps)
+    """Whether :class:`FrameProgram` runs ``plan``: every step kind has a frame step, the plan
+    has a D-GRU step along time (the program's buffers need one), and every D-GRU step has the
+    top-A gate. A threshold or delta step streams on the per-layer path (the same kernels on one
+    frame, the same bits): with its branch in _frame_steps (``_gated_forward``) the first,
+    uncached compile of every streaming user grew from 16.4-17.5 s to 24.5-36.2 s (tiny model,
+    empty NUMBA_CACHE_DIR, this 2-core machine loaded; two runs each), a cost for every model
+    that the variable gates do not justify yet."""
+    return all(s.kind in FRAME_STEPS for s in plan.steps) and bool(plan.state_steps) and all(s.gate == "top-a" for s in plan.state_steps)

@@ -444,3 +444,164 @@ def _layer_norm(x, w, b, eps, out):
         o = out[n]
         for c in range(C):
             o[c] = (row[c] - mu) * inv * w[c] + b[c]
+
+
+# --------------------------------------------------------------------------------------------
+# the variable gates (npdgru.reference.tgru_sequence, delta_gru_sequence): a count per step
+# --------------------------------------------------------------------------------------------
+# A threshold or delta step changes a number of columns that varies per frame. Above this
+# fraction of the columns the memory is recomputed whole (_dense_columns, which also resets its
+# drift) instead of accumulated column by column (_accumulate). Measured with
+# benchmarks/bench_gates.py (one thread, 2-core AMD EPYC shared with a training run; columns /
+# whole time, best of 9 x 1000 calls, three runs): H = 64: 0.92-1.8 at c/H = 0.25, 1.2-1.5 from
+# 0.5 up (the whole product wins almost everywhere, the gather costs more than the columns
+# saved); H = 128: 0.61 / 0.81 / 1.00 / 1.08 / 1.13 / 1.2 at 0.25 / 0.5 / 0.75 / 0.85 / 0.9 / 1
+# (steady across runs); H = 400 (noisy): 0.21-0.30 / 0.40-0.68 at 0.25 / 0.5, 0.77-1.05 at
+# 0.75, 0.95-0.99 at 0.95 and 1.08-1.38 at 1 in the quieter runs. The crossover is at 0.75 for
+# H = 128 and 0.75 ... 0.95 for H = 400: above 3/4 the whole product is no slower and resets the
+# drift too.
+_DENSE_COLUMNS_FRACTION = 0.75
+
+
+@njit(**JIT)
+def _threshold_select(u, theta, idx):
+    """Indices of the u > θ (strictly) in ascending order -> idx[:count]; returns count."""
+    k = np.int64(0)
+    for i in range(u.shape[0]):  # branch-free: idx[k] is overwritten unless selected
+        idx[k] = i
+        k += u[i] > theta
+    return k
+
+
+@njit(**JIT)
+def _update_columns(acc, wt, b, v, idx, d, count):
+    """acc += Σ_k wt[idx[k]] d[k] (the changed columns), or acc = b + Σ_j wt[j] v[j] whole when
+    more than _DENSE_COLUMNS_FRACTION of the columns changed (v: the vector after the change)."""
+    if count > _DENSE_COLUMNS_FRACTION * v.shape[0]:
+        _dense_columns(acc, wt, b, v)
+    else:
+        _accumulate(acc, wt, idx, d, count)
+
+
+@njit(**JIT)
+def _tgru_cell(g, hb, mb, whh_t, b_hh, theta, refresh, ubuf, qbuf, idx, dh):
+    """One threshold-gate step of one stream (reference.tgru_step): the u > θ rows change; M is
+    kept from their columns. Returns the count. The row arithmetic is _dgru_cell's."""
+    H = hb.shape[0]
+    if refresh:
+        _dense_columns(mb, whh_t, b_hh, hb)
+    for i in range(H):
+        ubuf[i] = np.float32(1.0) - _sigmoid(g[H + i] + mb[H + i])
+    A = _threshold_select(ubuf, theta, idx)
+    if A * _ALL_ROWS_RATIO >= H:
+        for i in range(H):
+            r = _sigmoid(g[i] + mb[i])
+            qbuf[i] = _tanh(g[2 * H + i] + r * mb[2 * H + i])
+        for k in range(A):
+            i = idx[k]
+            hi = hb[i]
+            hn = hi + ubuf[i] * (qbuf[i] - hi)
+            dh[k] = hn - hi
+            hb[i] = hn
+    else:
+        for k in range(A):
+            i = idx[k]
+            r = _sigmoid(g[i] + mb[i])
+            n = _tanh(g[2 * H + i] + r * mb[2 * H + i])
+            hi = hb[i]
+            hn = hi + ubuf[i] * (n - hi)
+            dh[k] = hn - hi
+            hb[i] = hn
+    _update_columns(mb, whh_t, b_hh, hb, idx, dh, A)
+    return A
+
+
+@njit(**JIT)
+def _delta_encode(v, v_hat, theta, idx, d):
+    """reference.delta_encode in place: the entries with |v − v̂| > Θ -> idx[:count], their
+    changes -> d[:count], v̂ ← v there. Returns count."""
+    c = np.int64(0)
+    for j in range(v.shape[0]):
+        dj = v[j] - v_hat[j]
+        if abs(dj) > theta:
+            idx[c] = j
+            d[c] = dj
+            v_hat[j] = v[j]
+            c += 1
+    return c
+
+
+@njit(**JIT)
+def _delta_memory(v, v_hat, acc, wt, b, theta, refresh, idx, d):
+    """A delta memory acc = W v̂ + b kept from the propagated changes of v; exact every refresh."""
+    if refresh:
+        _dense_columns(acc, wt, b, v_hat)
+    c = _delta_encode(v, v_hat, theta, idx, d)
+    _update_columns(acc, wt, b, v_hat, idx, d, c)
+    return c
+
+
+@njit(**JIT)
+def _delta_rows(g, hb, mb):
+    """Every neuron from the delta memories: h' = h + (1 − z)(n − h) (reference.delta_gru_step)."""
+    H = hb.shape[0]
+    for i in range(H):
+        r = _sigmoid(g[i] + mb[i])
+        z = _sigmoid(g[H + i] + mb[H + i])
+        n = _tanh(g[2 * H + i] + r * mb[2 * H + i])
+        hb[i] = hb[i] + (np.float32(1.0) - z) * (n - hb[i])
+
+
+@njit(**JIT)
+def _delta_scan(x, x_hat, theta_x, xs):
+    """The propagated inputs x̂_t of T steps of B streams (they do not depend on the state):
+    xs[t, b] = x̂ after step t; x_hat (B, I) in/out. Returns the count of propagated entries."""
+    T, B, I = x.shape
+    c = np.int64(0)
+    for t in range(T):
+        for b in range(B):
+            xh = x_hat[b]
+            xt = x[t, b]
+            for j in range(I):
+                if abs(xt[j] - xh[j]) > theta_x:
+                    xh[j] = xt[j]
+                    c += 1
+                xs[t, b, j] = xh[j]
+    return c
+
+
+@njit(**JIT)
+def _gated_forward(gate, gi, x, wih_t, b_ih, whh_t, b_hh, theta, theta_x, refresh_every, h, m, g, xprev, hhat, step, out, sel, work, ubuf, qbuf, idx, dh, idx_in, d_in):
+    """Threshold (gate 1) or delta (gate 2) GRU over T steps of B streams.
+
+    Threshold: gi (T, B, 3H) input pre-activations; x empty. Delta: with x (T, B, I) the input
+    memory g (B, 3H) is kept from the propagated changes of x against xprev (= x̂); with x empty,
+    gi holds W x̂_t + b_ih of every step (offline: the x̂ scan and one product, _delta_scan).
+    hhat (B, H) is ĥ. ``sel`` (T, B, H) or empty: the rows updated (threshold) or the state
+    entries propagated (delta). ``work`` += [state columns, input columns] read by the updates.
+    """
+    in_kernel = x.shape[0] > 0
+    T = x.shape[0] if in_kernel else gi.shape[0]
+    B, H = h.shape
+    write_sel = sel.shape[0] == T
+    for t in range(T):
+        for b in range(B):
+            refresh = step[b] % refresh_every == 0
+            step[b] += 1
+            hb = h[b]
+            if gate == 1:
+                c = _tgru_cell(gi[t, b], hb, m[b], whh_t, b_hh, theta, refresh, ubuf, qbuf, idx, dh)
+            else:
+                if in_kernel:
+                    work[1] += _delta_memory(x[t, b], xprev[b], g[b], wih_t, b_ih, theta_x, refresh, idx_in, d_in)
+                    gb = g[b]
+                else:
+                    gb = gi[t, b]
+                c = _delta_memory(hb, hhat[b], m[b], whh_t, b_hh, theta, refresh, idx, dh)
+                _delta_rows(gb, hb, m[b])
+            work[0] += c
+            for i in range(H):
+                out[t, b, i] = hb[i]
+            if write_sel:
+                for k in range(c):
+                    sel[t, b, idx[k]] = True

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import ParameterError
-from ...kinds import num_selected
+from ...kinds import GATES, num_selected
 from .._graph import LAYER_RUNNERS, GraphExecutor
 from ..checks import ACT_CODES, DEFAULT_REFRESH, as_f32, check_gru_weights, check_linear_weights, check_norm_weights, positive_int, selected_count
 from .frame import FrameProgram, covers as frame_covers
-from .kernels import _activate, _affine_columns, _dgru_forward, _gru_forward, _layer_norm
+from .kernels import _activate, _affine_columns, _delta_scan, _dgru_forward, _gated_forward, _gru_forward, _layer_norm
 
 # The input product of a D-GRU fed by a D-GRU (sparse_input) over the frames of a call, when not
 # exact: the input accumulator (3H·(changed inputs) MACs per frame, column kernel) pays against
@@ -48,7 +48,7 @@ def _product(x, wt, b, out, exact):
         np.matmul(x, wt, out=out)
         out += b
 
-__all__ = ["GRULayer", "GRUState", "Linear", "LayerNorm", "Executor", "RUNNERS", "gru_sequence", "dgru_sequence", "DEFAULT_REFRESH"]
+__all__ = ["GRULayer", "GRUState", "Linear", "LayerNorm", "Executor", "RUNNERS", "gru_sequence", "dgru_sequence", "tgru_sequence", "delta_gru_sequence", "DEFAULT_REFRESH"]
 
 
 @dataclass
@@ -58,8 +58,11 @@ class GRUState:
     h     (B, H)   hidden state
     m     (B, 3H)  recurrent accumulator W_hh h + b_hh (D-GRU)
     g     (B, 3H)  input accumulator W_ih x + b_ih (sparse-input layers)
-    xprev (B, I)   the input that ``g`` was built from
+    xprev (B, I)   the input that ``g`` was built from (a delta gate's x̂)
     step  (B,)     steps since start; accumulators are refreshed when step % refresh_every == 0
+    hhat  (B, H)   a delta gate's ĥ, the state that ``m`` was built from
+    work  (2,)     threshold and delta gates: state and input columns read by the updates so
+                   far, over all streams (the measured work; ``GRULayer.mean_work``)
     The remaining fields are scratch buffers reused by every call (no allocation per step).
     """
 
@@ -75,12 +78,15 @@ class GRUState:
     idx_in: np.ndarray
     d_in: np.ndarray
     gi: np.ndarray  # (T_max, B, 3H) input pre-activations of a call, grown when needed
+    hhat: np.ndarray = None
+    work: np.ndarray = None
+    xs: np.ndarray = None  # (T_max, B, I) a delta gate's propagated inputs of a call, grown when needed
 
     @property
     def batch(self) -> int:
         return self.h.shape[0]
 
-    _ROWS = ("h", "m", "g", "xprev", "step")  # the per-stream fields; the rest is scratch
+    _ROWS = ("h", "m", "g", "xprev", "step", "hhat")  # the per-stream fields; the rest is scratch
 
     def take(self, rows) -> "GRUState":
         """A new state of ``len(rows)`` streams: stream k copies stream ``rows[k]``, or is a fresh
@@ -96,7 +102,8 @@ class GRUState:
             a[keep] = old[rows[keep]]
             new[f] = a
         scratch = {f: np.zeros_like(getattr(self, f)) for f in ("ubuf", "qbuf", "idx", "dh", "idx_in", "d_in")}
-        return GRUState(**new, **scratch, gi=np.zeros((0, rows.size, self.gi.shape[2]), np.float32))
+        return GRUState(**new, **scratch, gi=np.zeros((0, rows.size, self.gi.shape[2]), np.float32), work=np.zeros(2, np.int64),
+                        xs=np.zeros((0, rows.size, self.xprev.shape[1]), np.float32))
 
     def put(self, rows, other: "GRUState") -> None:
         """Write the streams of ``other`` into rows ``rows`` of this state (distinct rows)."""
@@ -116,6 +123,10 @@ class GRULayer:
     sparse_input : the input is the state of a previous D-GRU layer and changes in few entries;
         keep an input accumulator updated from the changed columns.
     refresh_every : accumulators are recomputed exactly every this many steps (float32 drift).
+    gate : "top-a" (A or P), "threshold" (the neurons with u > ``theta`` change) or "delta"
+        (state changes larger than ``theta`` and input changes larger than ``theta_x``, default
+        ``theta``, propagate; every neuron updates): ``npdgru.reference``'s ``tgru_sequence`` and
+        ``delta_gru_sequence``. P and A are not read by those two.
     A : the number of neurons updated per step, instead of ``update_percent``; the D-GRU
         (accumulator) kernel then runs even at A = H.
     exact : input products in column order (offline == streaming bit for bit), else through BLAS
@@ -124,8 +135,10 @@ class GRULayer:
     """
 
     backend = "cpu"
+    gates = GATES
 
-    def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, *, update_percent=100.0, sparse_input=False, refresh_every=DEFAULT_REFRESH, name="gru", A=None, exact=False):
+    def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh, *, update_percent=100.0, sparse_input=False, refresh_every=DEFAULT_REFRESH, name="gru", A=None, exact=False,
+                 gate="top-a", theta=0.0, theta_x=None):
         self.name = name
         self.exact = bool(exact)
         self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = check_gru_weights(weight_ih, weight_hh, bias_ih, bias_hh, name)
@@ -134,7 +147,16 @@ class GRULayer:
         self.whh_t = np.ascontiguousarray(self.weight_hh.T)  # (H, 3H)
         self.sparse_input = bool(sparse_input)
         self.refresh_every = positive_int("refresh_every", refresh_every)
-        if A is not None:  # resolved by the plan (or asked for): the D-GRU kernel even at A = H
+        if gate not in GATES:
+            raise ParameterError(f"{name}: gate {gate!r} is not one of {GATES}")
+        self.gate = gate
+        self._gate_code = GATES.index(gate)  # 1 threshold, 2 delta (the code of _gated_forward)
+        self.theta, self.theta_x = _threshold(name, "theta", theta), _threshold(name, "theta_x", theta if theta_x is None else theta_x)
+        if gate != "top-a":  # the count varies per step: A = H is its bound
+            if sparse_input:
+                raise ParameterError(f"{name}: the {gate} gate keeps no sparse input accumulator (sparse_input is for top-a)")
+            self.A, self.dense, self.update_percent = H, False, 100.0
+        elif A is not None:  # resolved by the plan (or asked for): the D-GRU kernel even at A = H
             self.A, self.dense = selected_count(A, H), False
             self.update_percent = 100.0 * self.A / H
         else:
@@ -156,8 +178,16 @@ class GRULayer:
             h=h, m=np.zeros((B, 3 * H), f), g=np.zeros((B, 3 * H), f), xprev=np.zeros((B, I), f),
             step=np.zeros(B, np.int64), ubuf=np.zeros(H, f), qbuf=np.zeros(H, f),
             idx=np.zeros(H, np.int64), dh=np.zeros(H, f), idx_in=np.zeros(I, np.int64),
-            d_in=np.zeros(I, f), gi=np.zeros((0, B, 3 * H), f),
+            d_in=np.zeros(I, f), gi=np.zeros((0, B, 3 * H), f), hhat=np.zeros((B, H), f),
+            work=np.zeros(2, np.int64), xs=np.zeros((0, B, I), f),
         )
+
+    def mean_work(self, state: GRUState) -> tuple:
+        """Threshold and delta gates: (state columns, input columns) read per step and stream
+        by the updates so far (the measured work; the top-A gate reads A and, with a sparse
+        input, the changed inputs). NaN before the first step."""
+        n = float(state.step.sum())
+        return (state.work[0] / n, state.work[1] / n) if n else (float("nan"), float("nan"))
 
     def _check_call(self, x, state):
         x = np.asarray(x)
@@ -204,6 +234,8 @@ class GRULayer:
         sel = selected if (selected is not None and not self.dense) else self._NO_SEL
         if T == 0:
             return out
+        if self._gate_code:
+            return self._run_gated(x, state, out, sel)
         if self.sparse_input and not self.dense and (T == 1 or self._accumulate_input):
             _dgru_forward(self._NO_GI, x, self.wih_t, self.bias_ih, self.whh_t, self.bias_hh, self.A, self.refresh_every, state.h, state.m, state.g, state.xprev, state.step, out, sel, state.ubuf, state.qbuf, state.idx, state.dh, state.idx_in, state.d_in)
             return out
@@ -221,6 +253,43 @@ class GRULayer:
         return out
 
 
+    def _run_gated(self, x, state, out, sel):
+        """The threshold or delta gate (``_gated_forward``). The input product of a threshold
+        step runs over all frames as a top-A step's; a delta step's input memory is kept in the
+        kernel for one frame or ``exact`` (column order: offline == streaming bit for bit), else
+        the propagated inputs x̂_t of all frames (which do not depend on the state) are scanned
+        first and their product runs as one (BLAS) product."""
+        T, B = x.shape[:2]
+        H, I = self.hidden_size, self.input_size
+        th, thx = np.float32(self.theta), np.float32(self.theta_x)
+        args = (self.wih_t, self.bias_ih, self.whh_t, self.bias_hh, th, thx, self.refresh_every, state.h, state.m, state.g, state.xprev, state.hhat,
+                state.step, out, sel, state.work, state.ubuf, state.qbuf, state.idx, state.dh, state.idx_in, state.d_in)
+        if self.gate == "delta" and (T == 1 or self.exact):
+            _gated_forward(self._gate_code, self._NO_GI, x, *args)
+            return out
+        if state.gi.shape[0] < T:
+            state.gi = np.empty((T, B, 3 * H), np.float32)
+        gi = state.gi[:T]
+        if self.gate == "delta":
+            if state.xs.shape[0] < T:
+                state.xs = np.empty((T, B, I), np.float32)
+            xs = state.xs[:T]
+            state.work[1] += _delta_scan(x, state.xprev, thx, xs)
+            _product(xs.reshape(T * B, I), self.wih_t, self.bias_ih, gi.reshape(T * B, 3 * H), False)
+            _gated_forward(self._gate_code, gi, x[:0], *args)
+            state.g[:] = gi[T - 1]  # the input memory W x̂ + b as the last frame left it, for the next call
+            return out
+        _product(x.reshape(T * B, I), self.wih_t, self.bias_ih, gi.reshape(T * B, 3 * H), self.exact)
+        _gated_forward(self._gate_code, gi, x[:0], *args)
+        return out
+
+
+def _threshold(name, key, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+        raise ParameterError(f"{name}: {key}={v!r} must be a finite number")
+    return float(v)
+
+
 def gru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh):
     """Dense GRU over T steps for B streams, like :func:`npdgru.reference.gru_sequence`."""
     layer = GRULayer(weight_ih, weight_hh, bias_ih, bias_hh, update_percent=100.0)
@@ -236,6 +305,26 @@ def dgru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, A, *, sparse_in
     """
     A = positive_int("A", A)  # None is an error here, not "every neuron"
     layer = GRULayer(weight_ih, weight_hh, bias_ih, bias_hh, A=A, sparse_input=sparse_input, refresh_every=refresh_every)
+    x = np.asarray(x)
+    state = layer.init_state(x.shape[1] if x.ndim == 3 else 1, h0)
+    S = np.zeros((x.shape[0], state.batch, layer.hidden_size), np.bool_) if x.ndim == 3 else None
+    out = layer.forward(x, state, selected=S)
+    return out, S
+
+
+def tgru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, theta, *, refresh_every=DEFAULT_REFRESH, exact=False):
+    """The threshold-gate D-GRU, like :func:`npdgru.reference.tgru_sequence`: (out, S)."""
+    return _gated_sequence(x, h0, (weight_ih, weight_hh, bias_ih, bias_hh), dict(gate="threshold", theta=theta, refresh_every=refresh_every, exact=exact))
+
+
+def delta_gru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, theta, theta_x=None, *, refresh_every=DEFAULT_REFRESH, exact=False):
+    """The delta GRU, like :func:`npdgru.reference.delta_gru_sequence`: (out, sent_h), the state
+    entries propagated at each step."""
+    return _gated_sequence(x, h0, (weight_ih, weight_hh, bias_ih, bias_hh), dict(gate="delta", theta=theta, theta_x=theta_x, refresh_every=refresh_every, exact=exact))
+
+
+def _gated_sequence(x, h0, weights, kw):
+    layer = GRULayer(*weights, **kw)
     x = np.asarray(x)
     state = layer.init_state(x.shape[1] if x.ndim == 3 else 1, h0)
     S = np.zeros((x.shape[0], state.batch, layer.hidden_size), np.bool_) if x.ndim == 3 else None
