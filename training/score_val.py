@@ -6,8 +6,8 @@
 Each model (an npdgru ``.safetensors`` file, or a run's ``.pt`` checkpoint read into the
 architecture of ``--like``) enhances the fixed validation mixtures that ``npdgru train`` validates
 on (``speech/val`` speakers, held-out noise, the same seed) at each P; the table gives the
-validation loss (the spectral loss against clean speech, as logged in ``log.csv``), SI-SNR and
-DNSMOS P.835 SIG / BAK / OVRL, the latter exactly as ``--val-dnsmos`` computes them
+validation loss (the spectral loss against clean speech, as logged in ``log.csv``), SI-SNR,
+PESQ (wide band) and ESTOI against the clean speech, and DNSMOS P.835 SIG / BAK / OVRL, the latter exactly as ``--val-dnsmos`` computes them
 (:func:`npdgru.train.loop.dnsmos_window`: one 9.01 s window per mixture). A row ``noisy`` gives
 the unprocessed mixtures. One CPU thread.
 """
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from npdgru.errors import ParameterError
-from npdgru.evaluate.metrics import Dnsmos
+from npdgru.evaluate.metrics import Dnsmos, estoi, pesq_wb
 from npdgru.train.data import MixtureSampler
 from npdgru.train.loop import DNSMOS_KEYS, _model_from_weights, dnsmos_window, validate, validate_dnsmos
 from npdgru.weights import load_weights
@@ -51,6 +51,16 @@ def load_model(path: pathlib.Path, like: pathlib.Path | None):
     return model
 
 
+def intrusive(model, noisy, clean, P) -> tuple[float, float]:
+    """Mean PESQ (wide band) and ESTOI of the model's output at P against the clean speech."""
+    pesq, stoi = [], []
+    for x, c in zip(noisy, clean):
+        y = model.enhance(torch.from_numpy(x[None]), P)[0].numpy().astype(np.float32)
+        pesq.append(pesq_wb(c, y))
+        stoi.append(estoi(c, y))
+    return float(np.mean(pesq)), float(np.mean(stoi))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models", nargs="+", type=pathlib.Path)
@@ -69,15 +79,18 @@ def main(argv=None) -> int:
     noisy, clean, snr = MixtureSampler(args.data, split="val", seconds=args.seconds, seed=0).fixed_set(args.count)
     scorer = Dnsmos()
     print(f"{args.count} validation mixtures of {args.seconds:g} s (SNR {snr.min():.1f} to {snr.max():.1f} dB)\n")
-    print("| model | P | val loss | SI-SNR | DNSMOS SIG | BAK | OVRL |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| model | P | val loss | SI-SNR | PESQ | ESTOI | DNSMOS SIG | BAK | OVRL |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     d = {k: np.mean([dnsmos_window(scorer, x)[k] for x in noisy]) for k in DNSMOS_KEYS}
-    print("| noisy | | | | " + " | ".join(f"{d[k]:.3f}" for k in DNSMOS_KEYS) + " |", flush=True)
+    pn = float(np.mean([pesq_wb(c, x) for x, c in zip(noisy, clean)]))
+    en = float(np.mean([estoi(c, x) for x, c in zip(noisy, clean)]))
+    print(f"| noisy | | | | {pn:.3f} | {en:.3f} | " + " | ".join(f"{d[k]:.3f}" for k in DNSMOS_KEYS) + " |", flush=True)
     for path, model in models:
         v = validate(model, (noisy, clean, snr), args.percents)
         for P in args.percents:
             d = validate_dnsmos(model, noisy, scorer, P)
-            print(f"| {path} | {P:g} | {v[P][0]:.4f} | {v[P][1]:.2f} | " + " | ".join(f"{d[k]:.3f}" for k in DNSMOS_KEYS) + " |", flush=True)
+            pq, st = intrusive(model, noisy, clean, P)
+            print(f"| {path} | {P:g} | {v[P][0]:.4f} | {v[P][1]:.2f} | {pq:.3f} | {st:.3f} | " + " | ".join(f"{d[k]:.3f}" for k in DNSMOS_KEYS) + " |", flush=True)
     return 0
 
 
