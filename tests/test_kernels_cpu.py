@@ -383,6 +383,26 @@ def test_top_a_hinted_matches_reference_with_many_ties(u, data):
     np.testing.assert_array_equal(mask, ref.top_a(u32.astype(np.float64), A), err_msg=f"u={u} A={A}")
 
 
+@pytest.mark.parametrize("H", [1, 8, 20, 64, 65, 160])
+def test_accumulate_matches_numpy_and_one_column_at_a_time(H):
+    """_accumulate (eight columns per pass for 3H <= _ACC8_MAX_K, four above, one for the rest)
+    == the same columns added one call at a time, bit for bit (each entry's sum runs in column
+    order), and == acc + W[:, idx] d in float64 (NumPy) within float32 rounding."""
+    rng = np.random.default_rng(H)
+    wt = rng.standard_normal((H, 3 * H)).astype(np.float32)
+    d = rng.standard_normal(H).astype(np.float32)
+    for count in sorted({0, 1, min(H, 4), min(H, 7), min(H, 8), min(H, 9), min(H, 17), H // 2, H}):
+        idx = np.sort(rng.choice(H, H, replace=False))
+        acc = rng.standard_normal(3 * H).astype(np.float32)
+        want64 = acc.astype(np.float64) + wt[idx[:count]].T.astype(np.float64) @ d[:count].astype(np.float64)
+        one = acc.copy()
+        for k in range(count):
+            cpu_kernels._accumulate(one, wt, idx[k : k + 1], d[k : k + 1], 1)
+        cpu_kernels._accumulate(acc, wt, idx, d, count)
+        assert np.array_equal(bits(acc), bits(one)), f"H={H} count={count}"
+        np.testing.assert_allclose(acc, want64, rtol=0, atol=1e-5 * (1 + count), err_msg=f"H={H} count={count}")
+
+
 # ---------------------------------------------------------------------------- corner cases
 
 
