@@ -11,7 +11,8 @@ which skips real work when few v_j change: only their columns are read.
 The D-GRU step for one stream (paper eq. 4-5, ``docs/design.md``):
   1. ``z = σ(gi_z + M_z)`` and ``u = 1 − z`` for all H neurons, where ``M = W_hh h + b_hh`` is a
      running accumulator, not recomputed;
-  2. the A largest ``u`` by quickselect (O(H) on average, no sort), ties to the lower index;
+  2. the A largest ``u``, ties to the lower index: a walk from the stream's last threshold
+     (``_top_a_hinted``; a few vectorised passes), else a histogram-narrowed quickselect;
   3. r, n and the new h only for those A rows;
   4. ``M += W_hh[:, S] (h'_S − h_S)``: 3H·A MACs instead of 3H·H.
 A layer whose input is the state of a previous D-GRU layer keeps its input pre-activations the
