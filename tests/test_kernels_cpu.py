@@ -313,43 +313,23 @@ def _selection_values(rng, H, kind):
     return (np.float32(0.5) + rng.integers(0, 3, H).astype(np.float32) * np.float32(1e-7)).astype(np.float32)
 
 
-def test_keys_match_their_numpy_twin_and_order_floats():
-    """_keys == keys64 bit for bit, and the keys order like the floats: equal floats (±0 included)
-    have equal keys, a < b iff key(a) < key(b); subnormals, infinities and the extremes too."""
+def test_keys64_order_like_the_floats():
+    """The twin's keys order like the floats: equal floats (±0 included) have equal keys, a < b iff
+    key(a) < key(b); subnormals, infinities and the extremes too (what _top_a_hinted relies on)."""
     rng = np.random.default_rng(3)
     special = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38, 3.4e38, -3.4e38, np.inf, -np.inf, 1.0, -1.0], np.float32)
     u = np.concatenate([special, rng.standard_normal(500).astype(np.float32), (rng.standard_normal(200) * 1e-30).astype(np.float32)])
-    keys = np.zeros(u.shape, np.int64)
-    cpu_kernels._keys(u, keys)
-    np.testing.assert_array_equal(keys, keys64(u))
+    keys = keys64(u)
     a, b = u[:, None], u[None, :]
     ka, kb = keys[:, None], keys[None, :]
     assert np.array_equal(a < b, ka < kb) and np.array_equal(a == b, ka == kb)
 
 
-@pytest.mark.parametrize("H", [1, 2, 5, 31, 64, 65, 160, 256, 400])
-def test_kth_key_walk_matches_a_sort(H):
-    """_kth_key_walk from any start: the k-th largest key (NumPy sort), how many keys exceed it and
-    equal it; it gives up (_KEY_ABOVE) only when more than _HINT_STEPS distinct keys lie between."""
-    rng = np.random.default_rng(H)
-    for trial in range(40):
-        keys = keys64(_selection_values(rng, H, trial % 5))
-        srt = np.sort(keys)[::-1]
-        for k in sorted({1, max(1, H // 4), max(1, H // 2), H}):
-            want = srt[k - 1]
-            for t0 in (want, want + 1, want - 1, srt[0] + 1, srt[-1], rng.choice(keys), rng.integers(-(2**31), 2**31)):
-                got, n_gt, n_eq = cpu_kernels._kth_key_walk(keys, k, np.int64(t0))
-                between = np.unique(keys[(keys >= min(t0, want)) & (keys <= max(t0, want))]).size
-                if got == cpu_kernels._KEY_ABOVE:
-                    assert between > cpu_kernels._HINT_STEPS, f"H={H} k={k} t0={t0}: gave up with {between} keys between"
-                    continue
-                assert (got, n_gt, n_eq) == (want, (keys > want).sum(), (keys == want).sum()), f"H={H} k={k} t0={t0}"
-
-
 @pytest.mark.parametrize("H", [1, 2, 3, 8, 17, 63, 64, 65, 100, 160, 256, 399, 400])
 def test_top_a_hinted_matches_reference_from_any_hint(H):
     """_top_a_hinted == reference.top_a (ties to the lower index) whatever the hint holds (the
-    last threshold, a neighbour, a far or random key), and leaves the key of the A-th largest."""
+    last threshold, a neighbour, a far or random key: the walk and, from far, the bisection), and
+    leaves the key of the A-th largest (the NumPy twin keys64)."""
     rng = np.random.default_rng(100 + H)
     for trial in range(25):
         u = _selection_values(rng, H, trial % 5)
@@ -359,8 +339,8 @@ def test_top_a_hinted_matches_reference_from_any_hint(H):
             kth = np.sort(keys)[::-1][A - 1]
             for hint in (kth, kth + 1, kth - 3, keys.min(), keys.max() + 5, rng.integers(-(2**31), 2**31)):
                 tau = np.array([7, hint, 7], np.int64)
-                buf, idx = np.zeros(H, np.float32), np.full(H, -1, np.int64)
-                cpu_kernels._top_a_hinted(u, A, buf, idx, tau, 1)
+                idx = np.full(H, -1, np.int64)
+                cpu_kernels._top_a_hinted(u, A, idx, tau, 1)
                 got = np.zeros(H, bool)
                 got[idx[:A]] = True
                 assert np.array_equal(got, want) and (np.diff(idx[:A]) > 0).all(), f"H={H} A={A} hint={hint}"
@@ -375,8 +355,8 @@ def test_top_a_hinted_matches_reference_with_many_ties(u, data):
     A = data.draw(st.integers(1, H))
     u32 = np.array(u, np.float32) * np.float32(0.25)
     tau = np.array([data.draw(st.integers(-(2**31), 2**31 - 1))], np.int64)
-    buf, idx = np.zeros(H, np.float32), np.full(H, -1, np.int64)
-    cpu_kernels._top_a_hinted(u32, A, buf, idx, tau, 0)
+    idx = np.full(H, -1, np.int64)
+    cpu_kernels._top_a_hinted(u32, A, idx, tau, 0)
     mask = np.zeros(H, bool)
     mask[idx[:A]] = True
     assert (np.diff(idx[:A]) > 0).all(), f"indices not ascending: {idx[:A]}"

@@ -12,7 +12,7 @@ The D-GRU step for one stream (paper eq. 4-5, ``docs/design.md``):
   1. ``z = σ(gi_z + M_z)`` and ``u = 1 − z`` for all H neurons, where ``M = W_hh h + b_hh`` is a
      running accumulator, not recomputed;
   2. the A largest ``u``, ties to the lower index: a walk from the stream's last threshold
-     (``_top_a_hinted``; a few vectorised passes), else a histogram-narrowed quickselect;
+     (``_top_a_hinted``: a few vectorised passes; a bisection where that is far);
   3. r, n and the new h only for those A rows;
   4. ``M += W_hh[:, S] (h'_S − h_S)``: 3H·A MACs instead of 3H·H.
 A layer whose input is the state of a previous D-GRU layer keeps its input pre-activations the
@@ -35,11 +35,6 @@ from numba import njit
 from .._config import JIT
 
 _FRAME_BLOCK = 8  # frames that share one pass over the input weights in _affine_columns
-# _accumulate adds eight columns per pass (not four) where the accumulator has at most this many
-# entries: measured (one thread, 41 rows in turn, each its own columns; same bits) 0.96 / 0.84 /
-# 0.86x the time of four per pass at H = 64 (3H = 192), A = 16 / 32 / 48, but 0.92-1.20x at
-# H = 160 and 0.97-1.09x at H = 256 / 400, where the columns come from beyond L1
-_ACC8_MAX_K = 192
 # r and n are evaluated for all H rows when A·_ALL_ROWS_RATIO >= H: measured (one thread) the
 # vectorised pass over all rows is faster than A gathered rows for A >= H/8 at H = 64...400
 _ALL_ROWS_RATIO = 8
@@ -94,32 +89,10 @@ def _accumulate(acc, wt, idx, d, count):
     """acc += Σ_k wt[idx[k], :] · d[k] for k < count, in k order, four columns per pass.
 
     Four columns per pass keep ``acc`` in registers; the sum is still formed in k order, so the
-    result is the same as one column at a time. Eight columns per pass where acc is short
-    (_ACC8_MAX_K): one load and store of acc per eight products instead of four.
+    result is the same as one column at a time.
     """
     K = acc.shape[0]
     k = 0
-    if K <= _ACC8_MAX_K:
-        while k + 8 <= count:
-            w0 = wt[idx[k]]
-            w1 = wt[idx[k + 1]]
-            w2 = wt[idx[k + 2]]
-            w3 = wt[idx[k + 3]]
-            w4 = wt[idx[k + 4]]
-            w5 = wt[idx[k + 5]]
-            w6 = wt[idx[k + 6]]
-            w7 = wt[idx[k + 7]]
-            d0 = d[k]
-            d1 = d[k + 1]
-            d2 = d[k + 2]
-            d3 = d[k + 3]
-            d4 = d[k + 4]
-            d5 = d[k + 5]
-            d6 = d[k + 6]
-            d7 = d[k + 7]
-            for q in range(K):
-                acc[q] = acc[q] + w0[q] * d0 + w1[q] * d1 + w2[q] * d2 + w3[q] * d3 + w4[q] * d4 + w5[q] * d5 + w6[q] * d6 + w7[q] * d7
-            k += 8
     while k + 4 <= count:
         w0 = wt[idx[k]]
         w1 = wt[idx[k + 1]]
@@ -309,70 +282,21 @@ def _top_a(u, A, buf, idx):
     if H <= _RANK_MAX_H:
         _top_a_by_rank(u, A, buf, idx)
         return
-    tk = _kth_key_searched(u, A, buf, idx)
-    _keys(u, idx)  # idx holds the keys until the selection overwrites them
-    _select_by_key(idx, A, tk, -1, 0)
-
-
-@njit(**JIT)
-def _top_a_hinted(u, A, buf, idx, tau, row):
-    """_top_a with a hint: tau[row] holds the key (``_keys``) of the row's last threshold; the
-    search walks from there (``_kth_key_walk``) and leaves the key of this one. The selection is
-    the same whatever tau[row] holds."""
-    H = u.shape[0]
-    if A >= H:
-        for i in range(H):
-            idx[i] = i
-        return
-    _keys(u, idx)  # idx holds the keys until the selection overwrites them
-    tk, n_gt, n_eq = _kth_key_walk(idx, A, tau[row])
-    if tk == _KEY_ABOVE:  # the walk gave up: search without the hint (idx is its scratch)
-        tk = _kth_key_searched(u, A, buf, idx)
-        _keys(u, idx)
-        n_gt = -1
-    tau[row] = tk
-    _select_by_key(idx, A, tk, n_gt, n_eq)
-
-
-@njit(**JIT)
-def _kth_key_searched(u, A, buf, scratch):
-    """Key of the A-th largest u without a hint (1 <= A < H): the histogram-narrowed quickselect
-    from _BINNED_MIN_H, a plain quickselect below. buf (H float32), scratch (H int64) are scratch."""
-    if u.shape[0] >= _BINNED_MIN_H:
-        tau = _kth_largest_binned(u, buf, scratch, A)
+    if H >= _BINNED_MIN_H:
+        tau = _kth_largest_binned(u, buf, idx, A)  # idx is scratch until the selection is written
     else:
         tau = _kth_largest(u, buf, A)
-    buf[0] = tau
-    _keys(buf[:1], scratch[:1])
-    return scratch[0]
-
-
-@njit(**JIT)
-def _select_by_key(keys, A, tk, n_gt, n_eq):
-    """keys[:A] = the indices of the A largest keys (tk the A-th largest), ascending, ties to the
-    lower index; in place (keys[i] is read before any write reaches i). n_gt: how many keys
-    exceed tk and n_eq: how many equal it, or n_gt < 0 where not known."""
-    H = keys.shape[0]
-    if n_gt < 0:
-        n_gt = 0
-        n_eq = 0
-        for i in range(H):
-            n_gt += keys[i] > tk
-            n_eq += keys[i] == tk
-    take = A - n_gt  # how many of the keys equal to tk are taken, lowest index first
-    k = 0
-    if take == n_eq:  # all of them: one compare per entry
-        for i in range(H):  # without data-dependent branches: keys[k] is overwritten unless taken
-            ki = keys[i]
-            keys[k] = i
-            k += ki >= tk
-        return
+    n_gt = 0
     for i in range(H):
-        ki = keys[i]
-        eq = (ki == tk) & (take > 0)
-        keys[k] = i
-        k += (ki > tk) | eq
-        take -= eq
+        n_gt += u[i] > tau
+    n_eq = A - n_gt  # how many of the entries equal to tau are taken, lowest index first
+    k = 0
+    for i in range(H):  # without data-dependent branches: idx[k] is overwritten unless taken
+        ui = u[i]
+        eq = (ui == tau) & (n_eq > 0)
+        idx[k] = i
+        k += (ui > tau) | eq
+        n_eq -= eq
 
 
 # The selection threshold of a step is close to the one of the step before (measured on the
@@ -380,89 +304,109 @@ def _select_by_key(keys, A, tk, n_gt, n_eq):
 # the last step's A-th largest differs from A by 2 (median; 90th percentile 4-5) at H = 64, by
 # 3-4 (90th 6-10) at H = 160 and 400). So each row keeps the key of its last threshold
 # (GRUState.tau) and the selection walks from there, one vectorised pass over the keys per
-# distinct value crossed: against the histogram-narrowed quickselect, 0.12-0.18 vs 0.26-0.51 us
-# at H = 64, 0.25-0.34 vs 0.47-0.50 at H = 160, 0.47-0.54 vs 1.03 at H = 400 (us per selection,
-# keys included, index pass not; one thread, A = H/4 and H/2, those u, the machine loaded). The
-# walk gives up after this many passes (then the search without a hint runs; same result):
+# distinct value crossed. Measured on those u in time order (one thread, machine loaded; us per
+# selection, index pass included, A = H/4, H/2, 3H/4), _top_a_hinted against _top_a (counting
+# ranks / the histogram-narrowed quickselect): H = 64 (41 band rows): 0.15 / 0.18 / 0.22 against
+# 0.39 / 0.45 / 0.70; H = 160: 0.48 / 0.56 / 0.54 against 0.89 / 0.91 / 1.05; H = 256: 1.86 /
+# 0.64 / 0.91 against 2.49 / 1.74 / 2.44; H = 400: 1.15 / 1.16 / 1.50 against 2.25 / 2.56 / 2.54.
+# The walk gives up after this many passes (then a bisection on the keys runs; same result):
 _HINT_STEPS = 16
 _KEY_ABOVE = np.int64(1 << 40)  # above every key
 _KEY_BELOW = np.int64(-(1 << 40))  # below every key
 
 
 @njit(**JIT)
-def _keys(u, keys):
-    """keys[i] = an int64 whose order is the order of the float32 u[i] (not NaN): the bits of u
-    for u >= 0, minus the bits of |u| below, so that -0.0 and 0.0 (equal floats) get one key.
-    Integer keys because the passes of _kth_key_walk vectorise on int64 min/max and not on float
-    min/max (which LLVM keeps scalar without fast-math)."""
+def _top_a_hinted(u, A, idx, tau, row):
+    """_top_a from a hint: the indices of the A largest u, ascending, ties to the lower index ->
+    idx[:A], for a row whose last threshold has the key tau[row]; leaves this one's key there.
+    The selection is the same whatever tau[row] holds; only the time changes.
+
+    Keys: key(u) = the bits of u for u >= 0, minus the bits of |u| below: an int64 in the order
+    of the floats (not NaN), equal for equal floats (-0.0 and 0.0 both 0). Integer keys because
+    the passes below vectorise on int64 min/max, not on float min/max (scalar without fast-math).
+    The A-th largest key: a walk from tau[row] over the distinct keys between, one pass each;
+    after _HINT_STEPS passes a bisection between the smallest and largest key (<= 33 passes).
+    One function, not one per pass: each jitted function adds first-use compile time.
+    idx holds the keys until the selection overwrites them (in place: the key at i is read
+    before any write reaches i).
+    """
+    H = u.shape[0]
+    if A >= H:
+        for i in range(H):
+            idx[i] = i
+        return
     bits = u.view(np.int32)
-    for i in range(u.shape[0]):
-        b = np.int64(bits[i])
-        s = b >> 31  # 0 or -1
-        keys[i] = ((b & 0x7FFFFFFF) ^ s) - s
-
-
-@njit(**JIT)
-def _key_split(keys, t):
-    """(how many keys >= t, the smallest key >= t, the largest key < t)."""
-    c = 0
+    t0 = tau[row]
+    c = 0  # how many keys >= t0, the smallest of them, the largest key below; all keys' range
     lo = _KEY_ABOVE
     hi = _KEY_BELOW
-    for i in range(keys.shape[0]):
-        key = keys[i]
-        c += key >= t
-        lo = min(lo, key if key >= t else _KEY_ABOVE)
-        hi = max(hi, key if key < t else _KEY_BELOW)
-    return c, lo, hi
-
-
-@njit(**JIT)
-def _key_next_up(keys, m):
-    """(how many keys == m, the smallest key > m)."""
-    e = 0
-    nxt = _KEY_ABOVE
-    for i in range(keys.shape[0]):
-        key = keys[i]
-        e += key == m
-        nxt = min(nxt, key if key > m else _KEY_ABOVE)
-    return e, nxt
-
-
-@njit(**JIT)
-def _key_next_down(keys, m):
-    """(how many keys == m, the largest key < m)."""
-    e = 0
-    nxt = _KEY_BELOW
-    for i in range(keys.shape[0]):
-        key = keys[i]
-        e += key == m
-        nxt = max(nxt, key if key < m else _KEY_BELOW)
-    return e, nxt
-
-
-@njit(**JIT)
-def _kth_key_walk(keys, k, t0):
-    """(the k-th largest key, how many keys exceed it, how many equal it), 1 <= k <= len(keys),
-    found by walking from t0 over the distinct keys between: (_KEY_ABOVE, 0, 0) when that takes
-    more than _HINT_STEPS passes."""
-    c, lo, hi = _key_split(keys, t0)
-    if c >= k:  # drop the smallest keys >= t0 while at least k remain above them
-        m = lo
-        for _ in range(_HINT_STEPS):
-            e, nxt = _key_next_up(keys, m)
-            if c - e < k:
-                return m, c - e, e
-            c -= e
-            m = nxt
-    else:  # take the largest keys < t0 until k are reached
-        m = hi
-        for _ in range(_HINT_STEPS):
-            e, nxt = _key_next_down(keys, m)
-            if c + e >= k:
-                return m, c, e
-            c += e
-            m = nxt
-    return _KEY_ABOVE, 0, 0
+    kmin = _KEY_ABOVE
+    kmax = _KEY_BELOW
+    for i in range(H):
+        b = np.int64(bits[i])
+        s = b >> 31  # 0 or -1
+        key = ((b & 0x7FFFFFFF) ^ s) - s
+        idx[i] = key
+        c += key >= t0
+        lo = min(lo, key if key >= t0 else _KEY_ABOVE)
+        hi = max(hi, key if key < t0 else _KEY_BELOW)
+        kmin = min(kmin, key)
+        kmax = max(kmax, key)
+    # the walk, up (drop the smallest keys >= t0 while at least A remain above them) or down
+    # (take the largest keys < t0 until A are reached); down runs on negated keys, so that one
+    # loop serves both: d = 1 up, -1 down; m the key (times d) whose copies the pass counts
+    d = 1 if c >= A else -1
+    m = lo if d == 1 else -hi
+    tk = _KEY_ABOVE  # the A-th largest key, when found
+    n_gt = -1  # how many keys exceed it (-1: not known), how many equal it
+    n_eq = 0
+    for _ in range(_HINT_STEPS):
+        e = 0
+        nxt = _KEY_ABOVE
+        for i in range(H):
+            key = idx[i] * d
+            e += key == m
+            nxt = min(nxt, key if key > m else _KEY_ABOVE)
+        if d == 1 and c - e < A:
+            tk, n_gt, n_eq = m, c - e, e
+            break
+        if d == -1 and c + e >= A:
+            tk, n_gt, n_eq = -m, c, e
+            break
+        c -= e * d
+        m = nxt
+    if n_gt < 0:  # the walk gave up: bisection, one counting pass per halving (<= 33)
+        lo = kmin
+        hi = kmax + 1  # at least A keys >= lo, fewer than A keys >= hi
+        while hi - lo > 1:
+            mid = (lo + hi) >> 1
+            c = 0
+            for i in range(H):
+                c += idx[i] >= mid
+            if c >= A:
+                lo = mid
+            else:
+                hi = mid
+        tk = lo
+        n_gt = 0
+        for i in range(H):
+            n_gt += idx[i] > tk
+            n_eq += idx[i] == tk
+    tau[row] = tk
+    take = A - n_gt  # how many of the keys equal to tk are taken, lowest index first
+    k = 0
+    if take == n_eq:  # all of them: one compare per entry
+        for i in range(H):  # without data-dependent branches: idx[k] is overwritten unless taken
+            ki = idx[i]
+            idx[k] = i
+            k += ki >= tk
+        return
+    for i in range(H):
+        ki = idx[i]
+        eq = (ki == tk) & (take > 0)
+        idx[k] = i
+        k += (ki > tk) | eq
+        take -= eq
 
 
 @njit(**JIT)
@@ -516,7 +460,7 @@ def _dgru_cell(g, hb, mb, whh_t, b_hh, A, refresh, ubuf, qbuf, idx, dh, tau, row
         _dense_columns(mb, whh_t, b_hh, hb)  # drift bound: exact M every refresh_every steps
     for i in range(H):  # z and u for every neuron: needed to select
         ubuf[i] = np.float32(1.0) - _sigmoid(g[H + i] + mb[H + i])
-    _top_a_hinted(ubuf, A, qbuf, idx, tau, row)
+    _top_a_hinted(ubuf, A, idx, tau, row)
     if A * _ALL_ROWS_RATIO >= H:
         # r and n of every row in one vectorised pass (qbuf is free after the selection), then
         # the A selected rows read from it: for a large A this is cheaper than A gathered scalar
