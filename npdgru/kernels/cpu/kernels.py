@@ -309,7 +309,9 @@ def _top_a(u, A, buf, idx):
 # ranks / the histogram-narrowed quickselect): H = 64 (41 band rows): 0.15 / 0.18 / 0.22 against
 # 0.39 / 0.45 / 0.70; H = 160: 0.48 / 0.56 / 0.54 against 0.89 / 0.91 / 1.05; H = 256: 1.86 /
 # 0.64 / 0.91 against 2.49 / 1.74 / 2.44; H = 400: 1.15 / 1.16 / 1.50 against 2.25 / 2.56 / 2.54.
-# The walk gives up after this many passes (then a bisection on the keys runs; same result):
+# The walk gives up after this many passes (then a bisection on the keys runs, <= 33 passes;
+# same result). On those u it then gives up on 0-3 % of the steps at H = 64...400 (6 passes:
+# 18-28 % at H = 160); a pass costs about 7 ns at H = 64 and 26 ns at H = 400.
 _HINT_STEPS = 16
 _KEY_ABOVE = np.int64(1 << 40)  # above every key
 _KEY_BELOW = np.int64(-(1 << 40))  # below every key
