@@ -310,8 +310,11 @@ def _top_a(u, A, buf, idx):
 # 0.39 / 0.45 / 0.70; H = 160: 0.48 / 0.56 / 0.54 against 0.89 / 0.91 / 1.05; H = 256: 1.86 /
 # 0.64 / 0.91 against 2.49 / 1.74 / 2.44; H = 400: 1.15 / 1.16 / 1.50 against 2.25 / 2.56 / 2.54.
 # The walk gives up after this many passes (then a bisection on the keys runs, <= 33 passes;
-# same result). On those u it then gives up on 0-3 % of the steps at H = 64...400 (6 passes:
-# 18-28 % at H = 160); a pass costs about 7 ns at H = 64 and 26 ns at H = 400.
+# same result). On those u (A = H/4, H/2, 3H/4) it then gives up on no step at H = 64, on
+# 0-11 % at H = 160, 0.2-1.2 % at H = 400, and on 38 % at H = 256, A = 64 (MPT's full band, whose
+# threshold sits among many distinct u near 1; that case still measured 0.75x the time of
+# _top_a above); with 6 passes it gave up on 18-28 % at H = 160. A pass costs about 7 ns at
+# H = 64 and 26 ns at H = 400.
 _HINT_STEPS = 16
 _KEY_ABOVE = np.int64(1 << 40)  # above every key
 _KEY_BELOW = np.int64(-(1 << 40))  # below every key
