@@ -365,9 +365,9 @@ def test_top_a_hinted_matches_reference_with_many_ties(u, data):
 
 @pytest.mark.parametrize("H", [1, 8, 20, 64, 65, 160])
 def test_accumulate_matches_numpy_and_one_column_at_a_time(H):
-    """_accumulate (eight columns per pass for 3H <= _ACC8_MAX_K, four above, one for the rest)
-    == the same columns added one call at a time, bit for bit (each entry's sum runs in column
-    order), and == acc + W[:, idx] d in float64 (NumPy) within float32 rounding."""
+    """_accumulate (four columns per pass, then one at a time) == the same columns added one
+    call at a time, bit for bit (each entry's sum runs in column order), and == acc + W[:, idx] d
+    in float64 (NumPy) within float32 rounding."""
     rng = np.random.default_rng(H)
     wt = rng.standard_normal((H, 3 * H)).astype(np.float32)
     d = rng.standard_normal(H).astype(np.float32)
