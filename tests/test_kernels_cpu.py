@@ -293,6 +293,96 @@ def test_top_a_paths_on_boundary_sizes(H):
             np.testing.assert_array_equal(mask, ref.top_a(u32.astype(np.float64), A), err_msg=f"H={H} A={A}")
 
 
+def keys64(u):
+    """NumPy twin of cpu_kernels._keys: the int32 bits of float32 u, and minus the bits of |u| for
+    negative u (so -0.0 and 0.0 share the key 0)."""
+    b = np.asarray(u, np.float32).view(np.int32).astype(np.int64)
+    return np.where(b < 0, -(b & 0x7FFFFFFF), b)
+
+
+def _selection_values(rng, H, kind):
+    """u of H entries: few distinct values (ties), signed zeros, uniform, gate-like, or clustered."""
+    if kind == 0:
+        return (rng.integers(-3, 4, H) * 0.25).astype(np.float32)
+    if kind == 1:
+        return np.where(rng.random(H) < 0.5, np.float32(-0.0), np.float32(0.0)).astype(np.float32)
+    if kind == 2:
+        return rng.random(H).astype(np.float32)
+    if kind == 3:
+        return (1.0 - 1.0 / (1.0 + np.exp(-3 * rng.standard_normal(H)))).astype(np.float32)
+    return (np.float32(0.5) + rng.integers(0, 3, H).astype(np.float32) * np.float32(1e-7)).astype(np.float32)
+
+
+def test_keys64_order_like_the_floats():
+    """The twin's keys order like the floats: equal floats (±0 included) have equal keys, a < b iff
+    key(a) < key(b); subnormals, infinities and the extremes too (what _top_a_hinted relies on)."""
+    rng = np.random.default_rng(3)
+    special = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38, 3.4e38, -3.4e38, np.inf, -np.inf, 1.0, -1.0], np.float32)
+    u = np.concatenate([special, rng.standard_normal(500).astype(np.float32), (rng.standard_normal(200) * 1e-30).astype(np.float32)])
+    keys = keys64(u)
+    a, b = u[:, None], u[None, :]
+    ka, kb = keys[:, None], keys[None, :]
+    assert np.array_equal(a < b, ka < kb) and np.array_equal(a == b, ka == kb)
+
+
+@pytest.mark.parametrize("H", [1, 2, 3, 8, 17, 63, 64, 65, 100, 160, 256, 399, 400])
+def test_top_a_hinted_matches_reference_from_any_hint(H):
+    """_top_a_hinted == reference.top_a (ties to the lower index) whatever the hint holds (the
+    last threshold, a neighbour, a far or random key: the walk and, from far, the bisection), and
+    leaves the key of the A-th largest (the NumPy twin keys64)."""
+    rng = np.random.default_rng(100 + H)
+    for trial in range(25):
+        u = _selection_values(rng, H, trial % 5)
+        keys = keys64(u)
+        for A in sorted({1, max(1, H // 4), max(1, H // 2), max(1, H - 1), H}):
+            want = ref.top_a(u.astype(np.float64), A)
+            kth = np.sort(keys)[::-1][A - 1]
+            for hint in (kth, kth + 1, kth - 3, keys.min(), keys.max() + 5, rng.integers(-(2**31), 2**31)):
+                tau = np.array([7, hint, 7], np.int64)
+                idx = np.full(H, -1, np.int64)
+                cpu_kernels._top_a_hinted(u, A, idx, tau, 1)
+                got = np.zeros(H, bool)
+                got[idx[:A]] = True
+                assert np.array_equal(got, want) and (np.diff(idx[:A]) > 0).all(), f"H={H} A={A} hint={hint}"
+                assert tau[0] == 7 and tau[2] == 7 and (A == H or tau[1] == kth), f"H={H} A={A}: tau {tau}"
+
+
+@settings(deadline=None, max_examples=300)
+@given(u=st.lists(st.integers(-3, 3), min_size=1, max_size=400), data=st.data())
+def test_top_a_hinted_matches_reference_with_many_ties(u, data):
+    """_top_a_hinted == reference.top_a on values full of ties, from a drawn hint."""
+    H = len(u)
+    A = data.draw(st.integers(1, H))
+    u32 = np.array(u, np.float32) * np.float32(0.25)
+    tau = np.array([data.draw(st.integers(-(2**31), 2**31 - 1))], np.int64)
+    idx = np.full(H, -1, np.int64)
+    cpu_kernels._top_a_hinted(u32, A, idx, tau, 0)
+    mask = np.zeros(H, bool)
+    mask[idx[:A]] = True
+    assert (np.diff(idx[:A]) > 0).all(), f"indices not ascending: {idx[:A]}"
+    np.testing.assert_array_equal(mask, ref.top_a(u32.astype(np.float64), A), err_msg=f"u={u} A={A}")
+
+
+@pytest.mark.parametrize("H", [1, 8, 20, 64, 65, 160])
+def test_accumulate_matches_numpy_and_one_column_at_a_time(H):
+    """_accumulate (four columns per pass, then one at a time) == the same columns added one
+    call at a time, bit for bit (each entry's sum runs in column order), and == acc + W[:, idx] d
+    in float64 (NumPy) within float32 rounding."""
+    rng = np.random.default_rng(H)
+    wt = rng.standard_normal((H, 3 * H)).astype(np.float32)
+    d = rng.standard_normal(H).astype(np.float32)
+    for count in sorted({0, 1, min(H, 4), min(H, 7), min(H, 8), min(H, 9), min(H, 17), H // 2, H}):
+        idx = np.sort(rng.choice(H, H, replace=False))
+        acc = rng.standard_normal(3 * H).astype(np.float32)
+        want64 = acc.astype(np.float64) + wt[idx[:count]].T.astype(np.float64) @ d[:count].astype(np.float64)
+        one = acc.copy()
+        for k in range(count):
+            cpu_kernels._accumulate(one, wt, idx[k : k + 1], d[k : k + 1], 1)
+        cpu_kernels._accumulate(acc, wt, idx, d, count)
+        assert np.array_equal(bits(acc), bits(one)), f"H={H} count={count}"
+        np.testing.assert_allclose(acc, want64, rtol=0, atol=1e-5 * (1 + count), err_msg=f"H={H} count={count}")
+
+
 # ---------------------------------------------------------------------------- corner cases
 
 

@@ -34,6 +34,7 @@ def _frame_steps(codes, ins, eps, vals, W, Bv, Hs, Ms, Gs, Xs, Ss, scratch, sel0
     ``_C_*`` columns); ins: the input slots of each step; vals: one (B, width) buffer per slot.
     """
     B = vals[0].shape[0]
+    n_st = len(Ss) // 2  # Ss: the step arrays of the D-GRU states, then their tau arrays
     for i in range(codes.shape[0]):
         c = codes[i]
         kind = c[_C_KIND]
@@ -55,14 +56,14 @@ def _frame_steps(codes, ins, eps, vals, W, Bv, Hs, Ms, Gs, Xs, Ss, scratch, sel0
             x3 = x.reshape(1, BF, n_in)
             y3 = y.reshape(1, BF, H)
             if c[_C_SPARSE] == 1:
-                _dgru_forward(x3[:0], x3, W[c[_C_W]], Bv[c[_C_B]], W[c[_C_W] + 1], Bv[c[_C_B] + 1], c[_C_A], c[_C_REFRESH], Hs[st], Ms[st], Gs[st], Xs[st], Ss[st], y3, sel0, ubuf[:H], qbuf[:H], idx[:H], dh[:H], idx_in, d_in)
+                _dgru_forward(x3[:0], x3, W[c[_C_W]], Bv[c[_C_B]], W[c[_C_W] + 1], Bv[c[_C_B] + 1], c[_C_A], c[_C_REFRESH], Hs[st], Ms[st], Gs[st], Xs[st], Ss[st], Ss[n_st + st], y3, sel0, ubuf[:H], qbuf[:H], idx[:H], dh[:H], idx_in, d_in)
             else:
                 gi = scratch[c[_C_SCR]][: BF * 3 * H].reshape(1, BF, 3 * H)
                 _affine_columns(x.reshape(BF, n_in), W[c[_C_W]], Bv[c[_C_B]], gi.reshape(BF, 3 * H))
                 if c[_C_DENSE] == 1:
                     _gru_forward(gi, W[c[_C_W] + 1], Bv[c[_C_B] + 1], Hs[st], Ms[st], y3)
                 else:
-                    _dgru_forward(gi, x3[:0], W[c[_C_W]], Bv[c[_C_B]], W[c[_C_W] + 1], Bv[c[_C_B] + 1], c[_C_A], c[_C_REFRESH], Hs[st], Ms[st], Gs[st], Xs[st], Ss[st], y3, sel0, ubuf[:H], qbuf[:H], idx[:H], dh[:H], idx_in, d_in)
+                    _dgru_forward(gi, x3[:0], W[c[_C_W]], Bv[c[_C_B]], W[c[_C_W] + 1], Bv[c[_C_B] + 1], c[_C_A], c[_C_REFRESH], Hs[st], Ms[st], Gs[st], Xs[st], Ss[st], Ss[n_st + st], y3, sel0, ubuf[:H], qbuf[:H], idx[:H], dh[:H], idx_in, d_in)
         elif kind == _K_BIGRU:
             # a sequence of F band steps per stream from h = 0, forward then backward
             H = n_out // 2
@@ -170,7 +171,9 @@ class FrameProgram:
         if state.batch != self.batch:
             raise ParameterError(f"state of {state.batch} streams for a frame program of {self.batch}")
         L = state.layers
-        self._st = (tuple(s.h for s in L), tuple(s.m for s in L), tuple(s.g for s in L), tuple(s.xprev for s in L), tuple(s.step for s in L))
+        self._st = (tuple(s.h for s in L), tuple(s.m for s in L), tuple(s.g for s in L), tuple(s.xprev for s in L), tuple(s.step for s in L) + tuple(s.tau for s in L))
+        # step and tau arrays in one tuple: with one argument more (20) the jitted call retained
+        # about 400 bytes per call under numba 0.68's dispatcher (tracemalloc; 19 and 21 did not)
         self._state_ref = state
 
     def run(self, state) -> None:

@@ -60,6 +60,8 @@ class GRUState:
     g     (B, 3H)  input accumulator W_ih x + b_ih (sparse-input layers)
     xprev (B, I)   the input that ``g`` was built from (a delta gate's x̂)
     step  (B,)     steps since start; accumulators are refreshed when step % refresh_every == 0
+    tau   (B,)     the key of each stream's last selection threshold, where the next selection
+                   starts its search (any value gives the same selection; kernels._top_a_hinted)
     hhat  (B, H)   a delta gate's ĥ, the state that ``m`` was built from
     work  (2,)     threshold and delta gates: state and input columns read by the updates so
                    far, over all streams (the measured work; ``GRULayer.mean_work``)
@@ -71,6 +73,7 @@ class GRUState:
     g: np.ndarray
     xprev: np.ndarray
     step: np.ndarray
+    tau: np.ndarray
     ubuf: np.ndarray
     qbuf: np.ndarray
     idx: np.ndarray
@@ -86,7 +89,7 @@ class GRUState:
     def batch(self) -> int:
         return self.h.shape[0]
 
-    _ROWS = ("h", "m", "g", "xprev", "step", "hhat")  # the per-stream fields; the rest is scratch
+    _ROWS = ("h", "m", "g", "xprev", "step", "tau", "hhat")  # the per-stream fields; the rest is scratch
 
     def take(self, rows) -> "GRUState":
         """A new state of ``len(rows)`` streams: stream k copies stream ``rows[k]``, or is a fresh
@@ -176,7 +179,7 @@ class GRULayer:
         f = np.float32
         return GRUState(
             h=h, m=np.zeros((B, 3 * H), f), g=np.zeros((B, 3 * H), f), xprev=np.zeros((B, I), f),
-            step=np.zeros(B, np.int64), ubuf=np.zeros(H, f), qbuf=np.zeros(H, f),
+            step=np.zeros(B, np.int64), tau=np.zeros(B, np.int64), ubuf=np.zeros(H, f), qbuf=np.zeros(H, f),
             idx=np.zeros(H, np.int64), dh=np.zeros(H, f), idx_in=np.zeros(I, np.int64),
             d_in=np.zeros(I, f), gi=np.zeros((0, B, 3 * H), f), hhat=np.zeros((B, H), f),
             work=np.zeros(2, np.int64), xs=np.zeros((0, B, I), f),
@@ -237,7 +240,7 @@ class GRULayer:
         if self._gate_code:
             return self._run_gated(x, state, out, sel)
         if self.sparse_input and not self.dense and (T == 1 or self._accumulate_input):
-            _dgru_forward(self._NO_GI, x, self.wih_t, self.bias_ih, self.whh_t, self.bias_hh, self.A, self.refresh_every, state.h, state.m, state.g, state.xprev, state.step, out, sel, state.ubuf, state.qbuf, state.idx, state.dh, state.idx_in, state.d_in)
+            _dgru_forward(self._NO_GI, x, self.wih_t, self.bias_ih, self.whh_t, self.bias_hh, self.A, self.refresh_every, state.h, state.m, state.g, state.xprev, state.step, state.tau, out, sel, state.ubuf, state.qbuf, state.idx, state.dh, state.idx_in, state.d_in)
             return out
         if state.gi.shape[0] < T:
             state.gi = np.empty((T, B, 3 * H), np.float32)
@@ -246,7 +249,7 @@ class GRULayer:
         if self.dense:
             _gru_forward(gi, self.whh_t, self.bias_hh, state.h, state.m, out)
         else:
-            _dgru_forward(gi, x[:0], self.wih_t, self.bias_ih, self.whh_t, self.bias_hh, self.A, self.refresh_every, state.h, state.m, state.g, state.xprev, state.step, out, sel, state.ubuf, state.qbuf, state.idx, state.dh, state.idx_in, state.d_in)
+            _dgru_forward(gi, x[:0], self.wih_t, self.bias_ih, self.whh_t, self.bias_hh, self.A, self.refresh_every, state.h, state.m, state.g, state.xprev, state.step, state.tau, out, sel, state.ubuf, state.qbuf, state.idx, state.dh, state.idx_in, state.d_in)
             if self.sparse_input:  # the input accumulator as the last frame left it, for the next call
                 state.g[:] = gi[T - 1]
                 state.xprev[:] = x[T - 1]
