@@ -704,30 +704,12 @@ def _process_batch(enh, items: list[Item], after_write=None, subtype=None) -> li
     return results
 
 
-_BLAS = None  # threadpoolctl's controller of this process's BLAS libraries (found once)
-
-
-def _one_blas_thread():
-    """A context in which BLAS runs on one thread: a file's bytes then never depend on where it
-    ran. OpenBLAS splits a product's rows among its threads, and on some CPUs (its Haswell kernels
-    on a Zen 3 EPYC, measured) the split changes the last bit of a few samples, so the serial loop
-    (all cores) and a worker (one thread) would write different bytes for the same file."""
-    global _BLAS
-    if _BLAS is None:
-        from threadpoolctl import ThreadpoolController
-
-        _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=1, user_api="blas")
-
-
 def run_task(items: list[Item], config: Config, after_write=None) -> list[Result]:
-    """One task: every file of ``items`` with this process's Enhancer, its products on one BLAS
-    thread (``_one_blas_thread``); never raises for a file."""
+    """One task: every file of ``items`` with this process's Enhancer; never raises for a file."""
     enh = _enhancer(config)
-    with _one_blas_thread():
-        if enh.model.executor.batches_files and len(items) > 1:
-            return _process_batch(enh, items, after_write, config.subtype)
-        return [_process_one(enh, it, after_write, config.subtype) for it in items]
+    if enh.model.executor.batches_files and len(items) > 1:
+        return _process_batch(enh, items, after_write, config.subtype)
+    return [_process_one(enh, it, after_write, config.subtype) for it in items]
 
 
 # --------------------------------------------------------------------------------------------
