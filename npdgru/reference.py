@@ -188,13 +188,18 @@ def dgru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, A):
     out : (T, B, H) hidden states after each step
     S   : (T, B, H) bool, the neurons selected at each step
     """
+    return _selecting_sequence(dgru_step, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, A)
+
+
+def _selecting_sequence(step, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, param):
+    """``step`` (dgru_step or tgru_step, with its A or θ) over T steps: (out, S), both (T, B, H)."""
     h = _check_sequence_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
     T, B = x.shape[:2]
     H = weight_hh.shape[1]
     out = np.empty((T, B, H), dtype=np.result_type(x, h))
     S = np.empty((T, B, H), dtype=bool)
     for t in range(T):
-        h, S[t] = dgru_step(x[t], h, weight_ih, weight_hh, bias_ih, bias_hh, A)
+        h, S[t] = step(x[t], h, weight_ih, weight_hh, bias_ih, bias_hh, param)
         out[t] = h
     return out, S
 
@@ -241,15 +246,7 @@ def tgru_step(x, h, weight_ih, weight_hh, bias_ih, bias_hh, theta):
 
 def tgru_sequence(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, theta):
     """The threshold-gate D-GRU over T steps for B streams: (out (T, B, H), S (T, B, H) bool)."""
-    h = _check_sequence_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
-    T, B = x.shape[:2]
-    H = weight_hh.shape[1]
-    out = np.empty((T, B, H), dtype=np.result_type(x, h))
-    S = np.empty((T, B, H), dtype=bool)
-    for t in range(T):
-        h, S[t] = tgru_step(x[t], h, weight_ih, weight_hh, bias_ih, bias_hh, theta)
-        out[t] = h
-    return out, S
+    return _selecting_sequence(tgru_step, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, theta)
 
 
 def delta_encode(v, v_hat, theta):

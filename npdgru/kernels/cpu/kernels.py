@@ -457,15 +457,10 @@ def _gru_forward(gi, whh_t, b_hh, h, m, out):
 
 
 @njit(**JIT)
-def _dgru_cell(g, hb, mb, whh_t, b_hh, A, refresh, ubuf, qbuf, idx, dh, tau, row):
-    """One D-GRU step of one stream; g (3H,) input pre-activations; hb, mb updated in place;
-    tau[row] the key of the stream's last selection threshold (``_top_a_hinted``)."""
+def _update_selected(g, hb, mb, ubuf, qbuf, idx, dh, A):
+    """h' = h + u (n − h) for the A rows idx[:A] (u in ubuf), their changes -> dh[:A]: the row
+    arithmetic of every select gate (paper eq. 5), r and n from g and the memory mb."""
     H = hb.shape[0]
-    if refresh:
-        _dense_columns(mb, whh_t, b_hh, hb)  # drift bound: exact M every refresh_every steps
-    for i in range(H):  # z and u for every neuron: needed to select
-        ubuf[i] = np.float32(1.0) - _sigmoid(g[H + i] + mb[H + i])
-    _top_a_hinted(ubuf, A, idx, tau, row)
     if A * _ALL_ROWS_RATIO >= H:
         # r and n of every row in one vectorised pass (qbuf is free after the selection), then
         # the A selected rows read from it: for a large A this is cheaper than A gathered scalar
@@ -488,6 +483,19 @@ def _dgru_cell(g, hb, mb, whh_t, b_hh, A, refresh, ubuf, qbuf, idx, dh, tau, row
             hn = hi + ubuf[i] * (n - hi)
             dh[k] = hn - hi
             hb[i] = hn
+
+
+@njit(**JIT)
+def _dgru_cell(g, hb, mb, whh_t, b_hh, A, refresh, ubuf, qbuf, idx, dh, tau, row):
+    """One D-GRU step of one stream; g (3H,) input pre-activations; hb, mb updated in place;
+    tau[row] the key of the stream's last selection threshold (``_top_a_hinted``)."""
+    H = hb.shape[0]
+    if refresh:
+        _dense_columns(mb, whh_t, b_hh, hb)  # drift bound: exact M every refresh_every steps
+    for i in range(H):  # z and u for every neuron: needed to select
+        ubuf[i] = np.float32(1.0) - _sigmoid(g[H + i] + mb[H + i])
+    _top_a_hinted(ubuf, A, idx, tau, row)
+    _update_selected(g, hb, mb, ubuf, qbuf, idx, dh, A)
     _accumulate(mb, whh_t, idx, dh, A)  # M += W_hh[:, S] Δh_S
 
 
@@ -603,32 +611,14 @@ def _update_columns(acc, wt, b, v, idx, d, count):
 @njit(**JIT)
 def _tgru_cell(g, hb, mb, whh_t, b_hh, theta, refresh, ubuf, qbuf, idx, dh):
     """One threshold-gate step of one stream (reference.tgru_step): the u > θ rows change; M is
-    kept from their columns. Returns the count. The row arithmetic is _dgru_cell's."""
+    kept from their columns. Returns the count. The row arithmetic is _dgru_cell's (_update_selected)."""
     H = hb.shape[0]
     if refresh:
         _dense_columns(mb, whh_t, b_hh, hb)
     for i in range(H):
         ubuf[i] = np.float32(1.0) - _sigmoid(g[H + i] + mb[H + i])
     A = _threshold_select(ubuf, theta, idx)
-    if A * _ALL_ROWS_RATIO >= H:
-        for i in range(H):
-            r = _sigmoid(g[i] + mb[i])
-            qbuf[i] = _tanh(g[2 * H + i] + r * mb[2 * H + i])
-        for k in range(A):
-            i = idx[k]
-            hi = hb[i]
-            hn = hi + ubuf[i] * (qbuf[i] - hi)
-            dh[k] = hn - hi
-            hb[i] = hn
-    else:
-        for k in range(A):
-            i = idx[k]
-            r = _sigmoid(g[i] + mb[i])
-            n = _tanh(g[2 * H + i] + r * mb[2 * H + i])
-            hi = hb[i]
-            hn = hi + ubuf[i] * (n - hi)
-            dh[k] = hn - hi
-            hb[i] = hn
+    _update_selected(g, hb, mb, ubuf, qbuf, idx, dh, A)
     _update_columns(mb, whh_t, b_hh, hb, idx, dh, A)
     return A
 
