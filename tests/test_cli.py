@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf
 from safetensors.numpy import save_file
 
-from npdgru.cli import main
+from cli_run import run
 
 REPO = Path(__file__).resolve().parents[1]
 NOISY_DIR = REPO.parent / "shared" / "data" / "testset" / "noisy"
@@ -42,13 +42,6 @@ def wav(tmp_path, speech) -> Path:
     p = tmp_path / "in.wav"
     sf.write(p, speech, SR, subtype="PCM_16")
     return p
-
-
-def run(capsys, *argv):
-    """main(argv) -> (status, stdout, stderr)."""
-    status = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def assert_one_line_error(status, err, *needles):

@@ -21,6 +21,7 @@ import soundfile as sf
 from npdgru import corpus as dist
 from npdgru.cli import main
 from npdgru.errors import ParameterError
+from cli_run import run
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "weights" / "nsnet2.safetensors"
@@ -45,12 +46,6 @@ def make_corpus(root: Path, speech, n=6) -> list[Path]:
         sf.write(p, np.roll(speech, 997 * k)[: 2000 + 500 * k], SR, subtype="PCM_16")
         files.append(p)
     return files
-
-
-def run(capsys, *argv):
-    status = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def tree(root: Path) -> dict:

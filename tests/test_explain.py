@@ -31,10 +31,10 @@ import soundfile as sf
 
 from npdgru import reference as ref
 from npdgru import stft
-from npdgru.cli import main
 from npdgru.enhance import Enhancer
 from npdgru.explain import explain, explain_file, png_indexed
 from npdgru.kernels import cpu
+from cli_run import run, one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "noisy_dishes_5db.flac"
@@ -247,20 +247,6 @@ def test_png_round_trip():
 
 
 # ------------------------------------------------------------------------------- command line
-
-
-def run(capsys, *argv):
-    status = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def one_line_error(status, err, *needles):
-    assert status == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("npdgru: error: ") and "Traceback" not in err, err
-    for n in needles:
-        assert str(n) in lines[0], f"{n!r} not in {lines[0]!r}"
 
 
 def test_cli_writes_the_page(capsys, tmp_path, clip):

@@ -26,9 +26,9 @@ import pytest
 import soundfile as sf
 
 from npdgru import architectures, stft
-from npdgru.cli import main
 from npdgru.enhance import MAX_ABS_SAMPLE, MAX_CHANNELS, Enhancer, read_audio
 from npdgru.errors import AudioError, CheckpointError, ParameterError, StreamInputError, WeightsError
+from cli_run import run, one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 HOP = stft.HOP
@@ -45,21 +45,6 @@ def signal(n, seed):
     rng = np.random.default_rng(seed)
     env = 0.05 + 0.2 * np.abs(np.sin(np.arange(n) / 700.0 + seed))
     return (rng.standard_normal(n) * env).astype(np.float32)
-
-
-def run(capsys, *argv):
-    status = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def one_line_error(status, err, *needles):
-    assert status == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("npdgru: error: "), err
-    for n in needles:
-        assert str(n) in lines[0], f"{n!r} not in {lines[0]!r}"
 
 
 # ------------------------------------------------------------------- rows 1, 2: stream isolation

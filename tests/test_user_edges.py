@@ -20,6 +20,7 @@ import soundfile as sf
 from npdgru import Enhancer
 from npdgru.cli import main
 from npdgru.errors import AudioError, WeightsError
+from cli_run import run
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "noisy_dishes_5db.flac"
@@ -33,12 +34,6 @@ def speech() -> np.ndarray:
     x, sr = sf.read(EXAMPLE, dtype="float32")
     assert sr == SR
     return np.ascontiguousarray(x[: SR // 2])
-
-
-def run(capsys, *argv):
-    status = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def npdgru(*argv, stdin: bytes = b"", env=None, timeout=300):
