@@ -37,6 +37,7 @@ if not CUDA_OK:
     pytest.skip(REASON, allow_module_level=True)
 
 from npdgru.kernels import cuda as K  # noqa: E402  (imports numba.cuda: only after the skip)
+from numba import cuda, float32  # noqa: E402  (a global named cuda: the simulator swaps it in a kernel's module)
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 2e-5
@@ -517,3 +518,40 @@ def test_kernels_compile_for_sm90_without_float64_or_local_memory():
     if "NO-NVVM" in r.stdout:
         pytest.skip(f"needs numba-cuda with libNVVM (pip install 'numba-cuda[cu13]'): {r.stdout.strip()[:200]}")
     assert r.returncode == 0 and "PTX-OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+@pytest.mark.skipif(not SIM, reason="the simulator's shared arrays (a GPU has no such step)")
+def test_simulator_gives_every_thread_of_a_block_the_same_shared_arrays(monkeypatch):
+    """numba-cuda's simulator creates a block's shared array on first use with no lock: threads
+    that look it up at the same time got different arrays (garbage reads, now and then).
+    npdgru.kernels.cuda.device serialises it. Here creation is made slow (2 ms, so that every
+    thread of the block reaches the lookup before the first store): each thread still reads what
+    its neighbours wrote, and the two arrays of two source lines stay two arrays."""
+    import time
+
+    from npdgru.kernels.cuda import device
+
+    made = []
+
+    def slow(shape, dtype):
+        time.sleep(0.002)
+        made.append(shape)
+        return np.empty(shape, dtype)
+
+    monkeypatch.setattr(device, "_new_shared", slow)
+
+    @cuda.jit
+    def neighbours(out):
+        a = cuda.shared.array(32, float32)
+        b = cuda.shared.array(32, float32)
+        i = cuda.threadIdx.x
+        a[i] = i
+        b[i] = -2 * i
+        cuda.syncthreads()
+        out[i] = a[(i + 1) % 32] + b[(i + 5) % 32]
+
+    out = np.zeros(32, np.float32)
+    neighbours[1, 32](out)
+    i = np.arange(32)
+    np.testing.assert_array_equal(out, (i + 1) % 32 - 2 * ((i + 5) % 32))
+    assert made == [32, 32]  # one array per source line for the whole block

@@ -23,6 +23,55 @@ def simulator() -> bool:
     return bool(_numba_config.ENABLE_CUDASIM)
 
 
+def _new_shared(shape, dtype):
+    """A block's new shared array in the simulator (uninitialised, as on a GPU)."""
+    return np.empty(shape, dtype)
+
+
+def _serialise_simulated_shared_arrays() -> bool:
+    """Make the simulator's ``cuda.shared.array`` give every thread of a block the same array.
+
+    The simulator runs each CUDA thread as a Python thread and creates a block's shared array on
+    the first call from a source line: look it up by (file, line), create it if absent, store
+    it, with no lock. Two threads that both look it up before either stores it get two different
+    arrays, so a thread reads entries nobody wrote (a garbage column index, a wrong mask), now
+    and then and more often on some machines. A real GPU has no such step. This replaces the
+    method (numba-cuda's simulator ``FakeCUDAShared.array``) by one whose lookup and store are one
+    step under a lock, keyed as before by the calling line. Returns True if the simulator is on.
+    """
+    if not simulator():
+        return False
+    import sys
+    import threading
+
+    from numba.cuda.simulator import kernelapi
+
+    shared = kernelapi.FakeCUDAShared
+    if getattr(shared.array, "_npdgru_locked", False):
+        return True
+    dynamic, lock = shared.array, threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory (one buffer) or an error
+            return dynamic(self, shape, dtype, alignment)
+        if isinstance(dtype, kernelapi.types.Type):
+            dtype = kernelapi.numpy_support.as_dtype(dtype)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            res = self._allocations.get(key)
+            if res is None:
+                res = self._allocations[key] = _new_shared(shape, dtype)
+        return res
+
+    array._npdgru_locked = True
+    shared.array = array
+    return True
+
+
+_serialise_simulated_shared_arrays()
+
+
 _DEVICE_OK = False  # require_device() succeeded once (real GPU)
 
 
