@@ -18,6 +18,8 @@ The model knows no backend's details: it chooses an executor and hands it the pl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .kernels import BACKENDS, get_backend
@@ -25,9 +27,37 @@ from .kernels._graph import ExecState, HostOps
 from .plan import make_plan
 from .weights import Weights
 
-__all__ = ["MaskModel", "ModelState", "HostOps", "get_backend", "BACKENDS"]
+__all__ = ["MaskModel", "ModelState", "LayerWork", "HostOps", "get_backend", "BACKENDS"]
 
 ModelState = ExecState  # carried state of a model for B streams (see kernels._graph.ExecState)
+
+
+@dataclass(frozen=True)
+class LayerWork:
+    """Measured work of one threshold or delta layer (:meth:`MaskModel.work_per_frame`).
+
+    state_columns  (T,) recurrent columns read per frame (the updated or propagated state
+                   entries), per band
+    input_columns  (T,) input columns read per frame (delta: the propagated input entries), per
+                   band; None for a threshold layer (its input product is dense)
+    """
+
+    name: str
+    gate: str
+    hidden: int
+    size_in: int
+    bands: int
+    state_columns: np.ndarray
+    input_columns: np.ndarray | None
+
+    def means(self) -> tuple:
+        """(state columns, input columns or None) per frame and band, means over the frames: what
+        ``Plan.macs(measured=)`` takes."""
+        return float(self.state_columns.mean()), None if self.input_columns is None else float(self.input_columns.mean())
+
+    def share(self) -> np.ndarray:
+        """(T,) share of the H state entries updated per frame."""
+        return self.state_columns / self.hidden
 
 
 class MaskModel:
@@ -96,6 +126,38 @@ class MaskModel:
         """Fraction of D-GRU neurons updated per step (A/H averaged over layers, weighted by H·bands)."""
         return self.plan.fraction_updated()
 
-    def macs_per_frame(self) -> dict:
-        """MACs per frame as this model runs (:meth:`npdgru.plan.Plan.macs`)."""
-        return self.plan.macs()
+    def macs_per_frame(self, measured: dict | None = None) -> dict:
+        """MACs per frame as this model runs (:meth:`npdgru.plan.Plan.macs`); ``measured`` (from
+        :meth:`work_per_frame`) counts the threshold and delta layers at their measured mean work
+        instead of the dense bound."""
+        return self.plan.macs(measured=None if measured is None else {k: v.means() for k, v in measured.items()})
+
+    def work_per_frame(self, features) -> dict:
+        """The measured work of the threshold and delta layers on ``features`` (T, 1, n_features).
+
+        The work of such a layer varies per frame: it reads the recurrent columns of the updated
+        (threshold) or propagated (delta) state entries, and a delta layer also the columns of
+        its propagated input entries. Runs the frames one at a time from a fresh state (as a
+        stream; the counts are those of an offline run too) on the cpu backend and returns, per
+        layer name, a :class:`LayerWork` with per-frame column counts averaged over the layer's
+        bands. Top-A layers are not listed (their count is A by construction).
+        """
+        from .errors import ParameterError
+        from .kinds import VARIABLE_GATES
+
+        if self.backend_name != "cpu":
+            raise ParameterError(f"work_per_frame runs on the cpu backend (this model runs on {self.backend_name!r})")
+        x = np.asarray(features)
+        if x.ndim != 3 or x.shape[1] != 1 or x.shape[2] != self.n_features:
+            raise ParameterError(f"work_per_frame: features must have shape (T, 1, {self.n_features}), got {x.shape}")
+        state = self.init_state(1)
+        watched = [(s, st) for s, st in zip(self.plan.state_steps, state.layers) if s.gate in VARIABLE_GATES]
+        T = x.shape[0]
+        counts = {s.name: np.zeros((T, 2), np.int64) for s, _ in watched}
+        for t in range(T):
+            before = [st.work.copy() for _, st in watched]
+            self.forward(x[t : t + 1], state)
+            for (s, st), b in zip(watched, before):
+                counts[s.name][t] = st.work - b
+        return {s.name: LayerWork(s.name, s.gate, s.hidden, s.size_in, s.bands, counts[s.name][:, 0] / s.bands,
+                                  counts[s.name][:, 1] / s.bands if s.gate == "delta" else None) for s, _ in watched}

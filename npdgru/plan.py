@@ -25,7 +25,7 @@ table: it checks an architecture dict (:func:`validate_architecture`), names the
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .errors import ParameterError, WeightsError
 from .kinds import ACTIVATIONS, KINDS, KINDS_V1, check_percent  # noqa: F401 (ACTIVATIONS: importable from weights.py)
@@ -123,25 +123,34 @@ class Plan:
         g = self.state_steps
         return sum(s.A * s.bands for s in g) / max(1, sum(s.hidden * s.bands for s in g))
 
-    def macs(self) -> dict:
+    def macs(self, measured: dict | None = None) -> dict:
         """MACs per frame of one stream as the plan runs: D-GRU steps (dense / paper / ours) and the rest.
 
         *ours* counts a step's input product from A columns only when it runs that way
         (``sparse_input``, fed by a D-GRU step); otherwise it is dense, 3H·I. A step with F bands
         counts F times. The dense bidirectional GRUs across frequency (DPRNN) are in *other*, with
         the linear layers; normalisation and shape glue are not counted. A threshold or delta step
-        counts the dense bound (its work varies per frame; a run measures it).
+        counts the dense bound (its work varies per frame; a run measures it) unless ``measured``
+        gives its mean work: step name -> (state columns, input columns or None) per frame and
+        band (``MaskModel.work_per_frame``), rounded to whole columns.
         """
         total = {"gru_dense": 0, "gru_paper": 0, "gru_ours": 0, "other": 0}
-        for counts in self.step_macs().values():
+        for counts in self.step_macs(measured).values():
             for k, v in counts.items():
                 total[k] += v
         return total
 
-    def step_macs(self) -> dict:
+    def step_macs(self, measured: dict | None = None) -> dict:
         """MACs per frame of one stream of each step, name -> the counters of :meth:`macs` that
         the step adds to (a step that is not counted gives {}); :meth:`macs` is their sum."""
-        return {s.name: KINDS[s.kind].macs(s) for s in self.steps}
+        measured = measured or {}
+        out = {}
+        for s in self.steps:
+            if s.name in measured:
+                a, a_in = measured[s.name]
+                s = replace(s, A=int(round(float(a))), A_in=None if a_in is None else int(round(float(a_in))))
+            out[s.name] = KINDS[s.kind].macs(s)
+        return out
 
     def weight_bytes(self) -> dict:
         """Bytes of float32 weights one streaming hop (one frame of one stream) reads.

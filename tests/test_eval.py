@@ -301,3 +301,37 @@ def test_full_testset(tmp_path):
     rows = {r["name"]: r for r in s["rows"]}
     assert rows["nsnet2 P=100"]["mean"]["pesq"] > rows["noisy"]["mean"]["pesq"]
     assert all(math.isfinite(v) for r in s["rows"] for v in r["mean"].values() if v is not None)
+
+
+@needs_testset
+def test_a_gated_model_is_one_row_with_its_measured_work(tmp_path, capsys):
+    """A threshold-gate model (the shipped NSNet2 with u > 0.5 as its gate, untrained for it: a
+    cost row, not a quality one) evaluated at two P gives one row (the gate reads no P) named by
+    its gate, with the share of neurons updated and the MACs measured on the timing frames
+    (MaskModel.work_per_frame on the same features: recomputed here)."""
+    from npdgru.evaluate.runner import _timing_features, find_pairs
+    from npdgru.model import MaskModel
+    from npdgru.weights import load_weights, save_weights
+
+    w = load_weights(SHIPPED)
+    arch = json.loads(json.dumps(w.architecture))
+    for layer in arch["layers"]:
+        if layer["kind"] == "gru":
+            layer.update(gate="threshold", theta=0.5)
+    gated = tmp_path / "gated.safetensors"
+    save_weights(gated, w.tensors, architecture=arch)
+    status, out, err = _run(capsys, "eval", "--data", TESTSET, "--out", tmp_path / "g", "--limit", "1", "--percents", "100", "50",
+                            "--weights", gated, "--no-reference", "--timing-frames", "200", "--timing-repeats", "1", "--quiet")
+    assert status == 0, err
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    (row,) = summary["rows"]
+    assert row["name"] == "gated threshold 0.5" and row["gate"] == "threshold 0.5"
+    m = MaskModel(load_weights(gated), backend="cpu")
+    work = m.work_per_frame(_timing_features(find_pairs(TESTSET, limit=1), 200))
+    share = (work["gru1"].state_columns + work["gru2"].state_columns) / 800
+    assert row["fraction_updated"] == pytest.approx(share.mean()) and row["fraction_updated_p99"] == pytest.approx(np.percentile(share, 99))
+    assert 0.0 < share.mean() < 1.0
+    macs = 2 * 3 * 400 * 400 + 3 * 400 * (work["gru1"].state_columns.mean().round() + work["gru2"].state_columns.mean().round())
+    assert row["macs"]["gru_ours"] == macs and row["macs"]["gru_dense"] == 2 * 3 * 400 * 800
+    md = (tmp_path / "g" / "summary.md").read_text()
+    assert f"| gated threshold 0.5 | - | - | {100 * share.mean():.0f}% (p99 {100 * np.percentile(share, 99):.0f}%) |" in md

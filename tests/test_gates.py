@@ -598,3 +598,57 @@ def test_cpu_gate_memories_do_not_drift_over_long_runs(make_gru, gate, params):
         worst = max(worst, float(np.abs(got - want).max()))
     assert worst <= ATOL, f"max per-step error {worst:.3g} over {T} steps"
     assert 0.1 * H < layer.mean_work(state)[0] < 0.75 * H  # the columns path, not the whole product
+
+
+@pytest.mark.usefixtures("warm_kernels")
+@pytest.mark.parametrize("gate", ["threshold", "delta"])
+def test_work_per_frame_counts_the_references_selection(gate):
+    """MaskModel.work_per_frame of the first gated layer against the float64 reference run on the
+    same input (fc1 of the features): per frame the updated (threshold) or propagated (delta)
+    state entries and, for delta, the propagated input entries. float32 against float64 may flip
+    an entry whose u or change sits at the threshold: at most 2 frames of 100 may differ, by one."""
+    from npdgru import stft
+    from npdgru.model import MaskModel
+
+    w = _gated_weights(gate)
+    F = stft.log_power(stft.stft(_signal(16000, seed=3)))[:, None, :].astype(np.float32)
+    m = MaskModel(w, backend="cpu")
+    work = m.work_per_frame(F)
+    assert set(work) == {"gru1", "gru2"} and all(v.gate == gate for v in work.values())
+    t = {k: v.astype(np.float64) for k, v in w.tensors.items()}
+    x = ref.linear(F.astype(np.float64), t["fc1.weight"], t["fc1.bias"], "relu")
+    W = (t["gru1.weight_ih"], t["gru1.weight_hh"], t["gru1.bias_ih"], t["gru1.bias_hh"])
+    h0 = np.zeros((1, 12))
+    if gate == "threshold":
+        _, S = ref.tgru_sequence(x, h0, *W, GATE_PARAMS[gate]["theta"])
+        want = {"state_columns": S.sum(axis=(1, 2))}
+        assert work["gru1"].input_columns is None
+    else:
+        _, sent_h, sent_x = ref.delta_gru_sequence(x, h0, *W, **GATE_PARAMS[gate])
+        want = {"state_columns": sent_h.sum(axis=(1, 2)), "input_columns": sent_x.sum(axis=(1, 2))}
+    for key, v in want.items():
+        got = getattr(work["gru1"], key)
+        assert got.shape == v.shape == (F.shape[0],)
+        assert 0 < v.sum() < 12 * F.shape[0] or key == "input_columns"  # neither nothing nor everything
+        diff = np.abs(got - v)
+        assert diff.max() <= 1 and np.count_nonzero(diff) <= 2, f"{key}: {np.count_nonzero(diff)} frames differ"
+    share = work["gru1"].share()
+    assert np.array_equal(share, work["gru1"].state_columns / 12)
+    # the measured MACs count the mean work: between the fixed input product and the dense bound
+    bound, measured = m.macs_per_frame(), m.macs_per_frame(work)
+    assert measured["gru_dense"] == bound["gru_dense"] and measured["gru_ours"] < bound["gru_ours"]
+
+
+def test_work_per_frame_lists_only_variable_gates_and_checks_its_input():
+    from npdgru.errors import ParameterError
+    from npdgru.model import MaskModel
+
+    m = MaskModel(_gated_weights("threshold"), backend="cpu")
+    with pytest.raises(ParameterError, match=r"features must have shape \(T, 1, 161\)"):
+        m.work_per_frame(np.zeros((5, 2, 161), np.float32))
+    with pytest.raises(ParameterError, match="cpu backend"):
+        MaskModel(_gated_weights("threshold"), backend="reference").work_per_frame(np.zeros((5, 1, 161), np.float32))
+    from npdgru.architectures import tiny_weights
+
+    top_a = MaskModel(tiny_weights(seed=5, hidden=12), update_percent=50, backend="cpu")
+    assert top_a.work_per_frame(np.zeros((5, 1, 161), np.float32)) == {}

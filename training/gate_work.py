@@ -4,8 +4,7 @@ H neurons a threshold (or delta) layer updated per frame, mean and 99th percenti
     python3 training/gate_work.py training/runs/nsnet2-threshold/step400.safetensors --count 16
 
 The mixtures are those ``npdgru train`` validates on (``speech/val``, held-out noise, seed 0).
-Per-frame counts come from ``GRULayer.forward(..., selected=S)`` of the cpu backend, layer by
-layer through the executor's steps (the work a frame pays for; its mean is ``mean_work``).
+Per-frame counts come from ``MaskModel.work_per_frame`` (the work a frame pays for).
 """
 
 from __future__ import annotations
@@ -30,22 +29,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     model = MaskModel(load_weights(args.weights), backend="cpu")
     noisy, _, _ = MixtureSampler(args.data, split="val", seconds=args.seconds, seed=0).fixed_set(args.count)
-    ex = model.executor
     shares = {}
     for x in noisy:
-        values = [stft.log_power(stft.stft(x))[:, None, :].astype(np.float32)]
-        state = model.init_state(1)
-        for s, run in zip(ex.plan.steps, ex.steps):
-            layer = getattr(run, "state_layer", None)
-            inputs = [values[i] for i in s.slots]
-            if layer is not None and s.kind == "gru" and getattr(s, "gate", "top-a") != "top-a":
-                T = inputs[0].shape[0]
-                S = np.zeros((T, 1, layer.hidden_size), np.bool_)
-                y = layer.forward(inputs[0], state.layers[s.state_index], selected=S)
-                shares.setdefault(s.name, []).append(S.mean(axis=(1, 2)))
-            else:
-                y = run(inputs, state, inputs[0].shape[0], 1)
-            values.append(y)
+        features = stft.log_power(stft.stft(x))[:, None, :].astype(np.float32)
+        for name, w in model.work_per_frame(features).items():
+            shares.setdefault(name, []).append(w.share())
     print(f"{args.weights}: {args.count} validation mixtures of {args.seconds:g} s")
     print("| layer | mean share updated | p99 over frames |")
     print("|---|---:|---:|")

@@ -88,7 +88,21 @@ def _trained(v) -> str:
 
 
 def _p(s: dict) -> str:
+    if s.get("gate", "top-a") != "top-a":
+        return "-"  # a threshold or delta gate does not read P
     return "-" if s["percent"] is None else f"{s['percent']:g}"
+
+
+def _updated(s: dict) -> str:
+    if s.get("fraction_updated") is None:
+        return "-"
+    p99 = s.get("fraction_updated_p99")
+    return f"{100 * s['fraction_updated']:.0f}%" + ("" if p99 is None else f" (p99 {100 * p99:.0f}%)")
+
+
+def _point_label(s: dict) -> str:
+    gate = s.get("gate", "top-a")
+    return f"P={s['percent']:g}" if gate == "top-a" else gate
 
 
 def markdown(summary: dict) -> str:
@@ -112,8 +126,8 @@ def markdown(summary: dict) -> str:
         cells = [
             s["name"],
             _p(s),
-            _trained(s.get("trained_percent")),
-            "-" if s.get("fraction_updated") is None else f"{100 * s['fraction_updated']:.0f}%",
+            _trained(s.get("trained_percent")) if s.get("gate", "top-a") == "top-a" else "-",
+            _updated(s),
             _int(macs.get("gru_dense")),
             _int(macs.get("gru_paper")),
             _int(macs.get("gru_ours")),
@@ -126,7 +140,9 @@ def markdown(summary: dict) -> str:
         "",
         "GRU MACs/frame: both GRU layers per frame. *dense*: 3H(I+H) per layer; *paper*: (H+2A)(I+H), "
         "the paper's (1+2P)/3; *ours*: 3H·I (dense input product) + 3H·A (recurrent accumulators), as "
-        "the model runs (`sparse_inputs=False`). *model MACs/frame*: ours plus the linear layers. "
+        "the model runs (`sparse_inputs=False`); a threshold or delta gate (no P: its work varies per "
+        "frame) at its mean work measured on the timing frames, with the 99th percentile over "
+        "frames of the neurons updated in parentheses. *model MACs/frame*: ours plus the linear layers. "
         "*model us/frame*: features to mask, no STFT; the best of the timed runs and, in "
         "parentheses, their median. `clean` is DNSMOS of the clean references "
         "(the intrusive metrics are trivial there); the enhanced rows are intrusive against them.",
@@ -251,7 +267,7 @@ def plot(path: Path, summary: dict) -> None:
                     xp = [(s["macs"]["gru_paper"] + s["macs"]["other"]) / 1e6 for s in pts]
                     ax.plot(xs, ys, "o-", color=c, label=f"npdgru {pts[0]['model']} (ours, as run)")
                     ax.plot(xp, ys, "o--", color=c, mfc="none", alpha=0.6, label=f"{pts[0]['model']} (paper's count)")
-                labels += [(x, y, f"P={s['percent']:g}") for x, y, s in zip(xs, ys, pts)]
+                labels += [(x, y, _point_label(s)) for x, y, s in zip(xs, ys, pts)]
             for s in rows:
                 v = s["mean"][metric]
                 if v is None:

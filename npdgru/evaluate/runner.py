@@ -189,10 +189,12 @@ class System:
     percent: float | None = None
     path: str | None = None  # weights or ONNX file
     trained_percent: float | None = None
-    fraction_updated: float | None = None  # GRU neurons updated per frame / H (exactly A/H)
+    fraction_updated: float | None = None  # GRU neurons updated per frame / H (exactly A/H; measured mean for a variable gate)
     macs: dict = field(default_factory=dict)  # gru_dense, gru_paper, gru_ours, other
     us_per_frame: float | None = None  # best of the timed runs
     us_per_frame_median: float | None = None
+    gate: str = "top-a"  # "top-a", or the variable gates of the model with their thresholds ("threshold 0.2")
+    fraction_updated_p99: float | None = None  # a variable gate's 99th percentile over frames (measured)
 
 
 def default_onnx_path() -> Path:
@@ -232,16 +234,17 @@ def _ort_session(path: str, threads: int = 1):
         raise ParameterError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def _macs_as_run(model) -> dict:
+def _macs_as_run(model, measured: dict | None = None) -> dict:
     """MACs per frame of ``model`` as it runs (``MaskModel.macs_per_frame``), plus what "ours"
     would be with input accumulators on every D-GRU layer fed by a D-GRU layer
-    (``sparse_inputs=True``), kept as ``gru_ours_input_accumulators``.
+    (``sparse_inputs=True``), kept as ``gru_ours_input_accumulators``. ``measured``: the
+    variable gates' measured work (``MaskModel.work_per_frame``).
     """
     from ..plan import make_plan
 
-    out = dict(model.macs_per_frame())
+    out = dict(model.macs_per_frame(measured))
     sparse = make_plan(model.architecture, update_percent=model.update_percent, sparse_inputs=True)
-    out["gru_ours_input_accumulators"] = sparse.macs()["gru_ours"]
+    out["gru_ours_input_accumulators"] = sparse.macs(None if measured is None else {k: v.means() for k, v in measured.items()})["gru_ours"]
     return out
 
 
@@ -280,8 +283,44 @@ def _build_systems(weight_files, percents, onnx_path, reference: bool = True) ->
         stem = Path(w).stem if stems.count(Path(w).stem) == 1 else str(w)
         for P in own_percents:
             m = MaskModel(weights, update_percent=P, backend="cpu")  # validates P
+            gate = _gate_label(m)
+            if gate != "top-a":  # P is not read: one row, its work measured by measure_work()
+                systems.append(System(f"{stem} {gate}", "npdgru", stem, 100.0, str(w), weights.trained_update_percent, None, _macs_as_run(m), gate=gate))
+                break
             systems.append(System(f"{stem} P={P:g}", "npdgru", stem, float(P), str(w), weights.trained_update_percent, m.fraction_updated(), _macs_as_run(m)))
     return systems
+
+
+def _gate_label(model) -> str:
+    """"top-a", or the variable gates of the model's D-GRU layers with their thresholds, e.g.
+    "threshold 0.2" or "delta 0.03/0.03" (state/input)."""
+    labels = []
+    for s in model.plan.state_steps:
+        if s.gate == "threshold":
+            labels.append(f"threshold {s.theta:g}")
+        elif s.gate == "delta":
+            labels.append(f"delta {s.theta:g}/{s.theta_x:g}")
+    return ", ".join(dict.fromkeys(labels)) or "top-a"
+
+
+def measure_work(systems: list[System], features: np.ndarray) -> None:
+    """For the rows with a threshold or delta gate: the share of GRU neurons updated per frame
+    (mean and 99th percentile over the frames of ``features``, weighted by H·bands as
+    ``Plan.fraction_updated``) and the MACs per frame at the measured mean work
+    (``MaskModel.work_per_frame``, on the cpu backend); top-A rows keep their exact counts."""
+    from ..model import MaskModel
+    from ..weights import load_weights
+
+    for s in systems:
+        if s.engine != "npdgru" or s.gate == "top-a":
+            continue
+        m = MaskModel(load_weights(s.path), update_percent=s.percent, backend="cpu")
+        work = m.work_per_frame(features)
+        steps = m.plan.state_steps
+        updated = sum(s_.A * s_.bands for s_ in steps if s_.name not in work) + sum(w.state_columns * w.bands for w in work.values())
+        share = np.broadcast_to(updated / sum(s_.hidden * s_.bands for s_ in steps), (features.shape[0],))
+        s.fraction_updated, s.fraction_updated_p99 = float(share.mean()), float(np.percentile(share, 99))
+        s.macs = _macs_as_run(m, work)
 
 
 def _timing_features(pairs: list[Pair], frames: int) -> np.ndarray:
@@ -524,6 +563,7 @@ def evaluate(data_dir, out_dir, *, weights=None, percents=DEFAULT_PERCENTS, onnx
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     features = _timing_features(pairs, timing_frames)
     time_systems(systems, features, repeats=timing_repeats)
+    measure_work(systems, features)
     t_timing = time.perf_counter() - t0
 
     t0 = time.perf_counter()
