@@ -92,7 +92,7 @@ def _numba_cache_cold() -> bool:
         return False
 
 
-COMPILE_NOTICE = "npdgru: compiling the numba kernels (first run only; about 8-15 s on 2 cores, cached on disk afterwards) ..."
+COMPILE_NOTICE = "npdgru: compiling the numba kernels (first run only; about 5-10 s on 2 cores, cached on disk afterwards) ..."
 
 
 def _warm_up(enh, quiet: bool) -> None:
