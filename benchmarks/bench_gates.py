@@ -11,12 +11,17 @@ each fraction; the fraction where the ratio crosses 1 is ``_DENSE_COLUMNS_FRACTI
 ``npdgru/kernels/cpu/kernels.py``. Each time is the best of --repeats runs of --calls calls
 (the machine is shared: ratios within one run, best of several, are what to read).
 
-With ``--model`` (a weight file, e.g. weights/nsnet2-kd-anyp.safetensors) a second table: the
-whole model (MaskModel.forward, offline, cpu) in us per frame at a few P (top-A) and with every
-D-GRU layer given a threshold or delta gate at a few thresholds (the same weights, untrained for
-those gates: a speed and work measure, not a quality one), with the measured state (and input)
-columns per frame of each layer. Input: --seconds of the first speech files of
-<--data>/speech/val mixed with training noise at 5 dB.
+With ``--model`` (a weight file, e.g. weights/nsnet2-kd-anyp.safetensors) the whole-model table
+instead, one thread, on 12 s of validation speech mixed with training noise at 5 dB (never a
+test set): per row the offline time per frame (MaskModel.forward), the streaming hop (median
+Stream.process of 160 samples), the measured work (share of the D-GRU state updated per frame,
+mean and 99th percentile; a delta layer's share of input entries propagated) and the GRU MACs
+per frame at that work. Rows: top-A at --percents, the same weights with every D-GRU layer
+given a gate at --gates GATE:THETA (untrained for it: a speed and work measure), and --extra
+weight files of models trained with their gate::
+
+    python benchmarks/bench_gates.py --model weights/nsnet2-kd-anyp.safetensors --repeats 5 \
+        --gates delta:0.03 delta:0.1 --extra training/runs/nsnet2-threshold/step600.safetensors
 """
 
 from __future__ import annotations
@@ -54,6 +59,11 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--model", default=None, help="a weight file for the whole-model table")
     ap.add_argument("--data", default="../shared/data", help="corpus root (speech/val, noise/train) for --model")
+    ap.add_argument("--percents", type=float, nargs="+", default=[100, 50, 25], help="top-A rows of --model")
+    ap.add_argument("--gates", nargs="*", default=["threshold:0.35", "threshold:0.65", "delta:0.03", "delta:0.1"],
+                    help="GATE:THETA rows: --model's weights with that gate on every D-GRU layer (untrained for it)")
+    ap.add_argument("--extra", nargs="*", default=[], help="weight files of gated models (trained with their gate): one row each")
+    ap.add_argument("--hops", type=int, default=400, help="streaming hops per round")
     a = ap.parse_args(argv)
     if a.model:
         model_table(a)
@@ -78,34 +88,44 @@ def main(argv=None):
 
 def model_table(a):
     import glob
+    from pathlib import Path
 
     import soundfile as sf
 
     from npdgru import stft
+    from npdgru.enhance import Enhancer
+    from npdgru.kinds import with_gate
     from npdgru.model import MaskModel
-    from npdgru.train.loop import with_gate
     from npdgru.weights import Weights, load_weights
 
     w = load_weights(a.model)
     speech = sorted(glob.glob(f"{a.data}/speech/val/*.flac"))[:3]
     noise = sorted(glob.glob(f"{a.data}/noise/train/**/*.flac", recursive=True))[:3]
-    feats = []
+    signals = []
     for s_path, n_path in zip(speech, noise):
         x, _ = sf.read(s_path, dtype="float32")
         n, _ = sf.read(n_path, dtype="float32", always_2d=True)
         L = min(len(x), len(n), 4 * 16000)
         x, n = x[:L], n[:L, 0]
-        feats.append(stft.log_power(stft.stft(x + n * (np.std(x) / (np.std(n) + 1e-9)) * 10 ** (-5 / 20))))
-    F = np.concatenate(feats)[:, None, :]
+        signals.append((x + n * (np.std(x) / (np.std(n) + 1e-9)) * 10 ** (-5 / 20)).astype(np.float32))
+    audio = np.concatenate(signals)
+    F = stft.log_power(stft.stft(audio))[:, None, :].astype(np.float32)
     T = F.shape[0]
-    rows = [(f"top-a P={P}", MaskModel(w, update_percent=P)) for P in (100, 50, 40, 25)]
-    for gate, th in (("threshold", 0.35), ("threshold", 0.65), ("delta", 0.03), ("delta", 0.1)):
-        gated = Weights(architecture=with_gate(w.architecture, {"gate": gate, "theta": th}), tensors=w.tensors)
-        rows.append((f"{gate} {th}", MaskModel(gated)))
-    print(f"\n{a.model}: {T} frames, us per frame (best of {a.repeats})\n")
-    print("| gate | us/frame | state columns per frame (each layer) | input columns per frame (delta) |")
-    print("|---|---|---|---|")
-    for name, m in rows:
+    rows = [(f"top-a P={P:g}", w, P) for P in a.percents]
+    for spec in a.gates:
+        gate, th = spec.split(":")
+        rows.append((f"{gate} {float(th):g} (post hoc)", Weights(architecture=with_gate(w.architecture, {"gate": gate, "theta": float(th)}), tensors=w.tensors), 100))
+    for path in a.extra:
+        e = load_weights(path)
+        rows.append((Path(path).stem, e, 100))
+    hops = min(a.hops, len(audio) // 160)
+    print(f"\n{a.model}: {T} frames ({len(signals)} validation speech files + training noise at 5 dB), one thread; offline: "
+          f"MaskModel.forward over all frames, best of {a.repeats}; hop: Stream.process of 160 samples, median of {hops} hops "
+          f"x {a.repeats} rounds\n")
+    print("| row | offline us/frame | hop us (median) | state updated per frame: mean, p99 (share of H, all layers) | input propagated per frame (delta) | GRU MMACs/frame (ours, measured) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, weights, P in rows:
+        m = MaskModel(weights, update_percent=P)
         m.forward(F[:10], m.init_state(1))
         times = []
         for _ in range(a.repeats):
@@ -113,11 +133,27 @@ def model_table(a):
             t0 = time.perf_counter()
             m.forward(F, st)
             times.append(time.perf_counter() - t0)
-        work = ["", ""]
-        if not name.startswith("top-a"):
-            mw = [g.mean_work(s) for g, s in zip(m.executor.gru_layers, st.layers)]
-            work = [", ".join(f"{v[0]:.0f}" for v in mw), ", ".join(f"{v[1]:.0f}" for v in mw) if name.startswith("delta") else ""]
-        print(f"| {name} | {min(times) / T * 1e6:.1f} | {work[0]} | {work[1]} |")
+        stream = Enhancer(weights, update_percent=P).stream()
+        stream.process(audio[:1600])
+        hop_times = []
+        for _ in range(a.repeats):
+            for i in range(hops):
+                chunk = audio[i * 160 : (i + 1) * 160]
+                t0 = time.perf_counter()
+                stream.process(chunk)
+                hop_times.append(time.perf_counter() - t0)
+        work = m.work_per_frame(F)
+        steps = m.plan.state_steps
+        if work:
+            upd = sum(s.A * s.bands for s in steps if s.name not in work) + sum(v.state_columns * v.bands for v in work.values())
+            share = np.broadcast_to(upd / sum(s.hidden * s.bands for s in steps), (T,))
+            state = f"{share.mean():.3f}, {np.percentile(share, 99):.3f}"
+            inp = [v for v in work.values() if v.input_columns is not None]
+            inputs = f"{sum(v.input_columns.mean() * v.bands for v in inp) / sum(v.size_in * v.bands for v in inp):.3f}" if inp else "-"
+        else:
+            state, inputs = f"{m.fraction_updated():.3f} (exact)", "-"
+        macs = m.macs_per_frame(work or None)["gru_ours"] / 1e6
+        print(f"| {name} | {min(times) / T * 1e6:.1f} | {1e6 * float(np.median(hop_times)):.0f} | {state} | {inputs} | {macs:.2f} |")
 
 
 if __name__ == "__main__":

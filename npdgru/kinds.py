@@ -99,6 +99,13 @@ class Kind:
         return 0, 0
 
 
+def with_gate(architecture: dict, fields: dict) -> dict:
+    """A copy of ``architecture`` whose D-GRU layers along time carry the gate ``fields``, e.g.
+    ``{"gate": "delta", "theta": 0.03}`` (the weights stay valid: a gate adds no tensor)."""
+    layers = [dict(layer, **fields) if KINDS[layer["kind"]].carries_state else dict(layer) for layer in architecture["layers"]]
+    return dict(architecture, layers=layers)
+
+
 def _band_input_check(layer, in_widths, source):
     F = layer.get("bands", 1)
     if in_widths[0] != F * layer["in"]:

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 from ..errors import NpdgruError, ParameterError
+from ..kinds import with_gate
 from ..weights import Weights, load_weights
 from .data import AUGMENTS, MixtureSampler
 from .torch_model import GraphNet, MaskNet, istft, log_power, stft
@@ -262,14 +263,6 @@ def _gate_fields(args) -> dict:
     if problem:
         raise ParameterError(f"--gate {gate} --theta {theta} --theta-x {theta_x}: {problem} ('theta' is --theta, 'theta_x' --theta-x)")
     return fields
-
-
-def with_gate(architecture: dict, fields: dict) -> dict:
-    """A copy of ``architecture`` whose D-GRU layers along time carry the gate ``fields``."""
-    from ..kinds import KINDS
-
-    layers = [dict(layer, **fields) if KINDS[layer["kind"]].carries_state else dict(layer) for layer in architecture["layers"]]
-    return dict(architecture, layers=layers)
 
 
 def _npdgru_state(model) -> dict:
