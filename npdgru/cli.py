@@ -502,9 +502,18 @@ def cmd_convert(args) -> int:
         if not sep or not key:
             raise ParameterError(f"--meta {item!r}: expected KEY=VALUE")
         meta[key] = value
+    gate = None
+    if args.gate is not None:
+        gate = {"gate": args.gate}
+        if args.theta is not None:
+            gate["theta"] = args.theta
+        if args.theta_x is not None:
+            gate["theta_x"] = args.theta_x
+    elif args.theta is not None or args.theta_x is not None:
+        raise ParameterError("--theta and --theta-x go with --gate threshold or --gate delta")
     notes = convert_checkpoint(
         args.checkpoint, out, arch=args.arch, mapping=args.map, trained_update_percent=args.trained_update_percent,
-        source=args.source, license=args.license, metadata=meta,
+        source=args.source, license=args.license, metadata=meta, gate=gate,
     )
     for n in notes:
         print(f"note: {n}")
@@ -682,6 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--source", default=None, help="where the weights come from (metadata)")
     c.add_argument("--license", default=None, help="licence of the weights (metadata)")
     c.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="more metadata (repeatable)")
+    c.add_argument("--gate", choices=("top-a", "threshold", "delta"), default=None,
+                   help="run every D-GRU layer along time with this gate (docs/design.md); a model trained with top-A is then untrained for it")
+    c.add_argument("--theta", type=float, default=None, help="the threshold of --gate threshold (0 <= theta < 1) or delta (>= 0)")
+    c.add_argument("--theta-x", type=float, default=None, help="--gate delta: the input's threshold (default: --theta)")
     c.set_defaults(func=cmd_convert)
 
     v = sub.add_parser("eval", help="quality (PESQ, ESTOI, SI-SNR, DNSMOS) and compute of every model at every P on clean/noisy pairs",

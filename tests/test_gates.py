@@ -652,3 +652,28 @@ def test_work_per_frame_lists_only_variable_gates_and_checks_its_input():
 
     top_a = MaskModel(tiny_weights(seed=5, hidden=12), update_percent=50, backend="cpu")
     assert top_a.work_per_frame(np.zeros((5, 1, 161), np.float32)) == {}
+
+
+def test_convert_puts_a_gate_on_every_d_gru_layer(tmp_path, capsys):
+    """`npdgru convert FILE --gate delta --theta 0.03`: the same tensors, the gate on both D-GRU
+    layers of NSNet2 (the architecture is read back, not the code's own output), and bad gate
+    arguments are one line naming the problem, with no file written."""
+    from pathlib import Path
+
+    from cli_run import one_line_error, run
+    from npdgru.weights import load_weights
+
+    src = Path(__file__).resolve().parents[1] / "weights" / "nsnet2.safetensors"
+    out = tmp_path / "delta.safetensors"
+    status, _, err = run(capsys, "convert", src, "-o", out, "--gate", "delta", "--theta", "0.03", "--theta-x", "0.05")
+    assert status == 0, err
+    w, orig = load_weights(out), load_weights(src)
+    grus = [layer for layer in w.architecture["layers"] if layer["kind"] == "gru"]
+    assert len(grus) == 2 and all((g["gate"], g["theta"], g["theta_x"]) == ("delta", 0.03, 0.05) for g in grus)
+    assert all(layer.get("gate") is None for layer in w.architecture["layers"] if layer["kind"] != "gru")
+    assert set(w.tensors) == set(orig.tensors) and all(np.array_equal(w.tensors[k], orig.tensors[k]) for k in w.tensors)
+    bad = tmp_path / "bad.safetensors"
+    for argv, needle in ((("--gate", "threshold", "--theta", "1.5"), "theta' in [0, 1)"), (("--theta", "0.2"), "--theta and --theta-x go with --gate"),
+                         (("--gate", "delta"), "the delta gate needs 'theta'"), (("--gate", "top-a", "--theta", "0.1"), "takes no 'theta'")):
+        one_line_error(*run(capsys, "convert", src, "-o", bad, *argv)[::2], needle)
+        assert not bad.exists()

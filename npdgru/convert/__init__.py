@@ -134,8 +134,12 @@ def map_state_dict(state: dict, arch: dict, mapping: dict, path) -> dict:
     return {k: out[k] for k in want}
 
 
-def convert_checkpoint(checkpoint, out_path, *, arch="nsnet2", mapping=None, trained_update_percent=100.0, source=None, license=None, metadata=None) -> list[str]:
+def convert_checkpoint(checkpoint, out_path, *, arch="nsnet2", mapping=None, trained_update_percent=100.0, source=None, license=None, metadata=None, gate=None) -> list[str]:
     """Convert a checkpoint file into an npdgru weight file; returns the reader's notes.
+
+    ``gate`` (e.g. ``{"gate": "delta", "theta": 0.03}``) puts that gate on every D-GRU layer
+    along time of the architecture (``kinds.with_gate``; docs/design.md): a model trained with
+    top-A then runs with another gate, untrained for it.
 
     ``trained_update_percent`` (a number, or ``"any"`` for a model trained at P drawn per batch),
     ``source``, ``license`` and ``metadata`` (more string pairs) go into the file's metadata.
@@ -155,9 +159,19 @@ def convert_checkpoint(checkpoint, out_path, *, arch="nsnet2", mapping=None, tra
     from .torch_checkpoint import read_checkpoint
 
     spec = _architecture(arch)
+    if gate:
+        from ..kinds import with_gate
+        from ..weights import WeightsError, validate_architecture
+
+        try:
+            spec = validate_architecture(with_gate(spec, gate), f"--gate {gate.get('gate')}")
+        except WeightsError as e:
+            raise CheckpointError(str(e)) from None
     state, notes = read_checkpoint(checkpoint)
     tensors = map_state_dict(state, spec, _load_mapping(mapping), checkpoint)
     extra = {"converted_from": os.path.basename(checkpoint), "source_sha256": sha256_of(checkpoint), "notes": "; ".join(notes)}
+    if gate:
+        extra["gate_applied_by_convert"] = ", ".join(f"{k}={v}" for k, v in gate.items())
     extra.update({str(k): str(v) for k, v in (metadata or {}).items()})
     save_weights(
         out_path, tensors, architecture=spec, trained_update_percent=trained_update_percent,
