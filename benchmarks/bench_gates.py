@@ -21,7 +21,7 @@ given a gate at --gates GATE:THETA (untrained for it: a speed and work measure),
 weight files of models trained with their gate::
 
     python benchmarks/bench_gates.py --model weights/nsnet2-kd-anyp.safetensors --repeats 5 \
-        --gates delta:0.03 delta:0.1 --extra training/runs/nsnet2-threshold/step600.safetensors
+        --gates delta:0.03 delta:0.1 --extra training/runs/nsnet2-threshold/threshold-0.2-step600.safetensors
 """
 
 from __future__ import annotations
