@@ -740,6 +740,19 @@ def main(argv=None) -> int:
         return _error(str(e))
     except KeyboardInterrupt:
         return _error("interrupted")
+    except BrokenPipeError:  # e.g. `npdgru info FILE | head`: the reader of stdout went away
+        _quiet_stdout()
+        return _error("stdout: the reader closed the pipe")
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured): nothing to flush
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -299,3 +299,19 @@ def test_missing_weights_file(capsys, tmp_path, wav):
     w = tmp_path / "nope.safetensors"
     status, _, err = run(capsys, "enhance", wav, "-o", tmp_path / "out.wav", "--weights", w)
     assert_one_line_error(status, err, w, "no such weight file")
+
+
+def test_a_closed_stdout_is_one_line_not_a_traceback():
+    """`npdgru info FILE | head -1`: the reader may close the pipe before npdgru writes. Here it
+    is closed before npdgru starts: one error line naming stdout, exit 2, no traceback."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "npdgru", "info", str(Path(__file__).resolve().parents[1] / "weights" / "nsnet2.safetensors")],
+                           stdout=w, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and p.stderr.strip().splitlines() == ["npdgru: error: stdout: the reader closed the pipe"], p.stderr
