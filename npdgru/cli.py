@@ -461,11 +461,13 @@ def cmd_models(args) -> int:
     aliases = {v: k for k, v in ALIASES.items() if k != "default"}
     width = max((len(m["name"]) for m in models), default=4)
     print("shipped models (npdgru enhance --model NAME, Enhancer(model=NAME)):")
-    for m in models:
+    hows = [f"P={m['update_percent']:g}" if m["gate"] is None else m["gate"] for m in models]
+    how_width = max((len(h) for h in hows), default=5)
+    for m, how in zip(models, hows):
         alias = f" (or {aliases[m['name']]})" if m["name"] in aliases else ""
         size = m["path"].stat().st_size / 2**20
-        print(f"  {m['name']:<{width}}  {size:5.1f} MiB  P={m['update_percent']:<3g}  {m['description']}{alias}")
-    print(f"P: the update percent used when -P is not given; files in {models[0]['path'].parent if models else '(none found)'}; npdgru info NAME for details")
+        print(f"  {m['name']:<{width}}  {size:5.1f} MiB  {how:<{how_width}}  {m['description']}{alias}")
+    print(f"P: the update percent used when -P is not given (a delta or threshold gate reads none); files in {models[0]['path'].parent if models else '(none found)'}; npdgru info NAME for details")
     return 0
 
 

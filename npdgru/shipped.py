@@ -18,12 +18,13 @@ DESCRIPTIONS = {
     "nsnet2": "NSNet2, the original DNS Challenge weights (trained dense)",
     "dprnn-anyp": "DPRNN (dual-path, 41 bands), distilled from NSNet2, for any P",
     "mpt-anyp": "MPT, our reconstruction (4 sub-band + 1 full-band D-GRU paths), distilled from NSNet2, for any P",
+    "nsnet2-kd-delta": "the default's weights run as a delta network (DeltaGRU): only state and input changes above 0.15 propagate",
 }
 # The P each shipped model runs at unless told otherwise, from the quality table (docs/quality.md):
 # the any-P models lose at most 0.03 PESQ at P = 50 against their own P = 100 and do half the
 # recurrent work; the original NSNet2, trained dense, loses 0.21 there and runs dense.
 DEFAULT_PERCENT = {"nsnet2-kd-anyp": 50.0, "dprnn-anyp": 50.0, "mpt-anyp": 50.0, "nsnet2": 100.0}
-ALIASES = {"default": DEFAULT_MODEL.removesuffix(".safetensors"), "dprnn": "dprnn-anyp", "mpt": "mpt-anyp"}
+ALIASES = {"default": DEFAULT_MODEL.removesuffix(".safetensors"), "dprnn": "dprnn-anyp", "mpt": "mpt-anyp", "delta": "nsnet2-kd-delta"}
 
 
 def weights_folder() -> Path:
@@ -32,16 +33,34 @@ def weights_folder() -> Path:
 
 
 def shipped_models() -> list[dict]:
-    """``[{"name", "path", "description", "default", "update_percent"}]`` for every shipped weight file, by name.
+    """``[{"name", "path", "description", "default", "update_percent", "gate"}]`` for every shipped weight file, by name.
 
-    ``update_percent`` is the P the model runs at when none is given (:func:`default_update_percent`).
+    ``update_percent`` is the P the model runs at when none is given (:func:`default_update_percent`);
+    ``gate`` names the threshold or delta gates of a model whose D-GRU layers have one (they do
+    not read P), else None.
     """
     default = DEFAULT_MODEL.removesuffix(".safetensors")
     out = []
     for p in sorted(weights_folder().glob("*.safetensors")):
         name = p.name.removesuffix(".safetensors")
-        out.append({"name": name, "path": p, "description": DESCRIPTIONS.get(name, ""), "default": name == default, "update_percent": DEFAULT_PERCENT.get(name, 100.0)})
+        out.append({"name": name, "path": p, "description": DESCRIPTIONS.get(name, ""), "default": name == default,
+                    "update_percent": DEFAULT_PERCENT.get(name, 100.0), "gate": _variable_gates(p)})
     return out
+
+
+def _variable_gates(path) -> str | None:
+    """"delta 0.15" (the variable gates of the file's D-GRU layers, from its header only), or None."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            layers = json.loads((f.metadata() or {}).get("architecture", "{}")).get("layers", [])
+    except Exception:  # an unreadable file is reported when it is loaded, not here
+        return None
+    gates = [f"{layer['gate']} {layer.get('theta', '?'):g}" for layer in layers if isinstance(layer, dict) and layer.get("gate") in ("threshold", "delta")]
+    return ", ".join(dict.fromkeys(gates)) or None
 
 
 def model_path(name) -> Path:

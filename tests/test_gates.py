@@ -677,3 +677,24 @@ def test_convert_puts_a_gate_on_every_d_gru_layer(tmp_path, capsys):
                          (("--gate", "delta"), "the delta gate needs 'theta'"), (("--gate", "top-a", "--theta", "0.1"), "takes no 'theta'")):
         one_line_error(*run(capsys, "convert", src, "-o", bad, *argv)[::2], needle)
         assert not bad.exists()
+
+
+def test_the_shipped_delta_model_is_the_default_weights_with_the_delta_gate(capsys):
+    """weights/nsnet2-kd-delta.safetensors (`--model delta`): the default's tensors bit for bit,
+    the delta gate at 0.15 on both GRU layers; `npdgru models` names the gate instead of a P."""
+    from cli_run import run
+    from npdgru.enhance import Enhancer
+    from npdgru.shipped import model_path, shipped_models
+    from npdgru.weights import load_weights
+
+    e = Enhancer(model="delta")
+    default = load_weights(model_path("default"))
+    assert e.weights.tensors.keys() == default.tensors.keys()
+    assert all(np.array_equal(e.weights.tensors[k], default.tensors[k]) for k in default.tensors)
+    assert [(s.gate, s.theta, s.theta_x) for s in e.model.plan.state_steps] == [("delta", 0.15, 0.15)] * 2
+    (m,) = [m for m in shipped_models() if m["name"] == "nsnet2-kd-delta"]
+    assert m["gate"] == "delta 0.15" and all(o["gate"] is None for o in shipped_models() if o["name"] != m["name"])
+    status, out, _ = run(capsys, "models")
+    assert status == 0 and any(line.split()[:4] == ["nsnet2-kd-delta", "10.3", "MiB", "delta"] for line in out.splitlines())
+    y = e.enhance(_signal(8000), 16000)
+    assert y.shape == (8000,) and np.isfinite(y).all() and 0 < np.abs(y).max() < 1

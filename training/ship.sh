@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Convert the fine-tuned runs into shipped npdgru weights with `npdgru convert` (the user path).
 # Usage: bash training/ship.sh WHAT   WHAT: default (the distilled NSNet2 default, run nsnet2-mix3), mpt (run mpt-kd),
-#        dprnn (run dprnn-kd); the functions below record how the earlier files were made
+#        dprnn (run dprnn-kd), delta (the default's weights with the delta gate); the functions below record how the earlier files were made
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LICENSE="CC BY 4.0. Fine-tuned from NSNet2 (c) Microsoft Corporation, CC BY 4.0 (https://github.com/microsoft/DNS-Challenge); trained on speechocean762 (Junbo Zhang et al., OpenSLR SLR101, CC BY 4.0) and Speech Commands v0.02 background noise (Pete Warden, Google, CC BY 4.0)"
@@ -46,10 +46,20 @@ ship_distill() {  # run name, output stem, architecture, how P was drawn, what t
 }
 DISTILL_LICENSE="CC BY 4.0. Distilled from NSNet2 (c) Microsoft Corporation, CC BY 4.0 (https://github.com/microsoft/DNS-Challenge); trained on speechocean762 (Junbo Zhang et al., OpenSLR SLR101, CC BY 4.0), Speech Commands v0.02 background noise (Pete Warden, Google, CC BY 4.0) and the noise clips and RIRs listed with their licences (CC0, CC BY, public domain) and attribution in weights/ATTRIBUTION.md"
 # ship_distill nsnet2-mix nsnet2-kd-anyp nsnet2 "U[25, 100]" "initialised from the teacher"   # the first distilled default
+# The default's weights with the delta gate (DeltaGRU) put on after training, its threshold chosen on
+# the validation split (training/score_val.py, 64 mixtures): the largest of 0.05 / 0.1 / 0.15 / 0.2 whose
+# validation loss stays within 0.001 of the default's own P = 100 (docs/gates.md)
+ship_delta() {
+  npdgru convert weights/nsnet2-kd-anyp.safetensors -o weights/nsnet2-kd-delta.safetensors --overwrite --gate delta --theta 0.15 \
+    --trained-update-percent any --license "$DISTILL_LICENSE" \
+    --source "the weights of nsnet2-kd-anyp (the default) with the delta gate (|change| > 0.15 of state and input propagated) on both GRU layers, put on after training; threshold chosen by validation loss (docs/gates.md)" \
+    --meta "training_run=nsnet2-mix3" --meta "training_steps=5500" --meta "distill_weight=0.5" --meta "recipe=v2"
+}
 case "${1:-}" in
   default) ship_distill nsnet2-mix3 nsnet2-kd-anyp nsnet2 "25 + 75 u^2, u ~ U[0, 1] (--p-skew 2), weights averaged (--ema 0.99)" \
              "initialised from the teacher, continued from the first distilled default (run nsnet2-mix, step 300)" ;;
   mpt) ship_distill mpt-kd mpt-anyp mpt "U[25, 100], weights averaged (--ema 0.99)" "continued from the MPT trained from scratch (mpt-anyp, 600 steps of 64 x 4 s, recipe v1)" ;;
   dprnn) ship_distill dprnn-kd dprnn-anyp dprnn "U[25, 100], weights averaged (--ema 0.99)" "continued from the DPRNN trained from scratch (dprnn-anyp, 1200 steps of 64 x 4 s, recipe v1)" ;;
-  *) echo "usage: bash training/ship.sh default|mpt|dprnn" >&2; exit 2 ;;
+  delta) ship_delta ;;
+  *) echo "usage: bash training/ship.sh default|mpt|dprnn|delta" >&2; exit 2 ;;
 esac
