@@ -121,27 +121,30 @@ def model_table(a):
     hops = min(a.hops, len(audio) // 160)
     print(f"\n{a.model}: {T} frames ({len(signals)} validation speech files + training noise at 5 dB), one thread; offline: "
           f"MaskModel.forward over all frames, best of {a.repeats}; hop: Stream.process of 160 samples, median of {hops} hops "
-          f"x {a.repeats} rounds\n")
+          f"x {a.repeats} rounds; the rows interleaved round by round\n")
     print("| row | offline us/frame | hop us (median) | state updated per frame: mean, p99 (share of H, all layers) | input propagated per frame (delta) | GRU MMACs/frame (ours, measured) |")
     print("|---|---:|---:|---:|---:|---:|")
+    # offline and hop timings in interleaved rounds (each round times every row in turn), so that
+    # a burst of load from other processes hits every row alike
+    built = []
     for name, weights, P in rows:
         m = MaskModel(weights, update_percent=P)
         m.forward(F[:10], m.init_state(1))
-        times = []
-        for _ in range(a.repeats):
+        stream = Enhancer(weights, update_percent=P).stream()
+        stream.process(audio[:1600])
+        built.append((name, m, stream, [], []))
+    for _ in range(a.repeats):
+        for name, m, stream, times, hop_times in built:
             st = m.init_state(1)
             t0 = time.perf_counter()
             m.forward(F, st)
             times.append(time.perf_counter() - t0)
-        stream = Enhancer(weights, update_percent=P).stream()
-        stream.process(audio[:1600])
-        hop_times = []
-        for _ in range(a.repeats):
             for i in range(hops):
                 chunk = audio[i * 160 : (i + 1) * 160]
                 t0 = time.perf_counter()
                 stream.process(chunk)
                 hop_times.append(time.perf_counter() - t0)
+    for name, m, stream, times, hop_times in built:
         work = m.work_per_frame(F)
         steps = m.plan.state_steps
         if work:
