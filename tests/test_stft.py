@@ -191,7 +191,10 @@ def test_streaming_analysis_equals_offline(sizes, seed):
         t += k
     got = np.concatenate(got)
     assert got.shape == ref.shape and got.dtype == np.complex64
-    assert_close(got, ref, atol=1e-6, rtol=1e-6, what=f"sizes={sizes}")
+    # two float32 FFT paths over 320 unit-variance samples: rounding of a few 1e-6 in absolute
+    # terms whatever the bin's size (1.1e-6 found by hypothesis on seed 35422); a framing error
+    # is of the order of the signal (1)
+    assert_close(got, ref, atol=5e-6, rtol=1e-6, what=f"sizes={sizes}")
 
 
 @FAST
