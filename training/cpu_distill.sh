@@ -26,7 +26,8 @@
 #                                    1.0 (threshold) and 1.3 (top-A) with the hand-written backward (one thread).
 #                                    Convert with the run's architecture:
 #                                    npdgru convert training/runs/nsnet2-$GATE/last.pt --arch training/runs/nsnet2-$GATE/architecture.json
-#                                    RUN=<folder name> writes to training/runs/<folder name> instead (e.g. a second theta)
+#                                    RUN=<folder name> writes to training/runs/<folder name> instead (e.g. a second theta);
+#                                    INIT=<weight file> starts from it (e.g. a run's exported candidate, to go on in a new folder)
 # Recipe v2, P drawn per batch from U[25, 100], teacher = the original NSNet2 (dense), student
 # initialised from the teacher. Lane 1 keeps step<N>.pt snapshots for the comparison.
 set -euo pipefail
@@ -53,7 +54,7 @@ case "$1" in
        --any-p 25 100 --p-skew 2 --recipe v2 --batch 16 --seconds 4 --lr 1e-4 --warmup 30 --val-every 100 --val-count 64 \
        --val-dnsmos 32 --snapshot-every 300 --log-every 20 --threads 1 --steps 100000 --seed 17 --ema 0.99 --minutes "${MINUTES:-150}" ;;
   8) gate=${GATE:-threshold}
-     python3 -m npdgru.train --out "training/runs/${RUN:-nsnet2-$gate}" --init weights/nsnet2-kd-anyp.safetensors \
+     python3 -m npdgru.train --out "training/runs/${RUN:-nsnet2-$gate}" --init "${INIT:-weights/nsnet2-kd-anyp.safetensors}" \
        --gate "$gate" --theta "${THETA:-0.35}" \
        --teacher weights/nsnet2.safetensors --distill-weight 0.5 --noise-weight 1 --noise-below-db 10 --augment voice \
        --recipe v2 --batch 16 --seconds 4 --lr 1e-4 --warmup 30 --val-every 100 --val-count 64 \
