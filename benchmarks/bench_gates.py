@@ -146,10 +146,8 @@ def model_table(a):
                 hop_times.append(time.perf_counter() - t0)
     for name, m, stream, times, hop_times in built:
         work = m.work_per_frame(F)
-        steps = m.plan.state_steps
         if work:
-            upd = sum(s.A * s.bands for s in steps if s.name not in work) + sum(v.state_columns * v.bands for v in work.values())
-            share = np.broadcast_to(upd / sum(s.hidden * s.bands for s in steps), (T,))
+            share = m.updated_share(work)
             state = f"{share.mean():.3f}, {np.percentile(share, 99):.3f}"
             inp = [v for v in work.values() if v.input_columns is not None]
             inputs = f"{sum(v.input_columns.mean() * v.bands for v in inp) / sum(v.size_in * v.bands for v in inp):.3f}" if inp else "-"

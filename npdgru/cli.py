@@ -504,15 +504,11 @@ def cmd_convert(args) -> int:
         if not sep or not key:
             raise ParameterError(f"--meta {item!r}: expected KEY=VALUE")
         meta[key] = value
-    gate = None
-    if args.gate is not None:
-        gate = {"gate": args.gate}
-        if args.theta is not None:
-            gate["theta"] = args.theta
-        if args.theta_x is not None:
-            gate["theta_x"] = args.theta_x
-    elif args.theta is not None or args.theta_x is not None:
-        raise ParameterError("--theta and --theta-x go with --gate threshold or --gate delta")
+    gate = None  # keep the architecture's gates unless --gate (or a stray --theta) says otherwise
+    if args.gate is not None or args.theta is not None or args.theta_x is not None:
+        from .kinds import gate_fields
+
+        gate = gate_fields(args.gate or "top-a", args.theta, args.theta_x)
     notes = convert_checkpoint(
         args.checkpoint, out, arch=args.arch, mapping=args.map, trained_update_percent=args.trained_update_percent,
         source=args.source, license=args.license, metadata=meta, gate=gate,

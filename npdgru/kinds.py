@@ -99,11 +99,48 @@ class Kind:
         return 0, 0
 
 
+def gate_fields(gate: str = "top-a", theta=None, theta_x=None) -> dict:
+    """--gate/--theta/--theta-x (of ``npdgru train`` and ``npdgru convert``) as the fields of a
+    GRU layer ({} for top-a), checked by the kind; ParameterError names the options."""
+    if gate == "top-a":
+        if theta is not None or theta_x is not None:
+            raise ParameterError("--theta and --theta-x go with --gate threshold or delta")
+        return {}
+    fields = {"gate": gate, "theta": theta}
+    if theta_x is not None:
+        fields["theta_x"] = theta_x
+    problem = KINDS["gru"].check(dict(fields, name="gru", **{"in": 1, "hidden": 1}), [1], "features")
+    if problem:
+        raise ParameterError(f"--gate {gate} --theta {theta} --theta-x {theta_x}: {problem} ('theta' is --theta, 'theta_x' --theta-x)")
+    return fields
+
+
+def gate_label(layers) -> str | None:
+    """The variable gates of an architecture's layer dicts with their thresholds, e.g.
+    "threshold 0.2" or "delta 0.15" ("delta 0.15/0.05" where the input's differs); None when
+    every D-GRU layer is top-A (the names of eval rows and of ``npdgru models``)."""
+    labels = []
+    for layer in layers:
+        gate = layer.get("gate") if isinstance(layer, dict) else None
+        if gate == "threshold":
+            labels.append(f"threshold {layer['theta']:g}")
+        elif gate == "delta":
+            tx = layer.get("theta_x", layer["theta"])
+            labels.append(f"delta {layer['theta']:g}" + ("" if tx == layer["theta"] else f"/{tx:g}"))
+    return ", ".join(dict.fromkeys(labels)) or None
+
+
 def with_gate(architecture: dict, fields: dict) -> dict:
-    """A copy of ``architecture`` whose D-GRU layers along time carry the gate ``fields``, e.g.
-    ``{"gate": "delta", "theta": 0.03}`` (the weights stay valid: a gate adds no tensor)."""
-    layers = [dict(layer, **fields) if KINDS[layer["kind"]].carries_state else dict(layer) for layer in architecture["layers"]]
-    return dict(architecture, layers=layers)
+    """A copy of ``architecture`` whose D-GRU layers along time carry the gate ``fields`` (from
+    :func:`gate_fields`; {} is top-A) in place of any gate they had (the weights stay valid: a
+    gate adds no tensor)."""
+    def regated(layer):
+        kind = KINDS[layer["kind"]]
+        if not kind.carries_state:
+            return dict(layer)
+        return dict({k: v for k, v in layer.items() if k not in kind.v2_keys}, **fields)
+
+    return dict(architecture, layers=[regated(layer) for layer in architecture["layers"]])
 
 
 def _band_input_check(layer, in_widths, source):

@@ -60,6 +60,12 @@ class LayerWork:
         return self.state_columns / self.hidden
 
 
+def work_means(work: dict | None) -> dict | None:
+    """{layer name: LayerWork.means()} of :meth:`MaskModel.work_per_frame`'s result: what
+    ``Plan.macs(measured=)`` takes (None stays None)."""
+    return None if work is None else {k: v.means() for k, v in work.items()}
+
+
 class MaskModel:
     """A mask estimator (NSNet2, DPRNN, MPT, ...) at update percentage P on one backend.
 
@@ -130,7 +136,16 @@ class MaskModel:
         """MACs per frame as this model runs (:meth:`npdgru.plan.Plan.macs`); ``measured`` (from
         :meth:`work_per_frame`) counts the threshold and delta layers at their measured mean work
         instead of the dense bound."""
-        return self.plan.macs(measured=None if measured is None else {k: v.means() for k, v in measured.items()})
+        return self.plan.macs(measured=work_means(measured))
+
+    def updated_share(self, work: dict) -> np.ndarray:
+        """(T,) share of all D-GRU state entries updated per frame, weighted by H·bands as
+        :meth:`fraction_updated`: the measured layers of ``work`` (:meth:`work_per_frame`) per
+        frame, the top-A layers at their A."""
+        steps = self.plan.state_steps
+        T = len(next(iter(work.values())).state_columns) if work else 1
+        updated = sum(s.A * s.bands for s in steps if s.name not in work) + sum(w.state_columns * w.bands for w in work.values())
+        return np.broadcast_to(np.asarray(updated, np.float64) / sum(s.hidden * s.bands for s in steps), (T,))
 
     def work_per_frame(self, features) -> dict:
         """The measured work of the threshold and delta layers on ``features`` (T, 1, n_features).

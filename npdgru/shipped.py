@@ -49,18 +49,19 @@ def shipped_models() -> list[dict]:
 
 
 def _variable_gates(path) -> str | None:
-    """"delta 0.15" (the variable gates of the file's D-GRU layers, from its header only), or None."""
+    """``kinds.gate_label`` of the file's architecture, read from its header only."""
     import json
 
     from safetensors import safe_open
 
+    from .kinds import gate_label
+
     try:
         with safe_open(str(path), "np") as f:
             layers = json.loads((f.metadata() or {}).get("architecture", "{}")).get("layers", [])
+        return gate_label(layers)
     except Exception:  # an unreadable file is reported when it is loaded, not here
         return None
-    gates = [f"{layer['gate']} {layer.get('theta', '?'):g}" for layer in layers if isinstance(layer, dict) and layer.get("gate") in ("threshold", "delta")]
-    return ", ".join(dict.fromkeys(gates)) or None
 
 
 def model_path(name) -> Path:

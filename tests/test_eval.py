@@ -25,6 +25,7 @@ import soundfile as sf
 for _mod in ("pesq", "pystoi", "onnxruntime", "matplotlib", "speechmos"):
     pytest.importorskip(_mod, reason=f"eval extra missing ({_mod}): pip install -e '.[eval]'")
 
+from cli_run import one_line_error, run  # noqa: E402
 from npdgru.cli import main  # noqa: E402
 from npdgru.evaluate.runner import default_onnx_path  # noqa: E402
 
@@ -39,25 +40,10 @@ needs_testset = pytest.mark.skipif(not (TESTSET / "clean").is_dir(), reason=f"te
 pytestmark = pytest.mark.skipif(not SHIPPED.is_file(), reason="weights/nsnet2.safetensors missing")
 
 
-def _run(capsys, *argv):
-    status = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
 def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
     with open(path, newline="") as f:
         r = csv.DictReader(f)
         return list(r.fieldnames), list(r)
-
-
-def _assert_one_line_error(status, err, *needles):
-    assert status == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("npdgru: error: "), err
-    for n in needles:
-        assert n in lines[0], (n, err)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +151,7 @@ def test_smoke_markdown_and_png(smoke):
 def test_jobs_and_missing_onnx(smoke, tmp_path, capsys, monkeypatch):
     """Two workers, and the ONNX row left out with a note: the same numbers as the first run."""
     monkeypatch.setenv("NPDGRU_NSNET2_ONNX", str(tmp_path / "absent.onnx"))
-    status, out, err = _run(capsys, "eval", "--data", TESTSET, "--out", tmp_path / "j2", "--limit", "2", "--percents", "50",
+    status, out, err = run(capsys, "eval", "--data", TESTSET, "--out", tmp_path / "j2", "--limit", "2", "--percents", "50",
                             "--weights", SHIPPED, "--jobs", "2", "--timing-frames", "100", "--timing-repeats", "1", "--quiet")
     assert status == 0, err
     assert "absent.onnx not found" in out and "left out" in out
@@ -180,7 +166,7 @@ def test_jobs_and_missing_onnx(smoke, tmp_path, capsys, monkeypatch):
 @needs_testset
 def test_no_reference_keeps_only_the_model_rows(smoke, tmp_path, capsys):
     """--no-reference: only the weight files' rows, with the numbers of the full run."""
-    status, out, err = _run(capsys, "eval", "--data", TESTSET, "--out", tmp_path / "nr", "--limit", "1", "--percents", "50",
+    status, out, err = run(capsys, "eval", "--data", TESTSET, "--out", tmp_path / "nr", "--limit", "1", "--percents", "50",
                             "--weights", SHIPPED, "--no-reference", "--timing-frames", "100", "--timing-repeats", "1", "--quiet")
     assert status == 0, err
     _, rows = _read_csv(tmp_path / "nr" / "per_file.csv")
@@ -234,7 +220,7 @@ def test_without_manifest_the_snr_is_measured(tmp_path, capsys):
     for sub, src in (("clean", "clean_dishes_5db.flac"), ("noisy", "noisy_dishes_5db.flac")):
         (data / sub).mkdir(parents=True)
         (data / sub / "dishes.flac").write_bytes((REPO / "examples" / src).read_bytes())
-    status, out, err = _run(capsys, "eval", "--data", data, "--out", tmp_path / "o", "--percents", "25", "--weights", SHIPPED,
+    status, out, err = run(capsys, "eval", "--data", data, "--out", tmp_path / "o", "--percents", "25", "--weights", SHIPPED,
                             "--timing-frames", "50", "--timing-repeats", "1", "--quiet")
     assert status == 0, err
     _, rows = _read_csv(tmp_path / "o" / "per_file.csv")
@@ -255,27 +241,27 @@ def _pair_folder(root: Path, names, *, sr=16000, seconds=1.0, clean_names=None):
 
 def test_missing_pair_is_named(tmp_path, capsys):
     data = _pair_folder(tmp_path / "d", ["a.wav", "b.wav"], clean_names=["a.wav"])
-    status, _, err = _run(capsys, "eval", "--data", data, "--out", tmp_path / "o", "--quiet")
-    _assert_one_line_error(status, err, "b.wav", "no clean file")
+    status, _, err = run(capsys, "eval", "--data", data, "--out", tmp_path / "o", "--quiet")
+    one_line_error(status, err, "b.wav", "no clean file")
 
 
 def test_wrong_rate_is_named(tmp_path, capsys):
     data = _pair_folder(tmp_path / "d", ["a.wav"], sr=8000)
-    status, _, err = _run(capsys, "eval", "--data", data, "--out", tmp_path / "o", "--quiet")
-    _assert_one_line_error(status, err, "a.wav", "8000 Hz", "16000")
+    status, _, err = run(capsys, "eval", "--data", data, "--out", tmp_path / "o", "--quiet")
+    one_line_error(status, err, "a.wav", "8000 Hz", "16000")
 
 
 def test_bad_folders_and_options(tmp_path, capsys):
-    status, _, err = _run(capsys, "eval", "--data", tmp_path / "nothing", "--out", tmp_path / "o")
-    _assert_one_line_error(status, err, "nothing", "no such folder")
+    status, _, err = run(capsys, "eval", "--data", tmp_path / "nothing", "--out", tmp_path / "o")
+    one_line_error(status, err, "nothing", "no such folder")
     (tmp_path / "half" / "noisy").mkdir(parents=True)
-    status, _, err = _run(capsys, "eval", "--data", tmp_path / "half", "--out", tmp_path / "o")
-    _assert_one_line_error(status, err, "half", "clean/")
+    status, _, err = run(capsys, "eval", "--data", tmp_path / "half", "--out", tmp_path / "o")
+    one_line_error(status, err, "half", "clean/")
     data = _pair_folder(tmp_path / "d", ["a.wav"])
-    status, _, err = _run(capsys, "eval", "--data", data, "--out", tmp_path / "o", "--onnx", tmp_path / "no.onnx")
-    _assert_one_line_error(status, err, "no.onnx")
-    status, _, err = _run(capsys, "eval", "--data", data, "--out", tmp_path / "o", "--percents", "0")
-    _assert_one_line_error(status, err, "update_percent")
+    status, _, err = run(capsys, "eval", "--data", data, "--out", tmp_path / "o", "--onnx", tmp_path / "no.onnx")
+    one_line_error(status, err, "no.onnx")
+    status, _, err = run(capsys, "eval", "--data", data, "--out", tmp_path / "o", "--percents", "0")
+    one_line_error(status, err, "update_percent")
     with pytest.raises(SystemExit):  # argparse: --jobs must be a positive integer
         main(["eval", "--data", str(data), "--out", str(tmp_path / "o"), "--jobs", "0"])
     capsys.readouterr()
@@ -285,8 +271,8 @@ def test_missing_eval_extra_is_one_line(tmp_path, capsys, monkeypatch):
     import npdgru.evaluate
 
     monkeypatch.setattr(npdgru.evaluate, "missing_dependencies", lambda: ["pesq", "speechmos"])
-    status, out, err = _run(capsys, "eval", "--data", tmp_path, "--out", tmp_path / "o")
-    _assert_one_line_error(status, err, "pesq, speechmos", 'pip install -e ".[eval]"')
+    status, out, err = run(capsys, "eval", "--data", tmp_path, "--out", tmp_path / "o")
+    one_line_error(status, err, "pesq, speechmos", 'pip install -e ".[eval]"')
     assert not (tmp_path / "o").exists()
 
 
@@ -320,7 +306,7 @@ def test_a_gated_model_is_one_row_with_its_measured_work(tmp_path, capsys):
             layer.update(gate="threshold", theta=0.5)
     gated = tmp_path / "gated.safetensors"
     save_weights(gated, w.tensors, architecture=arch)
-    status, out, err = _run(capsys, "eval", "--data", TESTSET, "--out", tmp_path / "g", "--limit", "1", "--percents", "100", "50",
+    status, out, err = run(capsys, "eval", "--data", TESTSET, "--out", tmp_path / "g", "--limit", "1", "--percents", "100", "50",
                             "--weights", gated, "--no-reference", "--timing-frames", "200", "--timing-repeats", "1", "--quiet")
     assert status == 0, err
     summary = json.loads((tmp_path / "g" / "summary.json").read_text())

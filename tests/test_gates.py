@@ -672,9 +672,17 @@ def test_convert_puts_a_gate_on_every_d_gru_layer(tmp_path, capsys):
     assert len(grus) == 2 and all((g["gate"], g["theta"], g["theta_x"]) == ("delta", 0.03, 0.05) for g in grus)
     assert all(layer.get("gate") is None for layer in w.architecture["layers"] if layer["kind"] != "gru")
     assert set(w.tensors) == set(orig.tensors) and all(np.array_equal(w.tensors[k], orig.tensors[k]) for k in w.tensors)
+    # --gate top-a takes the gate off an architecture file that has one (and --gate replaces a gate)
+    arch = tmp_path / "delta.json"
+    arch.write_text(__import__("json").dumps(w.architecture))
+    for argv, want in ((("--gate", "top-a"), [None, None]), (("--gate", "threshold", "--theta", "0.4"), ["threshold", "threshold"])):
+        status, _, err = run(capsys, "convert", src, "-o", tmp_path / "re.safetensors", "--overwrite", "--arch", arch, *argv)
+        assert status == 0, err
+        layers = [layer for layer in load_weights(tmp_path / "re.safetensors").architecture["layers"] if layer["kind"] == "gru"]
+        assert [layer.get("gate") for layer in layers] == want and all("theta_x" not in layer for layer in layers)
     bad = tmp_path / "bad.safetensors"
     for argv, needle in ((("--gate", "threshold", "--theta", "1.5"), "theta' in [0, 1)"), (("--theta", "0.2"), "--theta and --theta-x go with --gate"),
-                         (("--gate", "delta"), "the delta gate needs 'theta'"), (("--gate", "top-a", "--theta", "0.1"), "takes no 'theta'")):
+                         (("--gate", "delta"), "the delta gate needs 'theta'"), (("--gate", "top-a", "--theta", "0.1"), "--theta and --theta-x go with --gate")):
         one_line_error(*run(capsys, "convert", src, "-o", bad, *argv)[::2], needle)
         assert not bad.exists()
 

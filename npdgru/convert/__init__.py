@@ -137,9 +137,10 @@ def map_state_dict(state: dict, arch: dict, mapping: dict, path) -> dict:
 def convert_checkpoint(checkpoint, out_path, *, arch="nsnet2", mapping=None, trained_update_percent=100.0, source=None, license=None, metadata=None, gate=None) -> list[str]:
     """Convert a checkpoint file into an npdgru weight file; returns the reader's notes.
 
-    ``gate`` (e.g. ``{"gate": "delta", "theta": 0.03}``) puts that gate on every D-GRU layer
-    along time of the architecture (``kinds.with_gate``; docs/design.md): a model trained with
-    top-A then runs with another gate, untrained for it.
+    ``gate`` (``kinds.gate_fields``, e.g. ``{"gate": "delta", "theta": 0.03}``; {} is top-A) puts
+    that gate on every D-GRU layer along time of the architecture in place of any it had
+    (``kinds.with_gate``; docs/design.md): a model trained with top-A then runs with another
+    gate, untrained for it. None keeps the architecture's gates.
 
     ``trained_update_percent`` (a number, or ``"any"`` for a model trained at P drawn per batch),
     ``source``, ``license`` and ``metadata`` (more string pairs) go into the file's metadata.
@@ -159,19 +160,19 @@ def convert_checkpoint(checkpoint, out_path, *, arch="nsnet2", mapping=None, tra
     from .torch_checkpoint import read_checkpoint
 
     spec = _architecture(arch)
-    if gate:
+    if gate is not None:
         from ..kinds import with_gate
         from ..weights import WeightsError, validate_architecture
 
         try:
-            spec = validate_architecture(with_gate(spec, gate), f"--gate {gate.get('gate')}")
+            spec = validate_architecture(with_gate(spec, gate), f"--gate {gate.get('gate', 'top-a')}")
         except WeightsError as e:
             raise CheckpointError(str(e)) from None
     state, notes = read_checkpoint(checkpoint)
     tensors = map_state_dict(state, spec, _load_mapping(mapping), checkpoint)
     extra = {"converted_from": os.path.basename(checkpoint), "source_sha256": sha256_of(checkpoint), "notes": "; ".join(notes)}
-    if gate:
-        extra["gate_applied_by_convert"] = ", ".join(f"{k}={v}" for k, v in gate.items())
+    if gate is not None:
+        extra["gate_applied_by_convert"] = ", ".join(f"{k}={v}" for k, v in gate.items()) or "gate=top-a"
     extra.update({str(k): str(v) for k, v in (metadata or {}).items()})
     save_weights(
         out_path, tensors, architecture=spec, trained_update_percent=trained_update_percent,

@@ -240,11 +240,12 @@ def _macs_as_run(model, measured: dict | None = None) -> dict:
     (``sparse_inputs=True``), kept as ``gru_ours_input_accumulators``. ``measured``: the
     variable gates' measured work (``MaskModel.work_per_frame``).
     """
+    from ..model import work_means
     from ..plan import make_plan
 
     out = dict(model.macs_per_frame(measured))
     sparse = make_plan(model.architecture, update_percent=model.update_percent, sparse_inputs=True)
-    out["gru_ours_input_accumulators"] = sparse.macs(None if measured is None else {k: v.means() for k, v in measured.items()})["gru_ours"]
+    out["gru_ours_input_accumulators"] = sparse.macs(work_means(measured))["gru_ours"]
     return out
 
 
@@ -270,6 +271,7 @@ def _weights_entry(entry, percents) -> tuple[str, list[float]]:
 
 def _build_systems(weight_files, percents, onnx_path, reference: bool = True) -> list[System]:
     from ..architectures import NSNET2_ARCHITECTURE
+    from ..kinds import gate_label
     from ..model import MaskModel
     from ..weights import load_weights
 
@@ -283,24 +285,12 @@ def _build_systems(weight_files, percents, onnx_path, reference: bool = True) ->
         stem = Path(w).stem if stems.count(Path(w).stem) == 1 else str(w)
         for P in own_percents:
             m = MaskModel(weights, update_percent=P, backend="cpu")  # validates P
-            gate = _gate_label(m)
+            gate = gate_label(m.architecture["layers"]) or "top-a"
             if gate != "top-a":  # P is not read: one row, its work measured by measure_work()
                 systems.append(System(f"{stem} {gate}", "npdgru", stem, 100.0, str(w), weights.trained_update_percent, None, _macs_as_run(m), gate=gate))
                 break
             systems.append(System(f"{stem} P={P:g}", "npdgru", stem, float(P), str(w), weights.trained_update_percent, m.fraction_updated(), _macs_as_run(m)))
     return systems
-
-
-def _gate_label(model) -> str:
-    """"top-a", or the variable gates of the model's D-GRU layers with their thresholds, e.g.
-    "threshold 0.2" or "delta 0.03/0.03" (state/input)."""
-    labels = []
-    for s in model.plan.state_steps:
-        if s.gate == "threshold":
-            labels.append(f"threshold {s.theta:g}")
-        elif s.gate == "delta":
-            labels.append(f"delta {s.theta:g}/{s.theta_x:g}")
-    return ", ".join(dict.fromkeys(labels)) or "top-a"
 
 
 def measure_work(systems: list[System], features: np.ndarray) -> None:
@@ -316,9 +306,7 @@ def measure_work(systems: list[System], features: np.ndarray) -> None:
             continue
         m = MaskModel(load_weights(s.path), update_percent=s.percent, backend="cpu")
         work = m.work_per_frame(features)
-        steps = m.plan.state_steps
-        updated = sum(s_.A * s_.bands for s_ in steps if s_.name not in work) + sum(w.state_columns * w.bands for w in work.values())
-        share = np.broadcast_to(updated / sum(s_.hidden * s_.bands for s_ in steps), (features.shape[0],))
+        share = m.updated_share(work)
         s.fraction_updated, s.fraction_updated_p99 = float(share.mean()), float(np.percentile(share, 99))
         s.macs = _macs_as_run(m, work)
 

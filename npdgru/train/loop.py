@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from ..errors import NpdgruError, ParameterError
-from ..kinds import with_gate
+from ..kinds import gate_fields, with_gate
 from ..weights import Weights, load_weights
 from .data import AUGMENTS, MixtureSampler
 from .torch_model import GraphNet, MaskNet, istft, log_power, stft
@@ -248,21 +248,8 @@ def ema_update(ema, model, updates: int, decay: float) -> None:
 
 
 def _gate_fields(args) -> dict:
-    """--gate/--theta/--theta-x as the fields of a GRU layer ({} for top-a), checked by the kind."""
-    from ..kinds import KINDS
-
-    gate, theta, theta_x = getattr(args, "gate", "top-a"), getattr(args, "theta", None), getattr(args, "theta_x", None)
-    if gate == "top-a":
-        if theta is not None or theta_x is not None:
-            raise ParameterError("--theta and --theta-x go with --gate threshold or delta")
-        return {}
-    fields = {"gate": gate, "theta": theta}
-    if theta_x is not None:
-        fields["theta_x"] = theta_x
-    problem = KINDS["gru"].check(dict(fields, name="gru", **{"in": 1, "hidden": 1}), [1], "features")
-    if problem:
-        raise ParameterError(f"--gate {gate} --theta {theta} --theta-x {theta_x}: {problem} ('theta' is --theta, 'theta_x' --theta-x)")
-    return fields
+    """--gate/--theta/--theta-x as the fields of a GRU layer ({} for top-a): ``kinds.gate_fields``."""
+    return gate_fields(getattr(args, "gate", "top-a"), getattr(args, "theta", None), getattr(args, "theta_x", None))
 
 
 def _npdgru_state(model) -> dict:
