@@ -470,6 +470,54 @@ def test_noise_floor_loss_acts_only_where_the_output_exceeds_the_reference_on_no
     assert float(loud) == pytest.approx(float(loss.detach()), rel=1e-6)
 
 
+def test_pause_floor_loss_acts_only_in_pause_frames_where_the_output_exceeds_the_lowered_reference():
+    """Hand-made spectra, 3 frames of 2 bins, clean RMS 1: frame 0 speech (clean power 1, far above
+    the mean: no cost however loud the output), frames 1 and 2 pauses (clean power 1e-6, 60 dB under
+    the mean). Frame 1's output lies above the reference in bin 0 only; frame 2's lies below it. With
+    a margin of 20 dB the reference drops tenfold and frame 2's bin 0 starts to cost too."""
+    from npdgru.train.loop import COMPRESSION, pause_floor_loss
+
+    c = COMPRESSION
+    S = torch.tensor([[[1.0, 1.0], [1e-3, 1e-3], [1e-3, 1e-3]]], dtype=torch.complex128)
+    R = torch.tensor([[[0.5, 0.5], [0.1, 0.1], [0.1, 0.1]]], dtype=torch.complex128)
+    er = torch.tensor([[[5.0, 5.0], [0.4, 0.1], [0.05, 0.001]]], dtype=torch.float64, requires_grad=True)
+    E = torch.complex(er, torch.zeros_like(er))
+    rms = torch.ones(1, dtype=torch.float64)
+    loss = pause_floor_loss(E, R, S, rms, below_db=25.0)
+    assert float(loss.detach()) == pytest.approx(((0.4 + 1e-8) ** c - (0.1 + 1e-8) ** c) ** 2 / 6, rel=1e-9)
+    loss.backward()
+    g = er.grad.reshape(3, 2)
+    assert g[1, 0] > 0 and float(g[0].abs().sum()) == 0 and g[1, 1] == 0 and float(g[2].abs().sum()) == 0
+    lowered = pause_floor_loss(E, R, S, rms, below_db=25.0, margin_db=20.0)
+    want = (((0.4 + 1e-8) ** c - (0.01 + 1e-8) ** c) ** 2 + ((0.1 + 1e-8) ** c - (0.01 + 1e-8) ** c) ** 2
+            + ((0.05 + 1e-8) ** c - (0.01 + 1e-8) ** c) ** 2) / 6
+    assert float(lowered.detach()) == pytest.approx(want, rel=1e-9)
+    # no frame is 80 dB under the mean: inactive; level-normalised like the other terms
+    assert float(pause_floor_loss(E, R, S, rms, below_db=80.0).detach()) == 0.0
+    assert float(pause_floor_loss(10 * E, 10 * R, 10 * S, 10 * rms).detach()) == pytest.approx(float(loss.detach()), rel=1e-6)
+
+
+def test_step_loss_adds_the_weighted_pause_term():
+    from npdgru.train.loop import _step_loss, pause_floor_loss
+
+    student = tm.MaskNet.from_weights(_tiny_nsnet2(seed=1)).double()
+    teacher = tm.MaskNet.from_weights(_tiny_nsnet2(seed=2)).double()
+    rng = np.random.default_rng(4)
+    noisy = torch.from_numpy(rng.standard_normal((2, 3200)) * 0.1)
+    clean = torch.from_numpy(rng.standard_normal((2, 3200)) * 0.02)
+    clean[:, 1600:] *= 1e-3  # the second half pauses
+    with torch.no_grad():
+        base = _step_loss(student, noisy, clean, 50, teacher=teacher, distill_weight=0.5)
+        plus = _step_loss(student, noisy, clean, 50, teacher=teacher, distill_weight=0.5, pause_weight=3.0, pause_margin_db=6.0)
+        X, S = tm.stft(noisy), tm.stft(clean)
+        E = X * student(tm.log_power(X), 50)
+        T = X * teacher(tm.log_power(X), 100)
+        rms = clean.square().mean(-1).sqrt() + 1e-5
+        term = pause_floor_loss(E, T, S, rms, 25.0, 6.0)
+    assert float(term) > 0
+    assert float(plus) == pytest.approx(float(base) + 3.0 * float(term), rel=1e-12)
+
+
 def test_step_loss_adds_the_weighted_noise_term_against_the_teacher():
     from npdgru.train.loop import _step_loss, noise_floor_loss
 
@@ -540,7 +588,8 @@ def test_noise_options_are_refused_before_the_run_folder_is_made(tmp_path):
     from npdgru.errors import ParameterError
     from npdgru.train.loop import build_parser, train
 
-    for bad in (["--noise-weight", "-1"], ["--noise-weight", "nan"], ["--val-dnsmos", "99", "--val-count", "4"]):
+    for bad in (["--noise-weight", "-1"], ["--noise-weight", "nan"], ["--val-dnsmos", "99", "--val-count", "4"],
+                ["--pause-weight", "-2"], ["--pause-weight", "inf"], ["--pause-below-db", "nan"], ["--pause-margin-db", "inf"]):
         args = build_parser().parse_args(["--out", str(tmp_path / "run")] + bad)
         with pytest.raises(ParameterError, match=bad[0]):
             train(args)
@@ -548,7 +597,7 @@ def test_noise_options_are_refused_before_the_run_folder_is_made(tmp_path):
 
 
 def test_run_with_noise_term_augmentation_and_validation_dnsmos(tmp_path):
-    """Smoke test: --noise-weight, --augment voice and --val-dnsmos together; the DNSMOS columns
+    """Smoke test: --noise-weight, --pause-weight, --augment voice and --val-dnsmos together; the DNSMOS columns
     carry scores on the 1-5 scale."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("speechmos")
@@ -561,7 +610,7 @@ def test_run_with_noise_term_augmentation_and_validation_dnsmos(tmp_path):
     init = str(tmp_path / "init.safetensors")
     common = ["--data", str(tmp_path / "data"), "--init", init, "--teacher", init, "--out", str(tmp_path / "run"),
               "--batch", "2", "--seconds", "0.5", "--val-count", "2", "--val-every", "2", "--log-every", "1",
-              "--any-p", "25", "100", "--noise-weight", "1", "--augment", "voice"]
+              "--any-p", "25", "100", "--noise-weight", "1", "--pause-weight", "2", "--augment", "voice"]
     assert train_main(common + ["--steps", "2", "--val-dnsmos", "1"]) == 0
     rows = [r.split(",") for r in (tmp_path / "run" / "log.csv").read_text().splitlines()]
     assert rows[0][-3:] == ["dnsmos_sig_P50", "dnsmos_bak_P50", "dnsmos_ovrl_P50"]

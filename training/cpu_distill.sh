@@ -28,6 +28,9 @@
 #                                    npdgru convert training/runs/nsnet2-$GATE/last.pt --arch training/runs/nsnet2-$GATE/architecture.json
 #                                    RUN=<folder name> writes to training/runs/<folder name> instead (e.g. a second theta);
 #                                    INIT=<weight file> starts from it (e.g. a run's exported candidate, to go on in a new folder)
+#   bash training/cpu_distill.sh 9   lane 7 plus the speech-pause term (--pause-weight MU=3: every bin of the frames whose
+#                                    clean power is 25 dB under the crop's mean pulled down to the teacher's magnitude lowered
+#                                    by MARGIN=6 dB), from the shipped default; RUN= names the folder (default nsnet2-pause)
 # Recipe v2, P drawn per batch from U[25, 100], teacher = the original NSNet2 (dense), student
 # initialised from the teacher. Lane 1 keeps step<N>.pt snapshots for the comparison.
 set -euo pipefail
@@ -59,4 +62,9 @@ case "$1" in
        --teacher weights/nsnet2.safetensors --distill-weight 0.5 --noise-weight 1 --noise-below-db 10 --augment voice \
        --recipe v2 --batch 16 --seconds 4 --lr 1e-4 --warmup 30 --val-every 100 --val-count 64 \
        --val-dnsmos 32 --snapshot-every 300 --log-every 20 --threads 1 --steps 100000 --seed 19 --ema 0.99 --minutes "${MINUTES:-150}" ;;
+  9) python3 -m npdgru.train --out "training/runs/${RUN:-nsnet2-pause}" --init "${INIT:-weights/nsnet2-kd-anyp.safetensors}" --continue \
+       --teacher weights/nsnet2.safetensors --distill-weight 0.5 --noise-weight 1 --noise-below-db 10 \
+       --pause-weight "${MU:-3}" --pause-below-db 25 --pause-margin-db "${MARGIN:-6}" --augment voice \
+       --any-p 25 100 --p-skew 2 --recipe v2 --batch 16 --seconds 4 --lr 1e-4 --warmup 30 --val-every 100 --val-count 64 \
+       --val-dnsmos 32 --snapshot-every 100 --log-every 20 --threads 1 --steps 100000 --seed 23 --ema 0.99 --minutes "${MINUTES:-150}" ;;
 esac

@@ -39,6 +39,17 @@ spectrum with a teacher, the clean speech without) and never up:
 Where the student already suppresses more than the reference the term is zero (it cannot push
 towards over-suppression); where speech is present it is zero (the spectral loss alone decides).
 
+Speech pauses (``--pause-weight μ``, ``--pause-below-db φ``, ``--pause-margin-db δ``; see
+:func:`pause_floor_loss`): the same one-sided pull on every bin of the frames where the speech
+pauses, i.e. whose clean power lies more than φ dB under the example's mean clean frame power,
+towards the reference lowered by δ dB:
+
+    + μ · mean_{b,t,f} p_t · max(0, |Ê_tf|^c − (10^(−δ/20) |R̂_tf|)^c)²,   p_t = [ P_t · 10^(φ/10) < mean_t P_t ],
+    P_t = mean_f |S_tf|²
+
+Residual noise in pauses is what a listener (and DNSMOS BAK) hears most; pulling there costs no
+speech, whereas the bin term above also acts on the weak bins of speech frames.
+
 Model selection: at each validation step the mean validation loss over the validation P (against
 clean speech, on held-out speakers and held-out noise clips) is compared with the best so far;
 the best model is kept as ``best.pt`` (``npdgru convert best.pt`` ships it).
@@ -100,6 +111,23 @@ def noise_floor_loss(est_spec, ref_spec, clean_spec, noisy_spec, clean_rms, belo
     return (mask * torch.relu(mag_e - mag_r).square()).mean()
 
 
+def pause_floor_loss(est_spec, ref_spec, clean_spec, clean_rms, below_db: float = 25.0, margin_db: float = 0.0) -> torch.Tensor:
+    """The speech-pause term of the module docstring (without its weight μ):
+
+        mean_{b,t,f} p_t · max(0, |Ê_tf|^c − (10^(−δ/20) |R̂_tf|)^c)²,   p_t = [ P_t · 10^(φ/10) < mean_t P_t ]
+
+    with P_t = mean_f |S_tf|² the clean power of frame t, φ = ``below_db``, δ = ``margin_db`` and the
+    spectra divided by the example's clean RMS as in :func:`loss_fn`. One-sided, like
+    :func:`noise_floor_loss`: an output already below the (lowered) reference costs nothing.
+    """
+    scale = (1.0 / clean_rms).reshape(-1, 1, 1)
+    frame_power = clean_spec.abs().square().mean(dim=2)  # (B, T)
+    pause = (frame_power * 10.0 ** (below_db / 10.0) < frame_power.mean(dim=1, keepdim=True)).to(est_spec.real.dtype)
+    mag_e = ((est_spec * scale).abs() + 1e-8) ** COMPRESSION
+    mag_r = ((ref_spec * scale).abs() * 10.0 ** (-margin_db / 20.0) + 1e-8) ** COMPRESSION
+    return (pause.unsqueeze(-1) * torch.relu(mag_e - mag_r).square()).mean()
+
+
 def si_snr_db(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Per-example SI-SNR in dB (zero-mean), (B, n) → (B,)."""
     est = est - est.mean(-1, keepdim=True)
@@ -108,9 +136,11 @@ def si_snr_db(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(proj.square().sum(-1) / ((est - proj).square().sum(-1) + 1e-12) + 1e-12)
 
 
-def _step_loss(model, noisy, clean, P, teacher=None, distill_weight=0.0, noise_weight=0.0, noise_below_db=10.0):
+def _step_loss(model, noisy, clean, P, teacher=None, distill_weight=0.0, noise_weight=0.0, noise_below_db=10.0,
+               pause_weight=0.0, pause_below_db=25.0, pause_margin_db=0.0):
     """The training loss of one batch; with a teacher, the mix of the module docstring; with
-    ``noise_weight`` λ > 0, plus λ times :func:`noise_floor_loss` (reference: the teacher if given)."""
+    ``noise_weight`` λ > 0, plus λ times :func:`noise_floor_loss`, with ``pause_weight`` μ > 0, plus μ
+    times :func:`pause_floor_loss` (reference: the teacher if given, else the clean speech)."""
     dev = next(model.parameters()).device
     noisy, clean = noisy.to(dev), clean.to(dev)
     X = stft(noisy)
@@ -119,7 +149,7 @@ def _step_loss(model, noisy, clean, P, teacher=None, distill_weight=0.0, noise_w
     E = X * model(feats, update_percent=P)
     rms = clean.square().mean(-1).sqrt() + 1e-5
     T = None
-    if teacher is not None and (distill_weight > 0.0 or noise_weight > 0.0):
+    if teacher is not None and (distill_weight > 0.0 or noise_weight > 0.0 or pause_weight > 0.0):
         with torch.no_grad():
             T = X * teacher(feats, update_percent=100.0)
     if T is None or distill_weight == 0.0:
@@ -130,6 +160,8 @@ def _step_loss(model, noisy, clean, P, teacher=None, distill_weight=0.0, noise_w
         loss = distill_weight * loss_fn(E, T, rms) + (1.0 - distill_weight) * loss_fn(E, S, rms)
     if noise_weight > 0.0:
         loss = loss + noise_weight * noise_floor_loss(E, S if T is None else T, S, X, rms, noise_below_db)
+    if pause_weight > 0.0:
+        loss = loss + pause_weight * pause_floor_loss(E, S if T is None else T, S, rms, pause_below_db, pause_margin_db)
     return loss
 
 
@@ -295,6 +327,13 @@ def build_parser(p=None):
                         "(or the clean speech's) magnitude on bins where the speech is --noise-below-db under the noise; 0: off")
     p.add_argument("--noise-below-db", type=float, default=10.0,
                    help="with --noise-weight: a bin counts as noise-dominated when the clean speech is this many dB below the noise")
+    p.add_argument("--pause-weight", type=float, default=0.0,
+                   help="weight μ of the speech-pause term (module docstring): pulls every bin of the frames where the speech "
+                        "pauses down to the teacher's (or the clean speech's) magnitude; 0: off")
+    p.add_argument("--pause-below-db", type=float, default=25.0,
+                   help="with --pause-weight: a frame is a pause when its clean power is this many dB under the example's mean")
+    p.add_argument("--pause-margin-db", type=float, default=0.0,
+                   help="with --pause-weight: pull the pauses this many dB below the reference (0: down to it)")
     p.add_argument("--augment", default="none", choices=list(AUGMENTS),
                    help="training-mixture augmentation (npdgru.train.data): voice = speed, EQ, level ramp of the speech; "
                         "band limits and a resampling chain on speech and noise (validation is never augmented)")
@@ -331,6 +370,12 @@ def train(args) -> pathlib.Path:
         raise ParameterError(f"--noise-weight must be a finite number >= 0 (0: off), got {noise_weight}")
     if not -float("inf") < getattr(args, "noise_below_db", 10.0) < float("inf"):
         raise ParameterError(f"--noise-below-db must be a finite number of dB, got {args.noise_below_db}")
+    pause_weight = getattr(args, "pause_weight", 0.0)
+    if not 0.0 <= pause_weight < float("inf"):
+        raise ParameterError(f"--pause-weight must be a finite number >= 0 (0: off), got {pause_weight}")
+    for name in ("pause_below_db", "pause_margin_db"):
+        if not -float("inf") < getattr(args, name, 0.0) < float("inf"):
+            raise ParameterError(f"--{name.replace('_', '-')} must be a finite number of dB, got {getattr(args, name)}")
     if getattr(args, "augment", "none") not in AUGMENTS:
         raise ParameterError(f"--augment must be one of {AUGMENTS}, got {args.augment!r}")
     val_dnsmos = getattr(args, "val_dnsmos", 0)
@@ -478,7 +523,8 @@ def train(args) -> pathlib.Path:
         for group in opt.param_groups:
             group["lr"] = lr
         loss = _step_loss(model, torch.from_numpy(noisy), torch.from_numpy(clean), P, teacher, args.distill_weight,
-                          noise_weight, getattr(args, "noise_below_db", 10.0))
+                          noise_weight, getattr(args, "noise_below_db", 10.0), pause_weight,
+                          getattr(args, "pause_below_db", 25.0), getattr(args, "pause_margin_db", 0.0))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
