@@ -208,6 +208,44 @@ def test_mixtures_follow_the_recipe(tmp_path):
     np.testing.assert_array_equal(a[0], b[0])
 
 
+def test_extra_speech_is_drawn_by_its_share_in_training_only(tmp_path):
+    """--extra-speech: the extra folder's utterances come with probability --extra-speech-share
+    (0: never, 1: always, 0.5: about half of 400 draws), only in the training split; an unknown
+    folder is refused before a run folder is made."""
+    import soundfile as sf
+
+    from npdgru.errors import ParameterError
+    from npdgru.train.loop import build_parser, train
+
+    _fake_corpus(tmp_path / "data")
+    extra = tmp_path / "libri"
+    extra.mkdir()
+    for k in range(3):
+        sf.write(extra / f"{k}-1-000{k}.flac", np.random.default_rng(k).standard_normal(30000) * 0.1, 16000)
+
+    def drawn(split, share, n=400):
+        s = MixtureSampler(tmp_path / "data", split=split, seconds=1.0, seed=5, extra_speech=[extra], extra_share=share)
+        seen = []
+        crop = s._speech_crop
+        s._speech_crop = lambda rng, stem, n=None: (seen.append(stem), crop(rng, stem, n))[1]
+        for _ in range(n):
+            s.example()
+        return seen
+
+    assert not any(x.startswith("libri/") for x in drawn("train", 0.0))
+    assert all(x.startswith("libri/") for x in drawn("train", 1.0))
+    half = sum(x.startswith("libri/") for x in drawn("train", 0.5))
+    assert 140 < half < 260  # binomial(400, 0.5): 6 standard deviations either side
+    assert not any(x.startswith("libri/") for x in drawn("val", 1.0, 50))
+    with pytest.raises(ParameterError, match="extra_share"):
+        MixtureSampler(tmp_path / "data", seconds=1.0, extra_speech=[extra], extra_share=1.5)
+    for bad in (["--extra-speech", str(tmp_path / "nowhere")], ["--extra-speech-share", "2"]):
+        args = build_parser().parse_args(["--out", str(tmp_path / "run"), "--data", str(tmp_path / "data")] + bad)
+        with pytest.raises(ParameterError, match=bad[0]):
+            train(args)
+        assert not (tmp_path / "run").exists()
+
+
 def test_sampler_never_reads_test_noise(tmp_path, monkeypatch):
     import soundfile as sf
 

@@ -46,6 +46,12 @@ stays exact and the target is the speech as the channel delivers it):
   6th-order low-pass at 3.5-7.5 kHz;
 - resampling chain (probability 0.2): down to 8 or 12 kHz and back (polyphase, scipy).
 
+**More voices** (``extra_speech``, ``npdgru train --extra-speech FOLDER``; training split only):
+folders of further clean speech (e.g. the LibriSpeech subset that ``tools/librispeech_voices.py``
+writes). Each file counts as its own speaker; an example's utterance comes from them with
+probability ``extra_share`` (``--extra-speech-share``, default 0.3), else from ``speech/train``.
+Babble may then contain them too.
+
 **v1** (the recipe of the first fine-tunes): only the six ``noise/train`` recordings (all of
 them, validation included), no reverberation, SNR in [-5, 15] dB, level in [-40, -15] dBFS.
 
@@ -171,7 +177,7 @@ class MixtureSampler:
     """Draws (noisy, clean) training pairs; see the module docstring for the recipes."""
 
     def __init__(self, data_root, *, split: str = "train", seconds: float = 4.0, seed: int = 0, recipe: str = "v2",
-                 augment: str = "none"):
+                 augment: str = "none", extra_speech=(), extra_share: float = 0.3):
         root = pathlib.Path(data_root)
         if split not in ("train", "val"):
             raise ParameterError(f"split must be 'train' or 'val', got {split!r}")
@@ -182,6 +188,16 @@ class MixtureSampler:
         self.recipe = recipe
         self.augment = augment
         self.speech = _read_folder(root / "speech" / split)
+        if not 0.0 <= extra_share <= 1.0:
+            raise ParameterError(f"extra_share must be in [0, 1], got {extra_share}")
+        self.extra_share = extra_share
+        self.extra_stems: list[str] = []
+        if split == "train":  # more voices: each file its own speaker, drawn with probability extra_share
+            for folder in extra_speech:
+                for stem, x in _read_folder(pathlib.Path(folder)).items():
+                    key = f"{pathlib.Path(folder).name}/{stem}"
+                    self.speech[key] = x
+                    self.extra_stems.append(key)
         # Noise always comes from noise/train (+ noise/extra/train): noise/test is reserved for testset/.
         base = _read_folder(root / "noise" / "train")
         self.rirs: list[np.ndarray] = []
@@ -213,7 +229,8 @@ class MixtureSampler:
         self.by_speaker = collections.defaultdict(list)
         for stem in self.speech:
             self.by_speaker[_speaker(stem)].append(stem)
-        self.stems = sorted(self.speech)
+        self.stems = sorted(set(self.speech) - set(self.extra_stems))
+        self.extra_stems.sort()
         self.babble_stems = sorted(self.babble_pool)
         self.n = int(round(seconds * SAMPLE_RATE))
         self.rng = np.random.default_rng(seed)
@@ -294,7 +311,10 @@ class MixtureSampler:
     def example(self, rng=None) -> tuple[np.ndarray, np.ndarray, float]:
         """One (noisy, clean, snr_db) pair, float32 arrays of ``seconds`` at 16 kHz."""
         rng = self.rng if rng is None else rng
-        stem = self.stems[int(rng.integers(len(self.stems)))]
+        if self.extra_stems and rng.random() < self.extra_share:
+            stem = self.extra_stems[int(rng.integers(len(self.extra_stems)))]
+        else:
+            stem = self.stems[int(rng.integers(len(self.stems)))]
         voice = self.augment == "voice"
         clean = _voice(rng, self, stem, self.n) if voice else self._speech_crop(rng, stem).astype(np.float64)
         if self.p_reverb and rng.random() < self.p_reverb:

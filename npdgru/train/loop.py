@@ -231,8 +231,9 @@ def validate_dnsmos(model, noisy, scorer, P=DNSMOS_P) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in scores.items()}
 
 
-def _producer(queue, data, seconds, recipe, seed, batch, augment="none"):  # a worker process of BatchSource
-    sampler = MixtureSampler(data, split="train", seconds=seconds, seed=0, recipe=recipe, augment=augment)
+def _producer(queue, data, seconds, recipe, seed, batch, augment="none", extra_speech=(), extra_share=0.3):  # a worker of BatchSource
+    sampler = MixtureSampler(data, split="train", seconds=seconds, seed=0, recipe=recipe, augment=augment,
+                             extra_speech=extra_speech, extra_share=extra_share)
     sampler.rng = np.random.default_rng(seed)
     while True:
         queue.put(sampler.batch(batch))
@@ -256,7 +257,8 @@ class BatchSource:
             for w in range(args.workers):
                 q = ctx.Queue(maxsize=3)
                 seed = [args.seed, step, w]
-                ctx.Process(target=_producer, args=(q, args.data, args.seconds, args.recipe, seed, args.batch, getattr(args, "augment", "none")), daemon=True).start()
+                ctx.Process(target=_producer, args=(q, args.data, args.seconds, args.recipe, seed, args.batch, getattr(args, "augment", "none"),
+                                                         getattr(args, "extra_speech", None) or (), getattr(args, "extra_speech_share", 0.3)), daemon=True).start()
                 self.queues.append(q)
 
     def next(self, batch):
@@ -334,6 +336,11 @@ def build_parser(p=None):
                    help="with --pause-weight: a frame is a pause when its clean power is this many dB under the example's mean")
     p.add_argument("--pause-margin-db", type=float, default=0.0,
                    help="with --pause-weight: pull the pauses this many dB below the reference (0: down to it)")
+    p.add_argument("--extra-speech", action="append", default=None, metavar="FOLDER",
+                   help="a folder of further clean training speech, 16 kHz .flac or .ogg (repeatable; e.g. the LibriSpeech "
+                        "subset of tools/librispeech_voices.py); validation stays speech/val")
+    p.add_argument("--extra-speech-share", type=float, default=0.3,
+                   help="with --extra-speech: probability that an example's utterance comes from those folders")
     p.add_argument("--augment", default="none", choices=list(AUGMENTS),
                    help="training-mixture augmentation (npdgru.train.data): voice = speed, EQ, level ramp of the speech; "
                         "band limits and a resampling chain on speech and noise (validation is never augmented)")
@@ -376,6 +383,11 @@ def train(args) -> pathlib.Path:
     for name in ("pause_below_db", "pause_margin_db"):
         if not -float("inf") < getattr(args, name, 0.0) < float("inf"):
             raise ParameterError(f"--{name.replace('_', '-')} must be a finite number of dB, got {getattr(args, name)}")
+    if not 0.0 <= getattr(args, "extra_speech_share", 0.3) <= 1.0:
+        raise ParameterError(f"--extra-speech-share must be in [0, 1], got {args.extra_speech_share}")
+    for folder in getattr(args, "extra_speech", None) or ():
+        if not pathlib.Path(folder).is_dir():
+            raise ParameterError(f"--extra-speech {folder}: no such folder")
     if getattr(args, "augment", "none") not in AUGMENTS:
         raise ParameterError(f"--augment must be one of {AUGMENTS}, got {args.augment!r}")
     val_dnsmos = getattr(args, "val_dnsmos", 0)
@@ -419,7 +431,8 @@ def train(args) -> pathlib.Path:
     teacher = load_teacher(args.teacher, args.device) if args.teacher else None
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sampler = MixtureSampler(args.data, split="train", seconds=args.seconds, seed=args.seed, recipe=args.recipe,
-                             augment=getattr(args, "augment", "none"))
+                             augment=getattr(args, "augment", "none"), extra_speech=getattr(args, "extra_speech", None) or (),
+                             extra_share=getattr(args, "extra_speech_share", 0.3))
     step = 0
     note = ""
     ema = copy.deepcopy(model) if getattr(args, "ema", 0.0) > 0 else None
