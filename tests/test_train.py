@@ -535,27 +535,6 @@ def test_pause_floor_loss_acts_only_in_pause_frames_where_the_output_exceeds_the
     assert float(pause_floor_loss(10 * E, 10 * R, 10 * S, 10 * rms).detach()) == pytest.approx(float(loss.detach()), rel=1e-6)
 
 
-def test_step_loss_adds_the_weighted_pause_term():
-    from npdgru.train.loop import _step_loss, pause_floor_loss
-
-    student = tm.MaskNet.from_weights(_tiny_nsnet2(seed=1)).double()
-    teacher = tm.MaskNet.from_weights(_tiny_nsnet2(seed=2)).double()
-    rng = np.random.default_rng(4)
-    noisy = torch.from_numpy(rng.standard_normal((2, 3200)) * 0.1)
-    clean = torch.from_numpy(rng.standard_normal((2, 3200)) * 0.02)
-    clean[:, 1600:] *= 1e-3  # the second half pauses
-    with torch.no_grad():
-        base = _step_loss(student, noisy, clean, 50, teacher=teacher, distill_weight=0.5)
-        plus = _step_loss(student, noisy, clean, 50, teacher=teacher, distill_weight=0.5, pause_weight=3.0, pause_margin_db=6.0)
-        X, S = tm.stft(noisy), tm.stft(clean)
-        E = X * student(tm.log_power(X), 50)
-        T = X * teacher(tm.log_power(X), 100)
-        rms = clean.square().mean(-1).sqrt() + 1e-5
-        term = pause_floor_loss(E, T, S, rms, 25.0, 6.0)
-    assert float(term) > 0
-    assert float(plus) == pytest.approx(float(base) + 3.0 * float(term), rel=1e-12)
-
-
 def test_step_loss_adds_the_weighted_noise_term_against_the_teacher():
     from npdgru.train.loop import _step_loss, noise_floor_loss
 
@@ -577,6 +556,17 @@ def test_step_loss_adds_the_weighted_noise_term_against_the_teacher():
     assert float(term_t) > 0 and float(term_s) > 0
     assert float(plus) == pytest.approx(float(base) + 2.0 * float(term_t), rel=1e-12)
     assert float(sup) == pytest.approx(float(_step_loss(student, noisy, clean, 50)) + 2.0 * float(term_s), rel=1e-12)
+    # the speech-pause term, with a second half of the clean speech that pauses
+    from npdgru.train.loop import pause_floor_loss
+
+    clean[:, 1600:] *= 1e-3
+    with torch.no_grad():
+        base = _step_loss(student, noisy, clean, 50, teacher=teacher, distill_weight=0.5)
+        plus = _step_loss(student, noisy, clean, 50, teacher=teacher, distill_weight=0.5, pause_weight=3.0, pause_margin_db=6.0)
+        S = tm.stft(clean)
+        term = pause_floor_loss(E, T, S, clean.square().mean(-1).sqrt() + 1e-5, 25.0, 6.0)
+    assert float(term) > 0
+    assert float(plus) == pytest.approx(float(base) + 3.0 * float(term), rel=1e-12)
 
 
 def test_peaking_eq_has_its_gain_at_the_centre():

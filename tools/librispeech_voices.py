@@ -8,7 +8,7 @@ public domain audio books", ICASSP 2015; OpenSLR SLR12) in ``audio_data/``: one 
 of 251 train-clean-100 speakers and ten of each of 10 test-other speakers. Only those two folders
 are read, at the pinned commit below (the repository's other audio is not LibriSpeech). Written:
 
-    OUT/speech/train/        the 251 train-clean-100 utterances (about 60 min, 16 kHz FLAC), for
+    OUT/speech/train/        the 251 train-clean-100 utterances (52 min, 16 kHz FLAC), for
                              ``npdgru train --extra-speech OUT/speech/train``
     OUT/testset_voices/      100 mixtures of the test-other utterances (10 speakers no training
                              folder holds, read audiobooks: another corpus, other voices and
@@ -25,7 +25,7 @@ signal's power to the noise's, as in ``testset_ood``; a mixture whose peak excee
 down, clean and noisy by the same factor. Nothing here is ever read by training: the test set is
 for evaluation only, and training reads only OUT/speech/train when told to.
 
-Kept out of git (about 30 MB); the pinned commit makes the files the same on every machine.
+Kept out of git (about 80 MB); the pinned commit makes the files the same on every machine.
 """
 
 from __future__ import annotations

@@ -106,9 +106,12 @@ def noise_floor_loss(est_spec, ref_spec, clean_spec, noisy_spec, clean_rms, belo
     scale = (1.0 / clean_rms).reshape(-1, 1, 1)
     noise_power = (noisy_spec - clean_spec).abs().square()
     mask = (clean_spec.abs().square() * 10.0 ** (below_db / 10.0) < noise_power).to(est_spec.real.dtype)
-    mag_e = ((est_spec * scale).abs() + 1e-8) ** COMPRESSION
-    mag_r = ((ref_spec * scale).abs() + 1e-8) ** COMPRESSION
-    return (mask * torch.relu(mag_e - mag_r).square()).mean()
+    return (mask * _excess(est_spec * scale, ref_spec * scale)).mean()
+
+
+def _excess(est, ref) -> torch.Tensor:
+    """max(0, |E|^c − |R|^c)² per bin: the one-sided gap of the two floor terms (spectra already level-normalised)."""
+    return torch.relu((est.abs() + 1e-8) ** COMPRESSION - (ref.abs() + 1e-8) ** COMPRESSION).square()
 
 
 def pause_floor_loss(est_spec, ref_spec, clean_spec, clean_rms, below_db: float = 25.0, margin_db: float = 0.0) -> torch.Tensor:
@@ -123,9 +126,7 @@ def pause_floor_loss(est_spec, ref_spec, clean_spec, clean_rms, below_db: float 
     scale = (1.0 / clean_rms).reshape(-1, 1, 1)
     frame_power = clean_spec.abs().square().mean(dim=2)  # (B, T)
     pause = (frame_power * 10.0 ** (below_db / 10.0) < frame_power.mean(dim=1, keepdim=True)).to(est_spec.real.dtype)
-    mag_e = ((est_spec * scale).abs() + 1e-8) ** COMPRESSION
-    mag_r = ((ref_spec * scale).abs() * 10.0 ** (-margin_db / 20.0) + 1e-8) ** COMPRESSION
-    return (pause.unsqueeze(-1) * torch.relu(mag_e - mag_r).square()).mean()
+    return (pause.unsqueeze(-1) * _excess(est_spec * scale, ref_spec * (scale * 10.0 ** (-margin_db / 20.0)))).mean()
 
 
 def si_snr_db(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
