@@ -30,7 +30,12 @@
 #                                    INIT=<weight file> starts from it (e.g. a run's exported candidate, to go on in a new folder)
 #   bash training/cpu_distill.sh 9   lane 7 plus the speech-pause term (--pause-weight MU=3: every bin of the frames whose
 #                                    clean power is 25 dB under the crop's mean pulled down to the teacher's magnitude lowered
-#                                    by MARGIN=6 dB), from the shipped default; RUN= names the folder (default nsnet2-pause)
+#                                    by MARGIN=6 dB), from the shipped default; RUN= names the folder (default nsnet2-pause);
+#                                    EXTRA=<folder> adds a second speech corpus to the training split at a 30 % share
+#                                    (EXTRA=.cache/librispeech/speech/train, written by tools/librispeech_voices.py)
+#   bash training/cpu_distill.sh 10  MPT (ARCH=mpt, the default) or DPRNN (ARCH=dprnn) continued from its shipped weights
+#                                    with lane 7's objective (residual-noise term at 1, voice/channel augmentation) and
+#                                    EXTRA= as in lane 9, at lanes 4/5's learning rate (LR=3e-4); RUN= names the folder (default <arch>-bak)
 # Recipe v2, P drawn per batch from U[25, 100], teacher = the original NSNet2 (dense), student
 # initialised from the teacher. Lane 1 keeps step<N>.pt snapshots for the comparison.
 set -euo pipefail
@@ -66,5 +71,13 @@ case "$1" in
        --teacher weights/nsnet2.safetensors --distill-weight 0.5 --noise-weight 1 --noise-below-db 10 \
        --pause-weight "${MU:-3}" --pause-below-db 25 --pause-margin-db "${MARGIN:-6}" --augment voice \
        --any-p 25 100 --p-skew 2 --recipe v2 --batch 16 --seconds 4 --lr 1e-4 --warmup 30 --val-every 100 --val-count 64 \
-       --val-dnsmos 32 --snapshot-every 100 --log-every 20 --threads 1 --steps 100000 --seed 23 --ema 0.99 --minutes "${MINUTES:-150}" ;;
+       --val-dnsmos 32 --snapshot-every 100 --log-every 20 --threads 1 --steps 100000 --seed 23 --ema 0.99 --minutes "${MINUTES:-150}" \
+       ${EXTRA:+--extra-speech "$EXTRA" --extra-speech-share 0.3} ;;
+  10) arch=${ARCH:-mpt}
+     python3 -m npdgru.train --out "training/runs/${RUN:-$arch-bak}" --init "${INIT:-weights/$arch-anyp.safetensors}" --continue \
+       --teacher weights/nsnet2.safetensors --distill-weight 0.5 --noise-weight 1 --noise-below-db 10 --augment voice \
+       --any-p 25 100 --p-skew 2 --recipe v2 --batch 16 --seconds 4 --lr "${LR:-3e-4}" --warmup 30 --val-every 100 --val-count 64 \
+       --val-dnsmos 32 --snapshot-every 100 --log-every 20 --threads 1 --steps 100000 --seed 29 --ema 0.99 --minutes "${MINUTES:-150}" \
+       ${EXTRA:+--extra-speech "$EXTRA" --extra-speech-share 0.3} ;;
+  *) echo "usage: bash training/cpu_distill.sh LANE (1-10)" >&2; exit 2 ;;
 esac
