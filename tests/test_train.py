@@ -438,8 +438,10 @@ def test_ema_update_follows_the_formula():
 
 
 def test_ema_run_validates_the_average_and_resumes(tmp_path):
-    """--ema: last.pt carries the average and its update count, best.pt is the average (not the
-    raw weights), and a resume with other options records them in config.json."""
+    """--ema: last.pt carries the average as "model" (what `npdgru convert` takes), the raw weights
+    as "raw" and the update count; best.pt is the average (not the raw weights); a resume with
+    other options records them in config.json."""
+    from npdgru.convert.torch_checkpoint import read_checkpoint
     from npdgru.train.loop import main as train_main
     from npdgru.weights import save_weights
 
@@ -452,10 +454,12 @@ def test_ema_run_validates_the_average_and_resumes(tmp_path):
     assert train_main(common + ["--steps", "3"]) == 0
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
-    assert last["ema_updates"] == 3 and set(last["ema"]) == set(last["model"])
-    assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in last["model"])
+    assert last["ema_updates"] == 3 and set(last["raw"]) == set(last["model"]) and "ema" not in last
+    assert any(not torch.equal(last["raw"][k], last["model"][k]) for k in last["model"])
     if best["step"] == 3:
-        assert all(torch.equal(best["model"][k], last["ema"][k]) for k in last["model"])
+        assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+    state, _ = read_checkpoint(tmp_path / "run" / "last.pt")  # the converter's reading: the average
+    assert all(np.array_equal(state[k], last["model"][k].numpy()) for k in last["model"])
     with open(tmp_path / "run" / "log.csv", "a") as f:  # a row logged after the checkpoint by a run then killed
         f.write("9,99.0,0.5,0.01\n")
     assert train_main(common + ["--steps", "4", "--lr", "5e-3"]) == 0
@@ -464,6 +468,35 @@ def test_ema_run_validates_the_average_and_resumes(tmp_path):
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["ema_updates"] == 4
     steps = [int(r.split(",")[0]) for r in (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]]
     assert 9 not in steps and steps == sorted(steps) and steps[-1] == 4, steps  # the row after the checkpoint is dropped on resume
+
+
+def test_ema_run_resumes_from_the_earlier_checkpoint_layout(tmp_path):
+    """A last.pt of the earlier layout ("model" the raw weights, "ema" the average) resumes: the
+    trained weights continue from "model", the average from "ema", and the new last.pt has the
+    current layout."""
+    from npdgru.train.loop import main as train_main
+    from npdgru.weights import save_weights
+
+    _fake_corpus(tmp_path / "data")
+    w = _tiny_nsnet2()
+    save_weights(tmp_path / "init.safetensors", w.tensors, architecture=w.architecture)
+    common = ["--data", str(tmp_path / "data"), "--init", str(tmp_path / "init.safetensors"), "--recipe", "v1",
+              "--out", str(tmp_path / "run"), "--batch", "2", "--seconds", "0.5", "--val-count", "2", "--val-every", "2",
+              "--log-every", "1", "--update-percent", "50", "--lr", "1e-2", "--ema", "0.9"]
+    assert train_main(common + ["--steps", "2"]) == 0
+    path = tmp_path / "run" / "last.pt"
+    now = torch.load(path, weights_only=True)
+    torch.save({"model": now["raw"], "ema": now["model"], "step": now["step"], "seed": now["seed"],
+                "ema_updates": now["ema_updates"]}, path)
+    assert train_main(common + ["--steps", "3", "--lr", "0"]) == 0  # lr 0: the raw weights stay as they were
+    after = torch.load(path, weights_only=True)
+    assert after["step"] == 3 and after["ema_updates"] == 3 and "ema" not in after
+    assert all(torch.equal(after["raw"][k], now["raw"][k]) for k in now["raw"])
+    # one more average step towards unchanged raw weights: d * average + (1 - d) * raw
+    d = min(0.9, (1 + 2) / (10 + 2))
+    for k in now["raw"]:
+        if now["raw"][k].is_floating_point():
+            assert torch.allclose(after["model"][k], d * now["model"][k] + (1 - d) * now["raw"][k], atol=1e-6), k
 
 
 @pytest.mark.parametrize("argv, message", [(["--ema", "2"], "--ema must be in [0, 1)"), (["--distill-weight", "1.5"], "--distill-weight must be in [0, 1]"),

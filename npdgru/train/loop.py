@@ -440,7 +440,9 @@ def train(args) -> pathlib.Path:
     ema_updates = 0
     if resumed:
         ckpt = torch.load(last, weights_only=True, map_location=args.device)
-        model.load_state_dict(ckpt["model"])
+        # With --ema, "model" holds the average (the weights `npdgru convert` takes) and "raw" the
+        # trained weights; last.pt files written before that layout hold them as "model" and "ema".
+        model.load_state_dict(ckpt["raw"] if "raw" in ckpt else ckpt["model"])
         step = int(ckpt["step"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"])
@@ -485,8 +487,9 @@ def train(args) -> pathlib.Path:
     def checkpoint():
         cpu_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # converts without a GPU
         ckpt = {"model": cpu_state, "step": step, "seed": args.seed}
-        if ema is not None:
-            ckpt["ema"] = {k: v.detach().cpu() for k, v in ema.state_dict().items()}
+        if ema is not None:  # "model" is what ships (the average, as in best.pt and step<N>.pt)
+            ckpt["model"] = {k: v.detach().cpu() for k, v in ema.state_dict().items()}
+            ckpt["raw"] = cpu_state
             ckpt["ema_updates"] = ema_updates
         torch.save(ckpt, last.with_suffix(".tmp"))
         os.replace(last.with_suffix(".tmp"), last)
