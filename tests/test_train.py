@@ -437,20 +437,26 @@ def test_ema_update_follows_the_formula():
     assert torch.allclose(ema.weight, torch.tensor([1.0, 1.95, 2.9]))
 
 
+def _ema_run_args(tmp_path):
+    """`npdgru train` arguments of a tiny --ema run on a fake corpus under ``tmp_path``."""
+    from npdgru.weights import save_weights
+
+    _fake_corpus(tmp_path / "data")
+    w = _tiny_nsnet2()
+    save_weights(tmp_path / "init.safetensors", w.tensors, architecture=w.architecture)
+    return ["--data", str(tmp_path / "data"), "--init", str(tmp_path / "init.safetensors"), "--recipe", "v1",
+            "--out", str(tmp_path / "run"), "--batch", "2", "--seconds", "0.5", "--val-count", "2", "--val-every", "2",
+            "--log-every", "1", "--update-percent", "50", "--lr", "1e-2", "--ema", "0.9"]
+
+
 def test_ema_run_validates_the_average_and_resumes(tmp_path):
     """--ema: last.pt carries the average as "model" (what `npdgru convert` takes), the raw weights
     as "raw" and the update count; best.pt is the average (not the raw weights); a resume with
     other options records them in config.json."""
     from npdgru.convert.torch_checkpoint import read_checkpoint
     from npdgru.train.loop import main as train_main
-    from npdgru.weights import save_weights
 
-    _fake_corpus(tmp_path / "data")
-    w = _tiny_nsnet2()
-    save_weights(tmp_path / "init.safetensors", w.tensors, architecture=w.architecture)
-    common = ["--data", str(tmp_path / "data"), "--init", str(tmp_path / "init.safetensors"), "--recipe", "v1",
-              "--out", str(tmp_path / "run"), "--batch", "2", "--seconds", "0.5", "--val-count", "2", "--val-every", "2",
-              "--log-every", "1", "--update-percent", "50", "--lr", "1e-2", "--ema", "0.9"]
+    common = _ema_run_args(tmp_path)
     assert train_main(common + ["--steps", "3"]) == 0
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
@@ -475,14 +481,8 @@ def test_ema_run_resumes_from_the_earlier_checkpoint_layout(tmp_path):
     trained weights continue from "model", the average from "ema", and the new last.pt has the
     current layout."""
     from npdgru.train.loop import main as train_main
-    from npdgru.weights import save_weights
 
-    _fake_corpus(tmp_path / "data")
-    w = _tiny_nsnet2()
-    save_weights(tmp_path / "init.safetensors", w.tensors, architecture=w.architecture)
-    common = ["--data", str(tmp_path / "data"), "--init", str(tmp_path / "init.safetensors"), "--recipe", "v1",
-              "--out", str(tmp_path / "run"), "--batch", "2", "--seconds", "0.5", "--val-count", "2", "--val-every", "2",
-              "--log-every", "1", "--update-percent", "50", "--lr", "1e-2", "--ema", "0.9"]
+    common = _ema_run_args(tmp_path)
     assert train_main(common + ["--steps", "2"]) == 0
     path = tmp_path / "run" / "last.pt"
     now = torch.load(path, weights_only=True)
