@@ -14,7 +14,9 @@
 #                                    where the speech is 10 dB under the noise) and voice/channel augmentation
 #                                    (--augment voice); logs DNSMOS SIG/BAK/OVRL at P = 50 on 32 validation mixtures
 #   bash training/cpu_distill.sh 7   lane 6 with a lighter residual-noise term (--noise-weight 1), from the shipped default:
-#                                    lane 6 raised validation BAK but lost 0.6 dB validation SI-SNR at P = 50
+#                                    lane 6 raised validation BAK but lost 0.6 dB validation SI-SNR at P = 50;
+#                                    RUN=, EXTRA= (as in lane 9) and STEPS= (the last step) for the comparison with a
+#                                    second speech corpus: RUN=nsnet2-bak1-voices EXTRA=.cache/librispeech/speech/train STEPS=6800
 #   bash training/cpu_distill.sh 8   lane 7's recipe with a variable gate instead of top-A (GATE=threshold THETA=0.35 by
 #                                    default; GATE=delta THETA=0.03 the other): the default model's weights fine-tuned with
 #                                    the gate in place. P is not drawn (these gates do not read it). Measured on the
@@ -57,10 +59,11 @@ case "$1" in
        --teacher weights/nsnet2.safetensors --distill-weight 0.5 --noise-weight 3 --noise-below-db 10 --augment voice \
        --any-p 25 100 --p-skew 2 --recipe v2 --batch 16 --seconds 4 --lr 1e-4 --warmup 30 --val-every 100 --val-count 64 \
        --val-dnsmos 32 --snapshot-every 300 --log-every 20 --threads 1 --steps 100000 --seed 13 --ema 0.99 --minutes "${MINUTES:-80}" ;;
-  7) python3 -m npdgru.train --out training/runs/nsnet2-bak1 --init weights/nsnet2-kd-anyp.safetensors --continue \
+  7) python3 -m npdgru.train --out "training/runs/${RUN:-nsnet2-bak1}" --init weights/nsnet2-kd-anyp.safetensors --continue \
        --teacher weights/nsnet2.safetensors --distill-weight 0.5 --noise-weight 1 --noise-below-db 10 --augment voice \
        --any-p 25 100 --p-skew 2 --recipe v2 --batch 16 --seconds 4 --lr 1e-4 --warmup 30 --val-every 100 --val-count 64 \
-       --val-dnsmos 32 --snapshot-every 300 --log-every 20 --threads 1 --steps 100000 --seed 17 --ema 0.99 --minutes "${MINUTES:-150}" ;;
+       --val-dnsmos 32 --snapshot-every 300 --log-every 20 --threads 1 --steps "${STEPS:-100000}" --seed 17 --ema 0.99 --minutes "${MINUTES:-150}" \
+       ${EXTRA:+--extra-speech "$EXTRA" --extra-speech-share 0.3} ;;
   8) gate=${GATE:-threshold}
      python3 -m npdgru.train --out "training/runs/${RUN:-nsnet2-$gate}" --init "${INIT:-weights/nsnet2-kd-anyp.safetensors}" \
        --gate "$gate" --theta "${THETA:-0.35}" \
