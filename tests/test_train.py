@@ -501,7 +501,8 @@ def test_ema_run_resumes_from_the_earlier_checkpoint_layout(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [(["--ema", "2"], "--ema must be in [0, 1)"), (["--distill-weight", "1.5"], "--distill-weight must be in [0, 1]"),
                                            (["--gate", "threshold"], "needs 'theta' in [0, 1)"), (["--gate", "delta", "--theta", "-1"], "needs 'theta' a number >= 0"),
-                                           (["--theta", "0.5"], "--theta and --theta-x go with --gate threshold or delta")])
+                                           (["--theta", "0.5"], "--theta and --theta-x go with --gate threshold or delta"),
+                                           (["--arch", "no-such"], "--arch 'no-such': use one of")])
 def test_train_refuses_bad_options_in_one_line(tmp_path, capsys, argv, message):
     """`npdgru train --ema 2`: one line naming the option, exit status 2, no traceback, no run folder."""
     from npdgru.cli import main
@@ -510,6 +511,39 @@ def test_train_refuses_bad_options_in_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("npdgru: error: ") and message in err and "Traceback" not in err
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_train_refuses_an_architecture_file_that_is_not_one_in_one_line(tmp_path, capsys):
+    """`npdgru train --arch FILE` with a broken architecture: one line naming the file, exit 2, no run folder."""
+    from npdgru.cli import main
+
+    bad = tmp_path / "arch.json"
+    bad.write_text('{"name": "x", "n_features": 161, "layers": [{"kind": "gru", "name": "g", "in": 161}]}')
+    rc = main(["train", "--out", str(tmp_path / "run"), "--arch", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(bad) in err and "not a usable architecture file" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_train_from_scratch_takes_an_architecture_file(tmp_path):
+    """`npdgru train --arch FILE` trains that architecture from scratch (here the tiny test model;
+    e.g. a wider MPT from npdgru.architectures.mpt(...)); the run's architecture.json is it, and
+    `npdgru convert --arch` of that file exports the run."""
+    from npdgru.architectures import tiny_weights
+    from npdgru.cli import main as cli
+    from npdgru.train.loop import main as train_main
+    from npdgru.weights import load_weights
+
+    _fake_corpus(tmp_path / "data")
+    arch = tiny_weights().architecture
+    (tmp_path / "tiny.json").write_text(json.dumps(arch))
+    assert train_main(["--data", str(tmp_path / "data"), "--arch", str(tmp_path / "tiny.json"), "--recipe", "v1",
+                       "--out", str(tmp_path / "run"), "--batch", "2", "--seconds", "0.5", "--val-count", "2",
+                       "--val-every", "1", "--log-every", "1", "--update-percent", "50", "--steps", "1"]) == 0
+    assert json.loads((tmp_path / "run" / "architecture.json").read_text())["layers"] == arch["layers"]
+    out = tmp_path / "tiny.safetensors"
+    assert cli(["convert", str(tmp_path / "run" / "last.pt"), "-o", str(out), "--arch", str(tmp_path / "run" / "architecture.json")]) == 0
+    assert load_weights(out).architecture["layers"] == arch["layers"]
 
 
 # -- the residual-noise term, voice augmentation, DNSMOS at validation ------------------------

@@ -49,8 +49,8 @@ NSNET2_TORCH_NAMES = {
 }
 
 
-def _architecture(arch):
-    """--arch: a built-in name ('nsnet2', 'dprnn', 'mpt') or a JSON file holding an architecture dict."""
+def architecture_argument(arch):
+    """--arch of `npdgru convert` and `npdgru train`: a built-in name ('nsnet2', 'dprnn', 'mpt') or a JSON file holding an architecture dict."""
     import json
 
     from ..errors import CheckpointError
@@ -159,7 +159,7 @@ def convert_checkpoint(checkpoint, out_path, *, arch="nsnet2", mapping=None, tra
         return ["read the NSNet2 ONNX graph (gate order z,r,h -> r,z,n; MatMul weights transposed)"]
     from .torch_checkpoint import read_checkpoint
 
-    spec = _architecture(arch)
+    spec = architecture_argument(arch)
     if gate is not None:
         from ..kinds import with_gate
         from ..weights import WeightsError, validate_architecture

@@ -308,7 +308,8 @@ def build_parser(p=None):
     p = p or argparse.ArgumentParser(prog="npdgru train", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="run folder (resumed when it holds last.pt)")
     p.add_argument("--init", default=None, help="npdgru weights to start from (default: the shipped NSNet2; with --arch: from scratch)")
-    p.add_argument("--arch", default=None, help="train this architecture from scratch (dprnn, mpt, nsnet2; npdgru.architectures)")
+    p.add_argument("--arch", default=None, help="train this architecture from scratch: dprnn, mpt, nsnet2 (npdgru.architectures) "
+                   "or a JSON file holding an architecture (e.g. json.dumps(npdgru.architectures.mpt(sub_hidden=240)))")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--data", default="../shared/data", help="corpus root (speech/, noise/)")
     p.add_argument("--recipe", default="v2", choices=["v1", "v2"], help="mixture recipe (npdgru.train.data; v2: all training noise, RIRs)")
@@ -404,6 +405,11 @@ def train(args) -> pathlib.Path:
     if not 0.0 <= getattr(args, "ema", 0.0) < 1.0:
         raise ParameterError(f"--ema must be in [0, 1) (0: off), got {args.ema}")
     gate = _gate_fields(args)  # refused before the run folder is made
+    scratch = None
+    if args.init is None and args.arch is not None:  # a name or a JSON file (e.g. a wider MPT), also refused before
+        from ..convert import architecture_argument
+
+        scratch = architecture_argument(args.arch)
     torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -420,11 +426,9 @@ def train(args) -> pathlib.Path:
         init_weights = load_weights(init)
         model = _model_from_weights(init_weights, args.arch)
     else:
-        from ..architectures import architecture
-
         torch.manual_seed(args.seed)
         init_weights = None
-        model = GraphNet(architecture(args.arch))  # from scratch, PyTorch's default initialisation
+        model = GraphNet(scratch)  # from scratch, PyTorch's default initialisation
     if gate:  # the same tensors on the architecture with the chosen gate (format 2: the graph twin)
         model = GraphNet.from_weights(Weights(architecture=with_gate(model.architecture, gate), tensors={k: v.detach().cpu().numpy() for k, v in _npdgru_state(model).items()}))
     (out / "architecture.json").write_text(json.dumps(model.architecture, indent=1) + "\n")  # for npdgru convert --arch
