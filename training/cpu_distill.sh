@@ -48,6 +48,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 common=(--recipe v2 --any-p 25 100 --teacher weights/nsnet2.safetensors --init weights/nsnet2.safetensors
         --batch 16 --seconds 4 --lr 1e-4 --warmup 50 --val-every 75 --val-count 32 --log-every 15 --threads 1 --steps 100000)
+extra=()  # EXTRA=<folder>: a second speech corpus at a 30 % share of the training speech (lanes 7, 9, 10, 11)
+[ -n "${EXTRA:-}" ] && extra=(--extra-speech "$EXTRA" --extra-speech-share 0.3)
 case "$1" in
   1) python3 -m npdgru.train --out training/runs/nsnet2-mix "${common[@]}" --distill-weight 0.5 --snapshot-every 225 --minutes "${MINUTES:-85}" ;;
   2) python3 -m npdgru.train --out training/runs/nsnet2-sup "${common[@]}" --distill-weight 0 --steps 225
@@ -67,7 +69,7 @@ case "$1" in
        --teacher weights/nsnet2.safetensors --distill-weight 0.5 --noise-weight 1 --noise-below-db 10 --augment voice \
        --any-p 25 100 --p-skew 2 --recipe v2 --batch 16 --seconds 4 --lr 1e-4 --warmup 30 --val-every 100 --val-count 64 \
        --val-dnsmos 32 --snapshot-every 300 --log-every 20 --threads 1 --steps "${STEPS:-100000}" --seed 17 --ema 0.99 --minutes "${MINUTES:-150}" \
-       ${EXTRA:+--extra-speech "$EXTRA" --extra-speech-share 0.3} ;;
+       "${extra[@]}" ;;
   8) gate=${GATE:-threshold}
      python3 -m npdgru.train --out "training/runs/${RUN:-nsnet2-$gate}" --init "${INIT:-weights/nsnet2-kd-anyp.safetensors}" \
        --gate "$gate" --theta "${THETA:-0.35}" \
@@ -79,13 +81,13 @@ case "$1" in
        --pause-weight "${MU:-3}" --pause-below-db 25 --pause-margin-db "${MARGIN:-6}" --augment voice \
        --any-p 25 100 --p-skew 2 --recipe v2 --batch 16 --seconds 4 --lr 1e-4 --warmup 30 --val-every 100 --val-count 64 \
        --val-dnsmos 32 --snapshot-every 100 --log-every 20 --threads 1 --steps 100000 --seed 23 --ema 0.99 --minutes "${MINUTES:-150}" \
-       ${EXTRA:+--extra-speech "$EXTRA" --extra-speech-share 0.3} ;;
+       "${extra[@]}" ;;
   10) arch=${ARCH:-mpt}
      python3 -m npdgru.train --out "training/runs/${RUN:-$arch-bak}" --init "${INIT:-weights/$arch-anyp.safetensors}" --continue \
        --teacher weights/nsnet2.safetensors --distill-weight 0.5 --noise-weight 1 --noise-below-db 10 --augment voice \
        --any-p 25 100 --p-skew 2 --recipe v2 --batch 16 --seconds 4 --lr "${LR:-3e-4}" --warmup 30 --val-every 100 --val-count 64 \
        --val-dnsmos 32 --snapshot-every 100 --log-every 20 --threads 1 --steps 100000 --seed 29 --ema 0.99 --minutes "${MINUTES:-150}" \
-       ${EXTRA:+--extra-speech "$EXTRA" --extra-speech-share 0.3} ;;
+       "${extra[@]}" ;;
   11) run=training/runs/${RUN:-mpt-wide}
      mkdir -p "$run"
      [ -f "$run/wide.json" ] || python3 -c 'import json; from npdgru.architectures import mpt; print(json.dumps(mpt(sub_hidden=240, full_hidden=384)))' > "$run/wide.json"
@@ -94,6 +96,6 @@ case "$1" in
        --teacher weights/nsnet2.safetensors --distill-weight 0.5 --augment voice \
        --any-p 25 100 --recipe v2 --batch 16 --seconds 4 --lr "${LR:-1e-3}" --warmup 50 --val-every 100 --val-count 64 \
        --val-dnsmos 32 --snapshot-every 100 --log-every 20 --threads 1 --steps 100000 --seed 31 --ema 0.99 --minutes "${MINUTES:-150}" \
-       ${EXTRA:+--extra-speech "$EXTRA" --extra-speech-share 0.3} ;;
+       "${extra[@]}" ;;
   *) echo "usage: bash training/cpu_distill.sh LANE (1-11)" >&2; exit 2 ;;
 esac
